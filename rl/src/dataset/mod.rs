@@ -1,0 +1,244 @@
+//! Offline datasets of the bimanual environment, in a LeRobot-style layout.
+//!
+//! A dataset is a directory with `meta.json` and one safetensors shard per episode
+//! (`episode_000000.safetensors`, …). Safetensors because it is a plain, header-described,
+//! zero-copy format that Candle and Python read natively; one shard per episode so episodes
+//! can be written in parallel, validated one by one, and memory-mapped lazily.
+//!
+//! Every shard of an episode with `T` steps holds (LeRobot key names):
+//!
+//! | key | dtype | shape | meaning |
+//! | --- | --- | --- | --- |
+//! | `observation.images.<camera>` | u8 | `[T, H, W, 3]` | camera image before the action |
+//! | `observation.state` | f32 | `[T, 16]` | proprioception before the action |
+//! | `observation.environment_state` | f32 | `[T, 8]` | puck and goal positions (privileged) |
+//! | `action` | f32 | `[T, 8]` | action taken |
+//! | `next.reward` | f32 | `[T]` | reward received |
+//! | `next.done` | u8 | `[T]` | 1 on the episode's last frame (success or time limit) |
+//! | `next.success` | u8 | `[T]` | 1 where the step reached success: the MDP terminal |
+//! | `episode_index`, `frame_index` | i64 | `[T]` | position in the dataset |
+//! | `final.observation.*` | as above | `[1, …]` | the observation after the last action |
+//!
+//! The `final.observation.*` keys make the next observation of the last step available, so a
+//! reader can yield complete (s, a, r, s', done) transitions ([`Dataset::transitions`]); for
+//! other steps s' is simply frame t + 1. Bootstrap through `done && !success` (time limit),
+//! not through `success`.
+//!
+//! `meta.json` ([`DatasetMeta`]) records cameras, sizes, dims, fps, environment parameters,
+//! per-key normalisation statistics, tier, seed, reference returns and per-episode summaries.
+//!
+//! Data is little-endian (as safetensors prescribes); this crate does not build for big-endian
+//! targets. D4RL-style state-only `.npz` files are read by [`npz`].
+
+pub mod npz;
+pub mod reader;
+pub mod writer;
+
+#[cfg(target_endian = "big")]
+compile_error!("rl::dataset reads and writes little-endian tensors in place");
+
+use crate::env::policy::PolicyKind;
+use crate::env::EnvConfig;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use reader::{Dataset, EpisodeView, Transition};
+pub use writer::CollectError;
+pub use writer::{collect_dataset, CollectConfig, CollectSummary};
+
+pub const KEY_STATE: &str = "observation.state";
+pub const KEY_ENVIRONMENT_STATE: &str = "observation.environment_state";
+pub const KEY_ACTION: &str = "action";
+pub const KEY_REWARD: &str = "next.reward";
+pub const KEY_DONE: &str = "next.done";
+pub const KEY_SUCCESS: &str = "next.success";
+pub const KEY_EPISODE_INDEX: &str = "episode_index";
+pub const KEY_FRAME_INDEX: &str = "frame_index";
+/// Prefix of the keys holding the observation after an episode's last action.
+pub const FINAL_PREFIX: &str = "final.";
+pub const META_FILE: &str = "meta.json";
+pub const FORMAT: &str = "worldgrad-bimanual-pucks/v1";
+
+/// `observation.images.<camera>`.
+pub fn image_key(camera: &str) -> String {
+    format!("observation.images.{camera}")
+}
+
+/// `final.<key>`: the same quantity after the episode's last action, with a leading dim of 1.
+pub fn final_key(key: &str) -> String {
+    format!("{FINAL_PREFIX}{key}")
+}
+
+/// Shard file name of an episode.
+pub fn shard_file_name(episode_index: usize) -> String {
+    format!("episode_{episode_index:06}.safetensors")
+}
+
+/// Dataset quality tiers, as in D4RL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Uniform random actions.
+    Random,
+    /// The noisy expert ([`crate::env::policy::NoisyExpert::medium`]).
+    Medium,
+    /// The scripted expert.
+    Expert,
+    /// Union of the three, interleaved random, medium, expert (like D4RL's medium-replay).
+    Mixed,
+}
+
+impl Tier {
+    pub fn policy_for_episode(self, episode_index: usize) -> PolicyKind {
+        match self {
+            Tier::Random => PolicyKind::Random,
+            Tier::Medium => PolicyKind::Medium,
+            Tier::Expert => PolicyKind::Expert,
+            Tier::Mixed => [PolicyKind::Random, PolicyKind::Medium, PolicyKind::Expert][episode_index % 3],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Random => "random",
+            Tier::Medium => "medium",
+            Tier::Expert => "expert",
+            Tier::Mixed => "mixed",
+        }
+    }
+}
+
+impl std::str::FromStr for Tier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(Tier::Random),
+            "medium" => Ok(Tier::Medium),
+            "expert" => Ok(Tier::Expert),
+            "mixed" => Ok(Tier::Mixed),
+            other => Err(format!("unknown tier `{other}` (expected random, medium, expert or mixed)")),
+        }
+    }
+}
+
+/// Per-frame schema of one key: dtype (safetensors name) and shape without the time axis.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeySpec {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// Normalisation statistics of one key, per last-axis channel. Images are in [0, 1] units
+/// (pixel / 255), per RGB channel, as in LeRobot.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyStats {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+}
+
+/// Reference returns for score normalisation and how they were measured.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReferenceReturns {
+    pub random: f32,
+    pub expert: f32,
+    pub command: String,
+}
+
+/// Summary of one episode in `meta.json`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpisodeMeta {
+    pub index: usize,
+    pub file: String,
+    pub length: usize,
+    /// Environment seed of the episode (`Env::reset(seed)`).
+    pub seed: u64,
+    pub policy: PolicyKind,
+    #[serde(rename = "return")]
+    pub episode_return: f32,
+    pub normalized_score: f32,
+    pub success: bool,
+}
+
+/// Contents of `meta.json`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetMeta {
+    pub format: String,
+    pub tier: Tier,
+    /// Episode `i` uses environment seed `seed + i`.
+    pub seed: u64,
+    pub num_episodes: usize,
+    pub num_frames: usize,
+    pub fps: usize,
+    pub cameras: Vec<String>,
+    pub image_height: usize,
+    pub image_width: usize,
+    pub state_dim: usize,
+    pub environment_state_dim: usize,
+    pub action_dim: usize,
+    pub state_names: Vec<String>,
+    pub environment_state_names: Vec<String>,
+    pub action_names: Vec<String>,
+    /// Action meaning and scale, in words.
+    pub action_description: String,
+    pub env: EnvConfig,
+    /// Per-frame schema of every key in a shard.
+    pub keys: BTreeMap<String, KeySpec>,
+    pub stats: BTreeMap<String, KeyStats>,
+    pub reference_returns: ReferenceReturns,
+    pub mean_return: f32,
+    pub mean_normalized_score: f32,
+    pub success_rate: f32,
+    pub episodes: Vec<EpisodeMeta>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid meta.json: {reason}")]
+    Meta { path: PathBuf, reason: String },
+    #[error("{file}: not a readable safetensors shard: {reason}")]
+    Shard { file: PathBuf, reason: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Key { file: PathBuf, key: String, reason: String },
+    #[error("{file}: {reason}")]
+    Npz { file: PathBuf, reason: String },
+}
+
+impl DatasetError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+    pub(crate) fn key(file: &Path, key: &str, reason: impl Into<String>) -> Self {
+        Self::Key { file: file.to_path_buf(), key: key.to_string(), reason: reason.into() }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then rename,
+/// so readers never see a half-written shard, meta.json or PNG.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(source) = result {
+        let _ = std::fs::remove_file(&temp);
+        return Err(DatasetError::io(path, source));
+    }
+    Ok(())
+}
