@@ -1,0 +1,382 @@
+//! The params file: the source system's fields plus ours, strictly checked.
+//!
+//! Unknown fields, wrong types and unknown enum values each give one error that names the
+//! field and, for enums, the allowed values, e.g.
+//! `params.json: field `solver`: unknown value 'heun'; allowed: euler, res, unipc`.
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use shared::params::OptimizerKind;
+
+use crate::noise::NoiseMode;
+use crate::optimize::Direction;
+use crate::solver::SolverKind;
+use crate::trajectory::GradMode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    Karras,
+    FlowShift,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObjectiveKind {
+    /// MSE of every generated frame to the mixture pattern `target_pattern`.
+    TargetMse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenoiserKind {
+    /// Analytic image mixture (exact x0 prediction); frames are visible patterns.
+    Mixture,
+    /// Analytic Gaussian data around the pattern `target_pattern` (exact x0 prediction).
+    Gaussian,
+}
+
+/// How the analytic denoiser is presented to the sampler: directly as an x0 predictor, or as
+/// a raw network in a given parameterisation (exercises the preconditioning path a DiT uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ParamKind {
+    X0,
+    Edm,
+    RectifiedFlow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeKind {
+    F32,
+    F64,
+}
+
+impl DTypeKind {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+        }
+    }
+}
+
+/// Every field of a params file. All have defaults: `{}` is the built-in demo.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Params {
+    // --- the source system's fields ---
+    /// Optimise z0 (false: only sample once and write the frames).
+    pub learn_noise: bool,
+    /// Optimisation iterations.
+    pub noise_steps: usize,
+    /// Learning rate.
+    pub noise_lr: f64,
+    /// The source's `LEARNABLE_STEP_NOISE=1`: learn every per-step noise (= noise_mode
+    /// `sde-learnable`).
+    pub learnable_step_noise: bool,
+    /// Denoising steps N.
+    pub num_steps: usize,
+    pub sigma_max: f64,
+    pub seed: u64,
+    /// Classifier-free guidance scale g (D = D_c + g(D_c − D_u)); needs `guidance_class`.
+    pub guidance: f64,
+    // --- ours ---
+    pub sigma_min: f64,
+    pub rho: f64,
+    pub schedule: ScheduleKind,
+    /// Shift of the rectified-flow schedule.
+    pub shift: f64,
+    pub solver: SolverKind,
+    /// `ode` | `sde` | `sde-learnable`; default: `sde-learnable` if `learnable_step_noise`, else `ode`.
+    pub noise_mode: Option<NoiseMode>,
+    /// Churn S_churn; default in the sde modes: η at Cosmos' cap √1.2 − 1 on every step.
+    pub s_churn: Option<f64>,
+    pub s_tmin: f64,
+    /// None: no upper bound.
+    pub s_tmax: Option<f64>,
+    pub s_noise: f64,
+    pub optimizer: OptimizerKind,
+    pub direction: Direction,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    /// λ of the χ-norm regulariser; 0 disables.
+    pub chi_reg: f64,
+    pub objective: ObjectiveKind,
+    /// Index of the mixture pattern the objective targets (0 disc, 1 stripes, 2 checker, 3 ramp).
+    pub target_pattern: usize,
+    pub denoiser: DenoiserKind,
+    pub parameterization: ParamKind,
+    /// Standard deviation of the analytic data around its pattern(s).
+    pub data_std: f64,
+    /// The mixture pattern CFG's conditional branch favours; None: no guidance.
+    pub guidance_class: Option<usize>,
+    /// Frame-replace conditioning: the first k frames are fixed to pattern `condition_pattern`.
+    pub condition_frames: usize,
+    pub condition_pattern: usize,
+    pub batch: usize,
+    pub channels: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub grad_mode: GradMode,
+    /// Run a directional finite-difference check of the gradient before optimising.
+    pub verify_grad: bool,
+    pub device: String,
+    pub dtype: DTypeKind,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            learn_noise: true,
+            noise_steps: 30,
+            noise_lr: 0.05,
+            learnable_step_noise: false,
+            num_steps: 20,
+            sigma_max: 80.0,
+            seed: 0,
+            guidance: 0.0,
+            sigma_min: 0.002,
+            rho: 7.0,
+            schedule: ScheduleKind::Karras,
+            shift: 5.0,
+            solver: SolverKind::Res,
+            noise_mode: None,
+            s_churn: None,
+            s_tmin: 0.0,
+            s_tmax: None,
+            s_noise: 1.0,
+            optimizer: OptimizerKind::Adam,
+            direction: Direction::Descent,
+            grad_clip: 0.0,
+            chi_reg: 0.0,
+            objective: ObjectiveKind::TargetMse,
+            target_pattern: 0,
+            denoiser: DenoiserKind::Mixture,
+            parameterization: ParamKind::X0,
+            data_std: 0.1,
+            guidance_class: None,
+            condition_frames: 0,
+            condition_pattern: 1,
+            batch: 1,
+            channels: 3,
+            frames: 4,
+            height: 16,
+            width: 16,
+            grad_mode: GradMode::Recompute,
+            verify_grad: true,
+            device: "cpu".into(),
+            dtype: DTypeKind::F64,
+        }
+    }
+}
+
+/// Every field name, in declaration order (a test keeps it equal to the struct's).
+pub const FIELDS: &[&str] = &[
+    "learn_noise",
+    "noise_steps",
+    "noise_lr",
+    "learnable_step_noise",
+    "num_steps",
+    "sigma_max",
+    "seed",
+    "guidance",
+    "sigma_min",
+    "rho",
+    "schedule",
+    "shift",
+    "solver",
+    "noise_mode",
+    "s_churn",
+    "s_tmin",
+    "s_tmax",
+    "s_noise",
+    "optimizer",
+    "direction",
+    "grad_clip",
+    "chi_reg",
+    "objective",
+    "target_pattern",
+    "denoiser",
+    "parameterization",
+    "data_std",
+    "guidance_class",
+    "condition_frames",
+    "condition_pattern",
+    "batch",
+    "channels",
+    "frames",
+    "height",
+    "width",
+    "grad_mode",
+    "verify_grad",
+    "device",
+    "dtype",
+];
+
+/// A params-file problem, phrased for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where a field's value came from, for error messages.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    File(String),
+    CommandLine,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(name) => write!(f, "{name}"),
+            Self::CommandLine => write!(f, "command line"),
+        }
+    }
+}
+
+/// Rewrites serde's messages into "unknown value 'x'; allowed: a, b, c" for enum fields.
+fn explain(err: &serde_json::Error) -> String {
+    let msg = err.to_string();
+    // serde: "unknown variant `heun`, expected one of `euler`, `res`, `unipc`" (or "expected `x`").
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        if let Some((value, tail)) = rest.split_once('`') {
+            let allowed: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            return format!("unknown value '{value}'; allowed: {}", allowed.join(", "));
+        }
+    }
+    // Drop serde_json's " at line 1 column N": the position is in the one-field probe, not the file.
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
+}
+
+/// Parses and validates a params document. `overrides` (from the command line) replace fields
+/// of the file; errors name where the bad value came from.
+pub fn parse_params(text: Option<(&str, &str)>, overrides: &serde_json::Map<String, serde_json::Value>) -> Result<Params, ConfigError> {
+    let mut fields = serde_json::Map::new();
+    let mut origins: std::collections::HashMap<String, Origin> = Default::default();
+    if let Some((name, text)) = text {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError(format!("{name}: not valid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(ConfigError(format!("{name}: expected a JSON object of fields, e.g. {{\"num_steps\": 20}}")));
+        };
+        for (k, v) in map {
+            origins.insert(k.clone(), Origin::File(name.to_string()));
+            fields.insert(k, v);
+        }
+    }
+    for (k, v) in overrides {
+        origins.insert(k.clone(), Origin::CommandLine);
+        fields.insert(k.clone(), v.clone());
+    }
+    // Check each field on its own so the error can name it (serde_json's messages do not).
+    for (k, v) in &fields {
+        let origin = &origins[k];
+        if !FIELDS.contains(&k.as_str()) {
+            return Err(ConfigError(format!("{origin}: unknown field `{k}`; allowed fields: {}", FIELDS.join(", "))));
+        }
+        let mut one = serde_json::Map::new();
+        one.insert(k.clone(), v.clone());
+        if let Err(e) = serde_json::from_value::<Params>(serde_json::Value::Object(one)) {
+            return Err(ConfigError(format!("{origin}: field `{k}`: {}", explain(&e))));
+        }
+    }
+    let params: Params = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| ConfigError(format!("params: {}", explain(&e))))?;
+    params.validate(&|k: &str| origins.get(k).cloned().unwrap_or(Origin::File("defaults".into())))?;
+    Ok(params)
+}
+
+impl Params {
+    /// The noise mode after resolving the source's `learnable_step_noise` flag.
+    pub fn effective_noise_mode(&self) -> NoiseMode {
+        match (self.noise_mode, self.learnable_step_noise) {
+            (Some(m), _) => m,
+            (None, true) => NoiseMode::SdeLearnable,
+            (None, false) => NoiseMode::Ode,
+        }
+    }
+
+    /// S_churn actually used: the given one, or in sde modes the value that puts η at its cap.
+    pub fn effective_s_churn(&self) -> f64 {
+        match self.s_churn {
+            Some(c) => c,
+            None if self.effective_noise_mode().injects() => (self.num_steps as f64 + 1.0) * crate::noise::COSMOS_ETA_CAP,
+            None => 0.0,
+        }
+    }
+
+    /// Semantic checks, one message per problem, naming the field.
+    fn validate(&self, origin: &dyn Fn(&str) -> Origin) -> Result<(), ConfigError> {
+        let fail = |field: &str, msg: String| Err(ConfigError(format!("{}: field `{field}`: {msg}", origin(field))));
+        if self.num_steps == 0 {
+            return fail("num_steps", "must be at least 1".into());
+        }
+        if self.learn_noise && self.noise_steps == 0 {
+            return fail("noise_steps", "must be at least 1 when learn_noise is true".into());
+        }
+        for (field, v) in [("noise_lr", self.noise_lr), ("sigma_max", self.sigma_max), ("sigma_min", self.sigma_min), ("rho", self.rho), ("shift", self.shift), ("data_std", self.data_std)] {
+            if !(v.is_finite() && v > 0.0) {
+                return fail(field, format!("must be a positive number, got {v}"));
+            }
+        }
+        if self.sigma_min >= self.sigma_max {
+            return fail("sigma_min", format!("must be below sigma_max ({}), got {}", self.sigma_max, self.sigma_min));
+        }
+        for (field, v) in [("grad_clip", self.grad_clip), ("chi_reg", self.chi_reg), ("s_noise", self.s_noise), ("s_tmin", self.s_tmin)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return fail(field, format!("must be ≥ 0, got {v}"));
+            }
+        }
+        if let (Some(m), true) = (self.noise_mode, self.learnable_step_noise) {
+            if m != NoiseMode::SdeLearnable {
+                return fail("learnable_step_noise", format!("true conflicts with noise_mode '{}'; use noise_mode \"sde-learnable\" (or drop one of them)", mode_name(m)));
+            }
+        }
+        let mode = self.effective_noise_mode();
+        if let Some(c) = self.s_churn {
+            if !(c.is_finite() && c >= 0.0) {
+                return fail("s_churn", format!("must be ≥ 0, got {c}"));
+            }
+            if mode.injects() && c == 0.0 {
+                return fail("s_churn", format!("is 0, so noise_mode '{}' would inject nothing (churn is the only injection); set s_churn > 0 or use noise_mode \"ode\"", mode_name(mode)));
+            }
+        }
+        if self.batch == 0 || self.channels == 0 || self.frames == 0 || self.height == 0 || self.width == 0 {
+            return fail("batch", "batch, channels, frames, height and width must all be ≥ 1".into());
+        }
+        let k = crate::demo::NUM_PATTERNS;
+        for (field, v) in [("target_pattern", self.target_pattern), ("condition_pattern", self.condition_pattern)] {
+            if v >= k {
+                return fail(field, format!("pattern index {v} out of range; allowed: 0..{} (disc, stripes, checker, ramp)", k - 1));
+            }
+        }
+        if let Some(c) = self.guidance_class {
+            if c >= k {
+                return fail("guidance_class", format!("pattern index {c} out of range; allowed: 0..{}", k - 1));
+            }
+        } else if self.guidance != 0.0 {
+            return fail("guidance", "classifier-free guidance needs a condition: set guidance_class (a mixture pattern index)".into());
+        }
+        if self.condition_frames >= self.frames {
+            return fail("condition_frames", format!("must be below frames ({}), got {}", self.frames, self.condition_frames));
+        }
+        if let Err(e) = self.device.parse::<shared::device::DeviceSpec>() {
+            return fail("device", e.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn mode_name(m: NoiseMode) -> &'static str {
+    match m {
+        NoiseMode::Ode => "ode",
+        NoiseMode::Sde => "sde",
+        NoiseMode::SdeLearnable => "sde-learnable",
+    }
+}

@@ -1,0 +1,22 @@
+//! Differentiable denoising trajectories with a learnable initial noise z0.
+//!
+//! * [`denoiser`]: the `Denoiser` trait (x0 prediction for (B, C, T, H, W) latents at per-frame
+//!   σ), raw `Network`s + [`param`]eterisations, frame replacement, CFG, analytic denoisers.
+//! * [`schedule`]: Karras and rectified-flow shift schedules.
+//! * [`solver`]: Euler, RES (Cosmos `res_sampler`), UniPC bh2 — one `Solver` trait.
+//! * [`noise`]: `ode` / `sde` / `sde-learnable` modes and churn.
+//! * [`trajectory`]: forward, per-step recomputation backward, full-graph backward.
+//! * [`objective`], [`optimize`]: what is optimised and the loop that does it.
+//! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.
+
+pub mod config;
+pub mod demo;
+pub mod denoiser;
+pub mod noise;
+pub mod objective;
+pub mod optimize;
+pub mod param;
+pub mod report;
+pub mod schedule;
+pub mod solver;
+pub mod trajectory;

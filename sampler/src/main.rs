@@ -1,0 +1,3 @@
+fn main() {
+    println!("sampler: coming with issue 5");
+}

@@ -1,0 +1,230 @@
+//! The z0 (and step-noise) optimisation loop, and the finite-difference check of its gradient.
+
+use std::time::Instant;
+
+use candle_core::{DType, Result, Tensor, Var};
+use shared::gradcheck::{check_directional, GradCheckOptions, GradCheckReport};
+use shared::params::{GroupOptimizer, OptimizerConfig};
+
+use crate::noise::NoiseState;
+use crate::objective::Objective;
+use crate::trajectory::{GradMode, Trajectory};
+
+/// Maximise (ascent) or minimise (descent) the objective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ascent,
+    Descent,
+}
+
+impl Direction {
+    pub const ALLOWED: &'static [&'static str] = &["ascent", "descent"];
+
+    /// The factor that turns the objective into the quantity minimised.
+    pub fn sign(self) -> f64 {
+        match self {
+            Self::Ascent => -1.0,
+            Self::Descent => 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OptimizeSettings {
+    pub iterations: usize,
+    pub optimizer: OptimizerConfig,
+    pub direction: Direction,
+    /// Clip the global gradient norm (over all learned tensors) to this; `None`: no clipping.
+    pub grad_clip: Option<f64>,
+    /// λ of the χ-norm regulariser λ(½‖z‖² − (d−1)·ln‖z‖) applied to every learned noise tensor
+    /// (ReNO); 0 disables it.
+    pub chi_reg: f64,
+    pub grad_mode: GradMode,
+}
+
+/// |∇| statistics of one tensor.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct GradStats {
+    pub mean_abs: f64,
+    pub max_abs: f64,
+    pub norm: f64,
+}
+
+impl GradStats {
+    pub fn of(g: &Tensor) -> Result<Self> {
+        let g = g.to_dtype(DType::F64)?;
+        let abs = g.abs()?;
+        Ok(Self {
+            mean_abs: abs.mean_all()?.to_scalar()?,
+            max_abs: abs.max_all()?.to_scalar()?,
+            norm: g.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt(),
+        })
+    }
+
+    /// Finite and non-zero: the gradient actually reached the tensor.
+    pub fn reached(&self) -> bool {
+        self.norm.is_finite() && self.norm > 0.0
+    }
+}
+
+/// One iteration's measured figures (at the parameters before its update).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IterationRecord {
+    pub iteration: usize,
+    pub loss: f64,
+    /// χ-norm regulariser value (0 when off).
+    pub regulariser: f64,
+    /// direction·loss + regulariser: what the optimiser minimises.
+    pub minimised: f64,
+    /// ∂loss/∂z0 (raw objective gradient, before direction, regulariser and clipping).
+    pub grad_z0: GradStats,
+    /// Norm of ∂loss/∂ξ over all learned step noises, if any.
+    pub grad_step_noise_norm: Option<f64>,
+    /// Norm of the update's gradient (direction + regulariser) before clipping.
+    pub grad_norm_total: f64,
+    pub clipped: bool,
+    pub seconds: f64,
+}
+
+pub struct OptimizeOutcome {
+    pub records: Vec<IterationRecord>,
+    pub initial_output: Tensor,
+    pub final_output: Tensor,
+    pub initial_loss: f64,
+    pub final_loss: f64,
+}
+
+/// χ_d negative log-likelihood (up to a constant) of a d-dimensional standard normal's norm,
+/// ½‖z‖² − (d−1)·ln‖z‖, and its gradient z − (d−1)·z/‖z‖².
+pub fn chi_regulariser(z: &Tensor) -> Result<(f64, Tensor)> {
+    let d = z.elem_count() as f64;
+    let sq: f64 = z.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar()?;
+    let value = 0.5 * sq - (d - 1.0) * 0.5 * sq.ln();
+    let grad = (z * (1.0 - (d - 1.0) / sq))?;
+    Ok((value, grad))
+}
+
+/// The learned tensors' current values and their gradients of `loss` (missing = zeros).
+fn learned_gradients(noise: &NoiseState, vg: &crate::trajectory::ValueAndGrad) -> Vec<(Var, Tensor)> {
+    let mut out = Vec::new();
+    if let Some(v) = noise.z0.var() {
+        out.push((v.clone(), vg.grad_z0.clone()));
+    }
+    for (s, g) in noise.steps.iter().zip(&vg.grad_steps) {
+        if let (Some(v), Some(g)) = (s.as_ref().and_then(|s| s.var()), g) {
+            out.push((v.clone(), g.clone()));
+        }
+    }
+    out
+}
+
+/// Runs `settings.iterations` updates of the learnable tensors in `noise`, calling `on_iter`
+/// after each. The final loss is measured at the final parameters.
+pub fn optimize(
+    traj: &Trajectory,
+    noise: &NoiseState,
+    objective: &dyn Objective,
+    settings: &OptimizeSettings,
+    mut on_iter: impl FnMut(&IterationRecord),
+) -> anyhow::Result<OptimizeOutcome> {
+    let learnable = noise.learnable();
+    anyhow::ensure!(!learnable.is_empty(), "nothing to optimise: z0 is fixed and no step noise is learnable");
+    let mut opt = GroupOptimizer::new("noise", learnable.clone(), settings.optimizer.clone())?;
+    let sign = settings.direction.sign();
+    let mut records = Vec::with_capacity(settings.iterations);
+    let mut initial = None;
+    for iteration in 0..settings.iterations {
+        let started = Instant::now();
+        let (z0, steps) = noise.tensors();
+        let vg = traj.value_and_grad(&z0, &steps, objective, settings.grad_mode)?;
+        if initial.is_none() {
+            initial = Some((vg.output.clone(), vg.loss));
+        }
+        let grad_z0 = GradStats::of(&vg.grad_z0)?;
+        let step_sq: Vec<f64> = vg.grad_steps.iter().flatten().map(|g| GradStats::of(g).map(|s| s.norm * s.norm)).collect::<Result<_>>()?;
+        let grad_step_noise_norm = (!step_sq.is_empty()).then(|| step_sq.iter().sum::<f64>().sqrt());
+
+        // The gradient of direction·loss + λ·χ-regulariser for every learned tensor.
+        let mut regulariser = 0.0;
+        let mut total: Vec<(Var, Tensor)> = Vec::new();
+        for (var, g) in learned_gradients(noise, &vg) {
+            let mut g = (g * sign)?;
+            if settings.chi_reg > 0.0 {
+                let (r, rg) = chi_regulariser(var.as_tensor())?;
+                regulariser += settings.chi_reg * r;
+                g = (g + (rg * settings.chi_reg)?)?;
+            }
+            total.push((var, g));
+        }
+        let sq: f64 = total.iter().map(|(_, g)| GradStats::of(g).map(|s| s.norm * s.norm)).sum::<Result<f64>>()?;
+        let grad_norm_total = sq.sqrt();
+        anyhow::ensure!(grad_norm_total.is_finite(), "iteration {iteration}: gradient is not finite (norm {grad_norm_total})");
+        let clipped = matches!(settings.grad_clip, Some(c) if grad_norm_total > c);
+        let factor = match settings.grad_clip {
+            Some(c) if grad_norm_total > c => c / grad_norm_total,
+            _ => 1.0,
+        };
+        // GradStore has no public constructor: get one from a trivial backward, then overwrite.
+        let mut store = total[0].0.as_tensor().sum_all()?.backward()?;
+        for (var, g) in &total {
+            store.insert(var.as_tensor(), (g * factor)?);
+        }
+        opt.step(&store)?;
+        let record = IterationRecord {
+            iteration,
+            loss: vg.loss,
+            regulariser,
+            minimised: sign * vg.loss + regulariser,
+            grad_z0,
+            grad_step_noise_norm,
+            grad_norm_total,
+            clipped,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        on_iter(&record);
+        records.push(record);
+    }
+    let (z0, steps) = noise.tensors();
+    let final_output = traj.sample(&z0, &steps)?;
+    let final_loss = shared::gradcheck::scalar_f64(&objective.loss(&final_output)?)?;
+    let (initial_output, initial_loss) = match initial {
+        Some(i) => i,
+        None => (final_output.clone(), final_loss),
+    };
+    Ok(OptimizeOutcome { records, initial_output, final_output, initial_loss, final_loss })
+}
+
+/// Finite-difference check of the gradient that `mode` computes (the recomputation backward
+/// by default), along random directions over every learnable tensor, via
+/// [`shared::gradcheck::check_directional`]. The function handed to it has the loss's value
+/// and `mode`'s gradient: loss + Σ⟨v − stopgrad(v), g(v)⟩.
+pub fn verify_gradient(
+    traj: &Trajectory,
+    noise: &NoiseState,
+    objective: &dyn Objective,
+    mode: GradMode,
+    opts: &GradCheckOptions,
+) -> Result<GradCheckReport> {
+    let vars: Vec<Var> = noise.learnable().into_iter().map(|(_, v)| v).collect();
+    let f = || -> Result<Tensor> {
+        let (z0, steps) = noise.tensors();
+        let vg = traj.value_and_grad(&z0, &steps, objective, mode)?;
+        let dtype = z0.dtype();
+        let mut out = Tensor::new(vg.loss, z0.device())?.to_dtype(dtype)?;
+        for (var, g) in learned_gradients(noise, &vg) {
+            let t = var.as_tensor();
+            out = (out + ((t - t.detach())? * g)?.sum_all()?)?;
+        }
+        Ok(out)
+    };
+    check_directional(&vars, f, opts)
+}
+
+/// The finite-difference step that suits a dtype.
+pub fn gradcheck_eps(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-6,
+        _ => 1e-2,
+    }
+}

@@ -1,0 +1,97 @@
+//! Noise-level schedules σ_0 > σ_1 > … > σ_N in EDM coordinates (separate from the solvers,
+//! as in k-diffusion / diffusers).
+
+/// A decreasing list of N+1 noise levels. The trajectory starts at `x = σ_0·z0`, takes N solver
+/// steps, and — when `σ_N > 0` — ends with one clean pass `D(x_N, σ_N)` (Cosmos `res_sampler`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Schedule {
+    pub sigmas: Vec<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("a schedule needs at least one step (num_steps = 0)")]
+    NoSteps,
+    #[error("sigma_max ({max}) must be greater than sigma_min ({min}) and sigma_min must be > 0")]
+    BadRange { min: f64, max: f64 },
+    #[error("rho must be positive, got {0}")]
+    BadRho(f64),
+    #[error("shift must be positive, got {0}")]
+    BadShift(f64),
+}
+
+impl Schedule {
+    /// Karras et al. (2022) schedule, i = 0..N:
+    /// σ_i = (σ_max^{1/ρ} + i/N·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ. Ends at σ_min (not 0), as Cosmos.
+    pub fn karras(num_steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Result<Self, ScheduleError> {
+        if num_steps == 0 {
+            return Err(ScheduleError::NoSteps);
+        }
+        if !(sigma_min > 0.0 && sigma_max > sigma_min) {
+            return Err(ScheduleError::BadRange { min: sigma_min, max: sigma_max });
+        }
+        if rho <= 0.0 {
+            return Err(ScheduleError::BadRho(rho));
+        }
+        let (a, b) = (sigma_max.powf(1.0 / rho), sigma_min.powf(1.0 / rho));
+        let sigmas = (0..=num_steps).map(|i| (a + i as f64 / num_steps as f64 * (b - a)).powf(rho)).collect();
+        Ok(Self { sigmas })
+    }
+
+    /// Rectified-flow shift schedule of Cosmos Predict2.5: s = linspace(0.999, 0, N+1)[:−1],
+    /// t = shift·s / (1 + (shift−1)·s), then a final t = 0; converted to σ = t/(1−t).
+    /// The last level is 0, so the trajectory's output is x_N itself.
+    pub fn flow_shift(num_steps: usize, shift: f64) -> Result<Self, ScheduleError> {
+        if num_steps == 0 {
+            return Err(ScheduleError::NoSteps);
+        }
+        if shift <= 0.0 {
+            return Err(ScheduleError::BadShift(shift));
+        }
+        let mut sigmas: Vec<f64> = (0..num_steps)
+            .map(|i| {
+                let s = 0.999 * (1.0 - i as f64 / num_steps as f64);
+                let t = shift * s / (1.0 + (shift - 1.0) * s);
+                t / (1.0 - t)
+            })
+            .collect();
+        sigmas.push(0.0);
+        Ok(Self { sigmas })
+    }
+
+    pub fn num_steps(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+
+    pub fn sigma_start(&self) -> f64 {
+        self.sigmas[0]
+    }
+
+    pub fn sigma_end(&self) -> f64 {
+        self.sigmas[self.num_steps()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn karras_endpoints_and_monotone() {
+        let s = Schedule::karras(35, 0.002, 80.0, 7.0).unwrap();
+        assert_eq!(s.sigmas.len(), 36);
+        assert!((s.sigmas[0] - 80.0).abs() < 1e-9 && (s.sigmas[35] - 0.002).abs() < 1e-12);
+        assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn flow_shift_matches_formula_and_ends_at_zero() {
+        let s = Schedule::flow_shift(4, 5.0).unwrap();
+        assert_eq!(s.sigmas.len(), 5);
+        let t0 = 5.0 * 0.999 / (1.0 + 4.0 * 0.999);
+        assert!((s.sigmas[0] - t0 / (1.0 - t0)).abs() < 1e-9);
+        assert_eq!(s.sigma_end(), 0.0);
+        assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
+        assert!(Schedule::flow_shift(0, 5.0).is_err() && Schedule::karras(3, 1.0, 0.5, 7.0).is_err());
+    }
+}
