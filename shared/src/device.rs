@@ -1,0 +1,147 @@
+//! Device selection: `auto | cpu | cuda[:N] | metal`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+/// What the user asked for, before it is turned into a Candle [`Device`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA if compiled in and a GPU answers, else Metal likewise, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device '{0}': expected one of auto, cpu, cuda, cuda:N, metal")]
+    Unknown(String),
+    #[error("device '{asked}' was requested but this binary was built without it: rebuild with `--features {feature}` (e.g. `cargo run --release --features {feature} ...`)")]
+    NotCompiled { asked: String, feature: &'static str },
+    #[error("device '{asked}' could not be opened: {source}")]
+    Open {
+        asked: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "metal" | "mps" => Ok(Self::Metal),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Self::Cuda).map_err(|_| DeviceError::Unknown(s.to_string())),
+                None => Err(DeviceError::Unknown(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. `Auto` never fails: it falls back to the CPU.
+    pub fn open(self) -> Result<Device, DeviceError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if candle_core::utils::metal_is_available() {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(DeviceError::NotCompiled { asked: self.to_string(), feature: "cuda" });
+                }
+                Device::new_cuda(n).map_err(|source| DeviceError::Open { asked: self.to_string(), source })
+            }
+            Self::Metal => {
+                if !candle_core::utils::metal_is_available() {
+                    return Err(DeviceError::NotCompiled { asked: self.to_string(), feature: "metal" });
+                }
+                Device::new_metal(0).map_err(|source| DeviceError::Open { asked: self.to_string(), source })
+            }
+        }
+    }
+}
+
+/// Parses and opens a device in one go (`"auto"`, `"cpu"`, `"cuda:1"`, …).
+pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
+    spec.parse::<DeviceSpec>()?.open()
+}
+
+/// A short human name for logs: `cpu`, `cuda:0`, `metal`.
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!("CPU".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!("metal".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal);
+        for bad in ["tpu", "cuda:x", "cuda:", ""] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(err.contains("expected one of"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn auto_and_cpu_open() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let auto = parse_device("auto").unwrap();
+        if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
+            assert!(auto.is_cpu());
+        }
+    }
+
+    #[test]
+    fn missing_backend_names_the_feature() {
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        if !candle_core::utils::metal_is_available() {
+            let err = parse_device("metal").unwrap_err().to_string();
+            assert!(err.contains("--features metal"), "{err}");
+        }
+    }
+}

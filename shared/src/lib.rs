@@ -1,0 +1,19 @@
+//! `shared` — what both worldgrad systems stand on.
+//!
+//! * [`device`]: parse `auto | cpu | cuda[:N] | metal` into a Candle device.
+//! * [`params`]: named, disjoint partitions of one `VarMap`, their optimisers and Polyak updates.
+//! * [`gradflow`]: the gradient-flow audit — which vars of which partition received a gradient.
+//! * [`ops`]: differentiable replacements for Candle's fused ops (which drop gradients silently).
+//! * [`gradcheck`]: central finite-difference checks of analytic gradients.
+//! * [`weights`]: validated safetensors loading, atomic saving, Hub references.
+//! * [`metrics`]: JSONL metrics and progress bars.
+
+pub mod device;
+pub mod gradcheck;
+pub mod gradflow;
+pub mod io;
+pub mod metrics;
+pub mod ops;
+pub mod params;
+pub mod rng;
+pub mod weights;

@@ -1,0 +1,265 @@
+//! Every op against central finite differences in f64, and every fused Candle op shown to
+//! still drop its gradient.
+
+use super::*;
+use crate::gradcheck::{check_directional, GradCheckOptions};
+use crate::rng::SplitMix64;
+use candle_core::{DType, Device, Tensor, Var};
+
+const TOL: f64 = 1e-5;
+
+fn var(shape: &[usize], seed: u64) -> Var {
+    let t = SplitMix64::new(seed).normal_tensor(shape, DType::F64, &Device::Cpu).unwrap();
+    Var::from_tensor(&t).unwrap()
+}
+
+fn weights(shape: &[usize], seed: u64) -> Tensor {
+    SplitMix64::new(seed ^ 0xABCD).normal_tensor(shape, DType::F64, &Device::Cpu).unwrap()
+}
+
+/// ⟨op(x), w⟩ with fixed random w: a scalar whose gradient exercises every output element
+/// (a plain sum would be constant for softmax).
+fn check(name: &str, vars: &[&Var], f: impl Fn() -> candle_core::Result<Tensor>) {
+    let vars: Vec<Var> = vars.iter().map(|v| (*v).clone()).collect();
+    let report =
+        check_directional(&vars, f, &GradCheckOptions { eps: 1e-6, directions: 4, ..Default::default() }).unwrap();
+    assert!(report.vars_without_grad.is_empty(), "{name}: vars without gradient {:?}", report.vars_without_grad);
+    for c in &report.checks {
+        assert!(c.analytic.abs() > 1e-8, "{name}: degenerate check, derivative ~0");
+    }
+    report.assert_close(TOL, name).unwrap();
+    eprintln!("{name}: max rel error {:.2e}", report.max_rel_error());
+}
+
+fn contract(y: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    (y * w)?.sum_all()
+}
+
+#[test]
+fn softmax_matches_finite_differences() {
+    let x = var(&[3, 5, 7], 1);
+    let w = weights(&[3, 5, 7], 1);
+    check("softmax", &[&x], || contract(&softmax(x.as_tensor(), D::Minus1)?, &w));
+    let w1 = weights(&[3, 5, 7], 2);
+    check("softmax dim 1", &[&x], || contract(&softmax(x.as_tensor(), 1)?, &w1));
+}
+
+#[test]
+fn softmax_agrees_with_candle_forward() {
+    let x = var(&[4, 9], 3);
+    let ours = softmax(x.as_tensor(), D::Minus1).unwrap();
+    let theirs = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
+    assert_close(&ours, &theirs, 1e-12);
+}
+
+#[test]
+fn log_softmax_matches_finite_differences() {
+    let x = var(&[4, 6], 4);
+    let w = weights(&[4, 6], 4);
+    check("log_softmax", &[&x], || contract(&log_softmax(x.as_tensor(), D::Minus1)?, &w));
+    let y = log_softmax(x.as_tensor(), D::Minus1).unwrap();
+    let reference = softmax(x.as_tensor(), D::Minus1).unwrap().log().unwrap();
+    assert_close(&y, &reference, 1e-12);
+}
+
+#[test]
+fn layer_norm_matches_finite_differences() {
+    let x = var(&[2, 3, 8], 5);
+    let g = var(&[8], 6);
+    let b = var(&[8], 7);
+    let w = weights(&[2, 3, 8], 5);
+    check("layer_norm affine", &[&x, &g, &b], || {
+        contract(&layer_norm(x.as_tensor(), Some(g.as_tensor()), Some(b.as_tensor()), 1e-5)?, &w)
+    });
+    check("layer_norm no affine", &[&x], || contract(&layer_norm(x.as_tensor(), None, None, 1e-6)?, &w));
+    // The fused kernels have no f64 path: compare forwards in f32.
+    let (x, g, b) = (f32_of(&x), f32_of(&g), f32_of(&b));
+    let fused = candle_nn::ops::layer_norm(&x, &g, &b, 1e-5).unwrap();
+    let ours = layer_norm(&x, Some(&g), Some(&b), 1e-5).unwrap();
+    assert_close(&ours, &fused, 1e-5);
+}
+
+#[test]
+fn rms_norm_matches_finite_differences() {
+    let x = var(&[2, 3, 8], 8);
+    let g = var(&[8], 9);
+    let w = weights(&[2, 3, 8], 8);
+    check("rms_norm", &[&x, &g], || contract(&rms_norm(x.as_tensor(), Some(g.as_tensor()), 1e-6)?, &w));
+    check("rms_norm no weight", &[&x], || contract(&rms_norm(x.as_tensor(), None, 1e-6)?, &w));
+    let (x, g) = (f32_of(&x), f32_of(&g));
+    let fused = candle_nn::ops::rms_norm(&x, &g, 1e-6).unwrap();
+    let ours = rms_norm(&x, Some(&g), 1e-6).unwrap();
+    assert_close(&ours, &fused, 1e-5);
+}
+
+fn rope_inputs(seed: u64) -> (Var, Tensor, Tensor, Tensor) {
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let x = var(&[b, h, t, d], seed);
+    let (cos, sin) = rope_tables_1d(t, d, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+    (x, cos, sin, weights(&[b, h, t, d], seed))
+}
+
+#[test]
+fn rope_interleaved_matches_finite_differences_and_candle() {
+    let (x, cos, sin, w) = rope_inputs(10);
+    check("rope_interleaved", &[&x], || contract(&rope_interleaved(x.as_tensor(), &cos, &sin)?, &w));
+    let fused = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
+    assert_close(&rope_interleaved(x.as_tensor(), &cos, &sin).unwrap(), &fused, 1e-12);
+}
+
+#[test]
+fn rope_half_matches_finite_differences_and_candle() {
+    let (x, cos, sin, w) = rope_inputs(11);
+    check("rope_half", &[&x], || contract(&rope_half(x.as_tensor(), &cos, &sin)?, &w));
+    let fused = candle_nn::rotary_emb::rope(x.as_tensor(), &cos, &sin).unwrap();
+    assert_close(&rope_half(x.as_tensor(), &cos, &sin).unwrap(), &fused, 1e-12);
+}
+
+#[test]
+fn rope_3d_tables_split_axes_and_are_differentiable() {
+    let grid = (2, 3, 4);
+    let dims = (4, 6, 6);
+    let (cos, sin) = rope_tables_3d(grid, dims, (10_000.0, 10_000.0, 10_000.0), DType::F64, &Device::Cpu).unwrap();
+    assert_eq!(cos.dims(), &[24, 8]);
+    // Token (t=1, h=2, w=3): its t-part equals the 1D table at position 1, etc.
+    let (ct, _) = rope_tables_1d(2, 4, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+    let (cw, _) = rope_tables_1d(4, 6, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+    let token = 3 * 4 + 2 * 4 + 3;
+    let row = cos.get(token).unwrap();
+    assert_close(&row.narrow(0, 0, 2).unwrap(), &ct.get(1).unwrap(), 1e-15);
+    assert_close(&row.narrow(0, 5, 3).unwrap(), &cw.get(3).unwrap(), 1e-15);
+    let x = var(&[1, 2, 24, 16], 12);
+    let w = weights(&[1, 2, 24, 16], 12);
+    check("rope 3d (half)", &[&x], || contract(&rope_half(x.as_tensor(), &cos, &sin)?, &w));
+    check("rope 3d (interleaved)", &[&x], || contract(&rope_interleaved(x.as_tensor(), &cos, &sin)?, &w));
+}
+
+#[test]
+fn sdpa_matches_finite_differences_with_and_without_mask() {
+    let q = var(&[2, 2, 4, 8], 13);
+    let k = var(&[2, 2, 6, 8], 14);
+    let v = var(&[2, 2, 6, 8], 15);
+    let w = weights(&[2, 2, 4, 8], 13);
+    check("sdpa", &[&q, &k, &v], || contract(&sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, None)?, &w));
+    let allowed: Vec<f64> = (0..4 * 6).map(|i| if (i % 6) <= (i / 6) + 1 { 1.0 } else { 0.0 }).collect();
+    let allowed = Tensor::from_vec(allowed, (4, 6), &Device::Cpu).unwrap();
+    let mask = additive_mask(&allowed, DType::F64).unwrap();
+    check("sdpa masked", &[&q, &k, &v], || {
+        contract(&sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), Some(0.3))?, &w)
+    });
+    // Blocked keys carry no weight: changing them leaves the output unchanged.
+    let y = sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), None).unwrap();
+    let v2 = (v.as_tensor()
+        + v.as_tensor().ones_like().unwrap().narrow(2, 5, 1).unwrap().pad_with_zeros(2, 5, 0).unwrap())
+    .unwrap();
+    let y2 = sdpa(q.as_tensor(), k.as_tensor(), &v2, Some(&mask), None).unwrap();
+    assert_close(&y.narrow(2, 0, 3).unwrap(), &y2.narrow(2, 0, 3).unwrap(), 1e-9);
+}
+
+#[test]
+fn activations_match_finite_differences_and_candle() {
+    let x = var(&[5, 7], 16);
+    let w = weights(&[5, 7], 16);
+    check("gelu_tanh", &[&x], || contract(&gelu_tanh(x.as_tensor())?, &w));
+    check("gelu_erf", &[&x], || contract(&gelu_erf(x.as_tensor())?, &w));
+    check("silu", &[&x], || contract(&silu(x.as_tensor())?, &w));
+    check("sigmoid", &[&x], || contract(&sigmoid(x.as_tensor())?, &w));
+    assert_close(&gelu_tanh(x.as_tensor()).unwrap(), &x.as_tensor().gelu().unwrap(), 1e-12);
+    assert_close(&gelu_erf(x.as_tensor()).unwrap(), &x.as_tensor().gelu_erf().unwrap(), 1e-12);
+    assert_close(&silu(x.as_tensor()).unwrap(), &x.as_tensor().silu().unwrap(), 1e-12);
+}
+
+#[test]
+fn norm_modules_load_upstream_names() {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let ln = LayerNorm::new(8, 1e-5, vb.pp("norm")).unwrap();
+    let _rms = RmsNorm::new(8, 1e-6, vb.pp("q_norm")).unwrap();
+    let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["norm.bias", "norm.weight", "q_norm.weight"]);
+    let x = var(&[2, 8], 17);
+    let w = weights(&[2, 8], 17);
+    check("LayerNorm module", &[&x], || contract(&ln.forward(x.as_tensor())?, &w));
+}
+
+// ---- The fused Candle ops still drop gradients (if one of these fails, Candle fixed it) ----
+
+fn grad_is_dropped(x: &Var, y: candle_core::Result<Tensor>, w: &Tensor) -> bool {
+    let loss = contract(&y.unwrap(), w).unwrap();
+    let grads = loss.backward().unwrap();
+    match grads.get(x.as_tensor()) {
+        None => true,
+        Some(g) => g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() == 0.0,
+    }
+}
+
+#[test]
+fn fused_softmax_last_dim_still_drops_gradient() {
+    let x = var(&[3, 4], 20);
+    let w = weights(&[3, 4], 20);
+    assert!(grad_is_dropped(&x, candle_nn::ops::softmax_last_dim(x.as_tensor()), &w));
+}
+
+#[test]
+fn fused_layer_norm_still_drops_gradient() {
+    let x = var32(&[3, 8], 21);
+    let w = weights(&[3, 8], 21).to_dtype(DType::F32).unwrap();
+    let (g, b) =
+        (Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
+    assert!(grad_is_dropped(&x, candle_nn::ops::layer_norm(x.as_tensor(), &g, &b, 1e-5), &w));
+    // The default `candle_nn::layer_norm` module takes the fused path too.
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let ln = candle_nn::layer_norm(8, 1e-5, vb).unwrap();
+    assert!(grad_is_dropped(&x, ln.forward(x.as_tensor()), &w));
+}
+
+#[test]
+fn fused_rms_norm_still_drops_gradient() {
+    let x = var32(&[3, 8], 22);
+    let w = weights(&[3, 8], 22).to_dtype(DType::F32).unwrap();
+    let g = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+    assert!(grad_is_dropped(&x, candle_nn::ops::rms_norm(x.as_tensor(), &g, 1e-6), &w));
+}
+
+#[test]
+fn fused_rope_variants_still_drop_gradient() {
+    let (x, cos, sin, w) = rope_inputs(23);
+    assert!(grad_is_dropped(&x, candle_nn::rotary_emb::rope(x.as_tensor(), &cos, &sin), &w));
+    assert!(grad_is_dropped(&x, candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin), &w));
+    let xt = Var::from_tensor(&x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+    let wt = w.transpose(1, 2).unwrap();
+    assert!(grad_is_dropped(&xt, candle_nn::rotary_emb::rope_thd(xt.as_tensor(), &cos, &sin), &wt));
+}
+
+#[test]
+fn fused_sdpa_has_no_cpu_kernel_at_all() {
+    // candle_nn::ops::sdpa is a Metal-only custom op applied without backward; on CPU it cannot
+    // even run a forward, so models must use `ops::sdpa` everywhere.
+    let q = var(&[1, 1, 4, 8], 24);
+    let r = candle_nn::ops::sdpa(q.as_tensor(), q.as_tensor(), q.as_tensor(), None, false, 1.0, 1.0);
+    assert!(r.is_err());
+}
+
+fn f32_of(v: &Var) -> Tensor {
+    v.as_tensor().to_dtype(DType::F32).unwrap()
+}
+
+fn var32(shape: &[usize], seed: u64) -> Var {
+    Var::from_tensor(&f32_of(&var(shape, seed))).unwrap()
+}
+
+fn assert_close(a: &Tensor, b: &Tensor, tol: f64) {
+    let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(diff <= tol, "max abs difference {diff:.3e} > {tol:.1e}");
+}

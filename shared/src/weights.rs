@@ -1,0 +1,341 @@
+//! Weights: validated safetensors loading, atomic saving, and Hub references.
+//!
+//! A weight reference is either a local path or a Hugging Face Hub reference
+//! `org/name[@revision]:path/in/repo`. Hub files resolve from the standard cache that Python's
+//! `huggingface_hub` also uses (`HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`, `$HF_HOME/hub`,
+//! `~/.cache/huggingface/hub`), so a file downloaded from Python is reused and everything works
+//! offline from a populated cache. Only when a file is missing, `HF_HUB_OFFLINE` is unset and
+//! the `hub-download` feature is on does anything touch the network.
+//!
+//! hf-hub 0.4 rather than 1.0: 0.4's sync API builds in seconds on `ureq`; 1.0 is async-first
+//! and pulls tokio, reqwest, hf-xet and aws-lc-sys (minutes of build for one GET). The cache
+//! lookup is ours (it trims ref files and accepts commit hashes as revisions), the download is
+//! hf-hub's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("weights file not found: {0}")]
+    NotFound(PathBuf),
+    #[error("cannot read weights file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("weights file {path} is not a valid safetensors file (truncated or corrupt?): {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("weights file {path} does not fit the model:\n  - {}", problems.join("\n  - "))]
+    Mismatch { path: PathBuf, problems: Vec<String> },
+    #[error("weights file {path}: tensor '{key}' holds {count} NaN/Inf values")]
+    NonFinite { path: PathBuf, key: String, count: usize },
+    #[error("invalid Hub reference '{reference}': {why} (expected org/name[@revision]:path/in/repo)")]
+    BadReference { reference: String, why: String },
+    #[error("{message}")]
+    NotCached { reference: String, message: String },
+    #[error("downloading '{reference}' from the Hub failed: {detail}")]
+    Download { reference: String, detail: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where weights come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightRef {
+    Local(PathBuf),
+    Hub { repo: String, revision: String, file: String },
+}
+
+impl WeightRef {
+    /// Parses `org/name[@revision]:path/in/repo` as a Hub reference and anything else as a path.
+    /// A string that names an existing local file is always local.
+    pub fn parse(s: &str) -> Result<Self, WeightsError> {
+        if Path::new(s).exists() {
+            return Ok(Self::Local(s.into()));
+        }
+        let s = s.strip_prefix("hf://").unwrap_or(s);
+        let Some((repo_part, file)) = s.split_once(':') else { return Ok(Self::Local(s.into())) };
+        let bad = |why: &str| WeightsError::BadReference { reference: s.into(), why: why.into() };
+        let (repo, revision) = match repo_part.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => return Err(bad("empty revision after '@'")),
+            None => (repo_part, "main"),
+        };
+        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        match repo.split_once('/') {
+            Some((org, name)) if valid(org) && valid(name) => {}
+            _ => return Err(bad("the repository must be 'org/name'")),
+        }
+        if file.is_empty() || file.starts_with('/') || file.split('/').any(|c| c == "..") {
+            return Err(bad("the file must be a relative path inside the repository"));
+        }
+        Ok(Self::Hub { repo: repo.into(), revision: revision.into(), file: file.into() })
+    }
+}
+
+/// How Hub references resolve.
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    pub cache_dir: PathBuf,
+    /// Never touch the network (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+}
+
+impl HubOptions {
+    /// The cache and offline flag Python's `huggingface_hub` would use.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        let cache_dir = var("HF_HUB_CACHE")
+            .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+            .map(PathBuf::from)
+            .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .unwrap_or_else(|| {
+                let home =
+                    var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+                home.join(".cache").join("huggingface").join("hub")
+            });
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+            .unwrap_or(false);
+        Self { cache_dir, offline }
+    }
+}
+
+/// Resolves a reference string to a local file, using the environment's Hub settings.
+pub fn resolve(reference: &str) -> Result<PathBuf, WeightsError> {
+    resolve_with(&WeightRef::parse(reference)?, &HubOptions::from_env())
+}
+
+/// Resolves a parsed reference to a local file.
+pub fn resolve_with(reference: &WeightRef, hub: &HubOptions) -> Result<PathBuf, WeightsError> {
+    match reference {
+        WeightRef::Local(p) => {
+            if p.is_file() {
+                Ok(p.clone())
+            } else {
+                Err(WeightsError::NotFound(p.clone()))
+            }
+        }
+        WeightRef::Hub { repo, revision, file } => {
+            let display = format!("{repo}@{revision}:{file}");
+            let repo_dir = hub.cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+            let ref_file = repo_dir.join("refs").join(revision);
+            let is_hash = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+            let commit = if is_hash {
+                Some(revision.clone())
+            } else {
+                std::fs::read_to_string(&ref_file).ok().map(|s| s.trim().to_string())
+            };
+            let mut looked = vec![ref_file.display().to_string()];
+            if let Some(commit) = commit {
+                let candidate = repo_dir.join("snapshots").join(&commit).join(file);
+                if candidate.is_file() {
+                    return Ok(candidate);
+                }
+                looked.push(candidate.display().to_string());
+            }
+            if !hub.offline {
+                if let Some(p) = download(repo, revision, file, hub)
+                    .map_err(|detail| WeightsError::Download { reference: display.clone(), detail })?
+                {
+                    return Ok(p);
+                }
+            }
+            let rev_flag = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+            let online_hint = if hub.offline {
+                "; HF_HUB_OFFLINE is set, so nothing was downloaded"
+            } else if cfg!(feature = "hub-download") {
+                ""
+            } else {
+                "; this build has no `hub-download` feature, so nothing was downloaded"
+            };
+            let message = format!(
+                "'{display}' is not in the Hugging Face cache at {} (looked for {}).\n  To fix: download it, e.g. \
+                 `huggingface-cli download {repo} {file}{rev_flag}`, or point HF_HUB_CACHE / HF_HOME at a cache that \
+                 has it{online_hint}",
+                hub.cache_dir.display(),
+                looked.join(", ")
+            );
+            Err(WeightsError::NotCached { reference: display, message })
+        }
+    }
+}
+
+#[cfg(feature = "hub-download")]
+fn download(repo: &str, revision: &str, file: &str, hub: &HubOptions) -> Result<Option<PathBuf>, String> {
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(hub.cache_dir.clone())
+        .with_progress(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let repo = api.repo(hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, revision.into()));
+    repo.get(file).map(Some).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "hub-download"))]
+fn download(_: &str, _: &str, _: &str, _: &HubOptions) -> Result<Option<PathBuf>, String> {
+    Ok(None)
+}
+
+/// Options for [`load_into_varmap`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// File key `k` fills var `prefix + k` (e.g. `encoder.` for a pretrained backbone).
+    pub prefix: String,
+    /// Vars of the map (under `prefix`) that the file may leave at their initial values.
+    pub allow_missing: bool,
+    /// Keys of the file that no var takes.
+    pub allow_unexpected: bool,
+    /// Convert a file tensor of another float dtype instead of rejecting it.
+    pub allow_dtype_cast: bool,
+    /// Reject NaN/Inf values.
+    pub check_finite: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            allow_missing: false,
+            allow_unexpected: false,
+            allow_dtype_cast: false,
+            check_finite: true,
+        }
+    }
+}
+
+/// What a load did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+}
+
+/// Reads every tensor of a safetensors file, naming the file in every error.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
+    if !path.is_file() {
+        return Err(WeightsError::NotFound(path.into()));
+    }
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| WeightsError::Corrupt { path: path.into(), detail: e.to_string() })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .map_err(|e| WeightsError::Corrupt { path: path.into(), detail: format!("tensor '{name}': {e}") })?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn non_finite_count(t: &Tensor) -> Result<usize, candle_core::Error> {
+    if !t.dtype().is_float() {
+        return Ok(0);
+    }
+    let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// Fills the vars of `varmap` from a safetensors file, after checking everything at once:
+/// missing and unexpected keys, shape and dtype mismatches, NaN/Inf. Nothing is changed unless
+/// every check passes.
+pub fn load_into_varmap(varmap: &VarMap, path: &Path, opts: &LoadOptions) -> Result<LoadReport, WeightsError> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let device = match data.values().next() {
+        Some(v) => v.device().clone(),
+        None => Device::Cpu,
+    };
+    let file = read_safetensors(path, &device)?;
+    let mut problems = Vec::new();
+    let mut report = LoadReport::default();
+    let mut updates = Vec::new();
+    let wanted: BTreeSet<&String> = data.keys().filter(|k| k.starts_with(&opts.prefix)).collect();
+    for name in &wanted {
+        let key = &name[opts.prefix.len()..];
+        let var = &data[*name];
+        match file.get(key) {
+            None => report.missing.push(name.to_string()),
+            Some(t) => {
+                if t.shape() != var.shape() {
+                    problems.push(format!(
+                        "'{key}': shape {:?} in the file, the model expects {:?}",
+                        t.dims(),
+                        var.dims()
+                    ));
+                    continue;
+                }
+                if t.dtype() != var.dtype()
+                    && !(opts.allow_dtype_cast && t.dtype().is_float() && var.dtype().is_float())
+                {
+                    problems.push(format!(
+                        "'{key}': dtype {:?} in the file, the model expects {:?}",
+                        t.dtype(),
+                        var.dtype()
+                    ));
+                    continue;
+                }
+                if opts.check_finite {
+                    let bad = non_finite_count(t)?;
+                    if bad > 0 {
+                        return Err(WeightsError::NonFinite { path: path.into(), key: key.into(), count: bad });
+                    }
+                }
+                updates.push((name.to_string(), t.to_dtype(var.dtype())?));
+            }
+        }
+    }
+    let mut unexpected: Vec<String> =
+        file.keys().filter(|k| !wanted.contains(&format!("{}{k}", opts.prefix))).cloned().collect();
+    unexpected.sort();
+    report.unexpected = unexpected;
+    if !opts.allow_missing && !report.missing.is_empty() {
+        problems.push(format!("missing keys (in the model, not in the file): {:?}", report.missing));
+    }
+    if !opts.allow_unexpected && !report.unexpected.is_empty() {
+        problems.push(format!("unexpected keys (in the file, not in the model): {:?}", report.unexpected));
+    }
+    if !problems.is_empty() {
+        return Err(WeightsError::Mismatch { path: path.into(), problems });
+    }
+    for (name, t) in updates {
+        data[&name].set(&t)?;
+        report.loaded.push(name);
+    }
+    Ok(report)
+}
+
+/// A `VarBuilder` over a file's tensors (frozen weights: no Vars, no gradients recorded), after
+/// checking the file is readable and finite. Missing keys and wrong shapes are reported by name
+/// when the model asks for them.
+pub fn varbuilder_from_file(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
+    let tensors = read_safetensors(path, device)?;
+    for (k, t) in &tensors {
+        let bad = non_finite_count(t)?;
+        if bad > 0 {
+            return Err(WeightsError::NonFinite { path: path.into(), key: k.clone(), count: bad });
+        }
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// Saves named tensors as safetensors atomically (temp file + rename).
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    crate::io::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(tensors, tmp)?))
+}
+
+/// Saves every var of a `VarMap` atomically.
+pub fn save_varmap_atomic(varmap: &VarMap, path: &Path) -> anyhow::Result<()> {
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("VarMap lock poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors_atomic(&tensors, path)
+}
+
+#[cfg(test)]
+mod tests;
