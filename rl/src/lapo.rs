@@ -1,0 +1,732 @@
+//! LAPO — Latent-Variable Advantage-Weighted Policy Optimisation (Chen et al., NeurIPS 2022),
+//! with the multimodal extension of the source system: a shared observation encoder whose
+//! gradient comes from the critic only.
+//!
+//! Read top to bottom: configuration, the model (networks, partitions, optimisers), one training
+//! iteration in the paper's order, the built-in gradient-flow audit, and acting.
+//!
+//! Optimisers and who owns what (the design, `--encoder-owner critic`):
+//! * `critic_and_encoder`: Q1, Q2, V and the observation encoder;
+//! * `actor_vae`: the conditional VAE;
+//! * `actor`: the latent policy;
+//! * target copies (`target.critic`, `target.encoder`, `target.actor`, `target.actor_vae`) follow
+//!   by Polyak averaging only.
+//!
+//! The VAE and actor losses see the feature detached, so they can never move the encoder; the
+//! actor's gradient flows through the *target* decoder, which is never stepped by it. The
+//! ablation options reproduce the source's original bug (`actor-vae`: the encoder was stepped
+//! by the VAE optimiser, from the VAE loss) and a variant where both own it.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use shared::gradflow::{audit, AuditReport, Expectation};
+use shared::params::{GroupOptimizer, OptimizerConfig, Partitions};
+use shared::rng::SplitMix64;
+
+use crate::encoders::{EncoderKind, ObsEncoder};
+use crate::nets::{init_deterministic, Actor, ActorVae, Critic};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// Which optimiser steps the observation encoder (ablation of the source's fix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncoderOwner {
+    /// The design: the critic loss trains the encoder.
+    Critic,
+    /// The source's original bug: the encoder sits in the VAE optimiser and learns from the VAE loss.
+    ActorVae,
+    /// Both optimisers step it, each from its own loss.
+    Both,
+}
+
+impl EncoderOwner {
+    fn critic_owns(self) -> bool {
+        matches!(self, EncoderOwner::Critic | EncoderOwner::Both)
+    }
+
+    fn actor_vae_owns(self) -> bool {
+        matches!(self, EncoderOwner::ActorVae | EncoderOwner::Both)
+    }
+}
+
+/// LAPO hyperparameters. Defaults are the reference's (see `notes/reference-algorithms.md`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LapoConfig {
+    pub batch_size: usize,
+    pub critic_lr: f64,
+    pub actor_vae_lr: f64,
+    pub actor_lr: f64,
+    /// Polyak rate of every target copy (critic, encoder, actor, VAE).
+    pub tau: f64,
+    pub gamma: f64,
+    pub expectile: f64,
+    pub kl_beta: f64,
+    pub max_latent_action: f64,
+    /// m in Qmix = m·min(Q1, Q2) + (1 − m)·max(Q1, Q2).
+    pub doubleq_min: f64,
+    /// Latent size; `None` means 2 × action_dim.
+    pub latent_dim: Option<usize>,
+    /// Target policy smoothing noise std and clip (in latent units).
+    pub policy_noise: f64,
+    pub noise_clip: f64,
+    pub encoder: EncoderKind,
+    pub encoder_owner: EncoderOwner,
+    pub seed: u64,
+}
+
+impl Default for LapoConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            critic_lr: 2e-4,
+            actor_vae_lr: 2e-4,
+            actor_lr: 2e-4,
+            tau: 0.005,
+            gamma: 0.99,
+            expectile: 0.9,
+            kl_beta: 1.0,
+            max_latent_action: 2.0,
+            doubleq_min: 1.0,
+            latent_dim: None,
+            policy_noise: 0.1,
+            noise_clip: 0.2,
+            encoder: EncoderKind::None,
+            encoder_owner: EncoderOwner::Critic,
+            seed: 0,
+        }
+    }
+}
+
+/// Shapes of the data the model is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dims {
+    pub state_dim: usize,
+    pub action_dim: usize,
+    /// (H, W) of each camera image; ignored without an image encoder.
+    pub image_hw: (usize, usize),
+}
+
+/// Value clamp for the V target: [min r, max r] / (1 − γ) on the scaled rewards.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ValueBounds {
+    pub min_v: f64,
+    pub max_v: f64,
+}
+
+/// One minibatch, already normalised: states and actions z-scored, rewards scaled by 1/max r,
+/// images (B, 9, H, W) in [0, 1]. `reward` and `done` are (B, 1).
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub images: Option<Tensor>,
+    pub state: Tensor,
+    pub action: Tensor,
+    pub reward: Tensor,
+    pub next_images: Option<Tensor>,
+    pub next_state: Tensor,
+    pub done: Tensor,
+}
+
+/// Bootstrap targets of step 1 (detached).
+pub struct Targets {
+    pub target_q: Tensor,
+    pub target_v: Tensor,
+}
+
+pub struct CriticLoss {
+    pub total: Tensor,
+    pub q1_loss: Tensor,
+    pub q2_loss: Tensor,
+    pub v_loss: Tensor,
+    pub mean_q: f64,
+    pub mean_v: f64,
+}
+
+pub struct VaeLoss {
+    pub total: Tensor,
+    pub reconstruction: Tensor,
+    pub kl: Tensor,
+}
+
+/// The loss terms of one iteration (host values, for logs).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Losses {
+    pub critic: f64,
+    pub q1: f64,
+    pub q2: f64,
+    pub value: f64,
+    pub actor_vae: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+    pub actor: f64,
+    pub mean_q: f64,
+    pub mean_v: f64,
+    pub positive_advantage_fraction: f64,
+}
+
+impl Losses {
+    pub fn all_finite(&self) -> bool {
+        [self.critic, self.q1, self.q2, self.value, self.actor_vae, self.reconstruction, self.kl, self.actor]
+            .iter()
+            .all(|v| v.is_finite())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LapoError {
+    #[error("non-finite loss at iteration {iteration} ({stage}): {losses:?}")]
+    NonFinite { iteration: u64, stage: &'static str, losses: Losses },
+    #[error("gradient-flow audit failed at iteration {iteration}:\n{table}")]
+    Audit { iteration: u64, table: String },
+    #[error(transparent)]
+    Partition(#[from] shared::params::PartitionError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model: networks, partitions, optimisers
+// ---------------------------------------------------------------------------------------------
+
+/// Partition group names (var-name prefixes end with `.` so none can shadow another).
+pub mod groups {
+    pub const CRITIC: &str = "critic";
+    pub const ENCODER: &str = "encoder";
+    pub const ACTOR_VAE: &str = "actor_vae";
+    pub const ACTOR: &str = "actor";
+    pub const TARGET_CRITIC: &str = "target.critic";
+    pub const TARGET_ENCODER: &str = "target.encoder";
+    pub const TARGET_ACTOR_VAE: &str = "target.actor_vae";
+    pub const TARGET_ACTOR: &str = "target.actor";
+}
+
+pub struct Lapo {
+    pub config: LapoConfig,
+    pub dims: Dims,
+    pub bounds: ValueBounds,
+    pub varmap: VarMap,
+    pub partitions: Partitions,
+    pub encoder: ObsEncoder,
+    pub target_encoder: ObsEncoder,
+    pub critic: Critic,
+    pub target_critic: Critic,
+    pub actor_vae: ActorVae,
+    pub target_actor_vae: ActorVae,
+    pub actor: Actor,
+    pub target_actor: Actor,
+    /// Steps the critic (and the encoder when the critic owns it).
+    pub critic_opt: GroupOptimizer,
+    /// Steps the VAE (and the encoder when the VAE owns it).
+    pub actor_vae_opt: GroupOptimizer,
+    pub actor_opt: GroupOptimizer,
+    /// Iterations completed.
+    pub iteration: u64,
+    dtype: DType,
+    device: Device,
+}
+
+impl Lapo {
+    pub fn new(
+        config: LapoConfig,
+        dims: Dims,
+        bounds: ValueBounds,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, LapoError> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let latent_dim = config.latent_dim.unwrap_or(2 * dims.action_dim);
+        let m = config.max_latent_action;
+
+        let encoder = ObsEncoder::new(config.encoder, dims.state_dim, dims.image_hw, vb.pp("encoder"))?;
+        let target_encoder = ObsEncoder::new(config.encoder, dims.state_dim, dims.image_hw, vb.pp("target.encoder"))?;
+        let s_dim = encoder.out_dim();
+        let critic = Critic::new(s_dim, dims.action_dim, vb.pp("critic"))?;
+        let target_critic = Critic::new(s_dim, dims.action_dim, vb.pp("target.critic"))?;
+        let actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, vb.pp("actor_vae"))?;
+        let target_actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, vb.pp("target.actor_vae"))?;
+        let actor = Actor::new(s_dim, latent_dim, m, vb.pp("actor"))?;
+        let target_actor = Actor::new(s_dim, latent_dim, m, vb.pp("target.actor"))?;
+
+        // Partitions by network; every var must belong to exactly one group.
+        let has_encoder = config.encoder.uses_images();
+        let mut partitions = Partitions::new(&varmap)
+            .optimised(groups::CRITIC, &["critic."])?
+            .optimised(groups::ACTOR_VAE, &["actor_vae."])?
+            .optimised(groups::ACTOR, &["actor."])?
+            .target(groups::TARGET_CRITIC, &["target.critic."])?
+            .target(groups::TARGET_ACTOR_VAE, &["target.actor_vae."])?
+            .target(groups::TARGET_ACTOR, &["target.actor."])?;
+        if has_encoder {
+            partitions = partitions
+                .optimised(groups::ENCODER, &["encoder."])?
+                .target(groups::TARGET_ENCODER, &["target.encoder."])?;
+        }
+        partitions.validate()?;
+
+        // Deterministic weights, then targets start as exact copies.
+        init_deterministic(&varmap, config.seed)?;
+        let mut pairs = vec![
+            (groups::CRITIC, groups::TARGET_CRITIC),
+            (groups::ACTOR_VAE, groups::TARGET_ACTOR_VAE),
+            (groups::ACTOR, groups::TARGET_ACTOR),
+        ];
+        if has_encoder {
+            pairs.push((groups::ENCODER, groups::TARGET_ENCODER));
+        }
+        for (online, target) in &pairs {
+            partitions.polyak(online, target, 1.0)?;
+        }
+
+        // Optimisers: Adam, no weight decay. The encoder joins whichever the owner option says.
+        let encoder_vars = if has_encoder { partitions.vars(groups::ENCODER)? } else { Vec::new() };
+        let mut critic_vars = partitions.vars(groups::CRITIC)?;
+        let mut critic_opt_name = "critic".to_string();
+        if has_encoder && config.encoder_owner.critic_owns() {
+            critic_vars.extend(encoder_vars.iter().cloned());
+            critic_opt_name = "critic_and_encoder".into();
+        }
+        let mut vae_vars = partitions.vars(groups::ACTOR_VAE)?;
+        let mut vae_opt_name = "actor_vae".to_string();
+        if has_encoder && config.encoder_owner.actor_vae_owns() {
+            vae_vars.extend(encoder_vars.iter().cloned());
+            vae_opt_name = "actor_vae_and_encoder".into();
+        }
+        let critic_opt = GroupOptimizer::new(&critic_opt_name, critic_vars, OptimizerConfig::adam(config.critic_lr))?;
+        let actor_vae_opt = GroupOptimizer::new(&vae_opt_name, vae_vars, OptimizerConfig::adam(config.actor_vae_lr))?;
+        let actor_opt =
+            GroupOptimizer::new("actor", partitions.vars(groups::ACTOR)?, OptimizerConfig::adam(config.actor_lr))?;
+
+        Ok(Self {
+            config,
+            dims,
+            bounds,
+            varmap,
+            partitions,
+            encoder,
+            target_encoder,
+            critic,
+            target_critic,
+            actor_vae,
+            target_actor_vae,
+            actor,
+            target_actor,
+            critic_opt,
+            actor_vae_opt,
+            actor_opt,
+            iteration: 0,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn has_encoder(&self) -> bool {
+        self.config.encoder.uses_images()
+    }
+
+    /// The noise stream of one iteration: a function of (seed, iteration) only, so a resumed run
+    /// draws exactly what the uninterrupted one would have.
+    pub fn iteration_rng(&self, iteration: u64, stream: u64) -> SplitMix64 {
+        SplitMix64::new(
+            self.config
+                .seed
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(iteration.wrapping_mul(0xD1B5_4A32_D192_ED03))
+                .wrapping_add(stream << 56),
+        )
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // One training iteration, in the paper's order
+    // -----------------------------------------------------------------------------------------
+
+    /// One LAPO iteration. With `audit_now`, also runs the gradient-flow audit and returns it.
+    pub fn train_step(
+        &mut self,
+        batch: &Batch,
+        audit_now: bool,
+    ) -> Result<(Losses, Option<IterationAudit>), LapoError> {
+        let c = self.config.clone();
+        let mut rng = self.iteration_rng(self.iteration, 0);
+        let mut losses = Losses::default();
+        let mut audit_log = audit_now.then(IterationAudit::default);
+
+        // Features. The online encoder sees s (with a graph, for whichever loss owns it); the
+        // target encoder sees s' for every bootstrap target.
+        let s = self.encoder.forward_t(batch.images.as_ref(), &batch.state, true)?;
+        let s_detached = s.detach();
+        let s_next = self.target_encoder.forward_t(batch.next_images.as_ref(), &batch.next_state, true)?.detach();
+
+        // 1. Targets (no gradient).
+        let targets = self.targets(batch, &s_detached, &s_next, &mut rng)?;
+
+        // 2. Critic: two Q regressions on target_Q, V regression on clamp(target_v); step.
+        let s_critic = if c.encoder_owner.critic_owns() { &s } else { &s_detached };
+        let critic = self.critic_loss(s_critic, batch, &targets)?;
+        losses.q1 = scalar(&critic.q1_loss)?;
+        losses.q2 = scalar(&critic.q2_loss)?;
+        losses.value = scalar(&critic.v_loss)?;
+        losses.critic = scalar(&critic.total)?;
+        losses.mean_q = critic.mean_q;
+        losses.mean_v = critic.mean_v;
+        self.ensure_finite(&losses, "critic loss")?;
+        let critic_grads = critic.total.backward()?;
+        let first_conv_before = self.snapshot_first_conv()?;
+        if let Some(log) = audit_log.as_mut() {
+            log.record_critic(self, &critic_grads)?;
+        }
+        self.critic_opt.step(&critic_grads)?;
+        if let Some(log) = audit_log.as_mut() {
+            log.record_critic_step(self, first_conv_before.as_ref())?;
+        }
+        drop(critic_grads);
+
+        // 3. Advantage under the updated critic → expectile weights.
+        let (weights, positive_fraction) = self.advantage_weights(batch, &s_detached, &s_next)?;
+        losses.positive_advantage_fraction = positive_fraction;
+
+        // 4. Advantage-weighted VAE; step.
+        let encoder_before = audit_log.as_ref().map(|_| self.snapshot_encoder()).transpose()?;
+        let s_vae = if c.encoder_owner.actor_vae_owns() { &s } else { &s_detached };
+        let eps = rng.normal_tensor((batch.state.dim(0)?, self.actor_vae.latent_dim()), self.dtype, &self.device)?;
+        let vae = self.actor_vae_loss(s_vae, &batch.action, &weights, &eps)?;
+        losses.reconstruction = scalar(&vae.reconstruction)?;
+        losses.kl = scalar(&vae.kl)?;
+        losses.actor_vae = scalar(&vae.total)?;
+        self.ensure_finite(&losses, "actor-VAE loss")?;
+        let vae_grads = vae.total.backward()?;
+        if let Some(log) = audit_log.as_mut() {
+            let expect = Expectation::new("actor_vae")
+                .reaches(&[groups::ACTOR_VAE])
+                .not(&self.groups_except(&[groups::ACTOR_VAE]));
+            log.record_loss(self, &vae_grads, expect)?;
+        }
+        self.actor_vae_opt.step(&vae_grads)?;
+        drop(vae_grads);
+
+        // 5. Actor through the target decoder; only the actor optimiser steps.
+        let actor_loss = self.actor_loss(&s_detached)?;
+        losses.actor = scalar(&actor_loss)?;
+        self.ensure_finite(&losses, "actor loss")?;
+        let actor_grads = actor_loss.backward()?;
+        if let Some(log) = audit_log.as_mut() {
+            let mut untouched = vec![groups::ACTOR_VAE, groups::TARGET_ACTOR, groups::TARGET_CRITIC];
+            if self.has_encoder() {
+                untouched.extend([groups::ENCODER, groups::TARGET_ENCODER]);
+            }
+            log.record_loss(self, &actor_grads, Expectation::new("actor").reaches(&[groups::ACTOR]).not(&untouched))?;
+        }
+        self.actor_opt.step(&actor_grads)?;
+        drop(actor_grads);
+        if let (Some(log), Some(before)) = (audit_log.as_mut(), encoder_before) {
+            log.record_encoder_untouched(self, &before)?;
+        }
+
+        // 6. Polyak-average every target copy.
+        self.partitions.polyak(groups::CRITIC, groups::TARGET_CRITIC, c.tau)?;
+        self.partitions.polyak(groups::ACTOR, groups::TARGET_ACTOR, c.tau)?;
+        self.partitions.polyak(groups::ACTOR_VAE, groups::TARGET_ACTOR_VAE, c.tau)?;
+        if self.has_encoder() {
+            self.partitions.polyak(groups::ENCODER, groups::TARGET_ENCODER, c.tau)?;
+        }
+        self.iteration += 1;
+
+        if let Some(log) = audit_log.as_mut() {
+            log.iteration = self.iteration - 1;
+            log.record_ownership(self);
+        }
+        Ok((losses, audit_log))
+    }
+
+    /// Step 1: target_Q = r + (1−d)·γ·V(s') (online V, target-encoded s'), and
+    /// target_v = Qmix_target(s, dec_target(s, actor_target(s) + clip(σ·N(0,1), ±c))).
+    pub fn targets(
+        &self,
+        batch: &Batch,
+        s: &Tensor,
+        s_next: &Tensor,
+        rng: &mut SplitMix64,
+    ) -> candle_core::Result<Targets> {
+        let c = &self.config;
+        let not_done = (1.0 - &batch.done)?;
+        let target_q = (&batch.reward + (not_done * c.gamma)?.mul(&self.critic.v(s_next)?)?)?.detach();
+        let noise = rng.normal_tensor((s.dim(0)?, self.actor_vae.latent_dim()), self.dtype, &self.device)?;
+        let noise = (noise * c.policy_noise)?.clamp(-c.noise_clip, c.noise_clip)?;
+        let smoothed_latent = (self.target_actor.forward(s)? + noise)?;
+        let target_action = self.target_actor_vae.decode(s, &smoothed_latent)?;
+        let target_v = self.target_critic.q_mix(s, &target_action, c.doubleq_min)?.detach();
+        Ok(Targets { target_q, target_v })
+    }
+
+    /// Step 2: mse(Q1, target_Q) + mse(Q2, target_Q) + mse(V(s), clamp(target_v, min_v, max_v)).
+    pub fn critic_loss(&self, s: &Tensor, batch: &Batch, targets: &Targets) -> candle_core::Result<CriticLoss> {
+        let (q1, q2) = self.critic.q(s, &batch.action)?;
+        let v = self.critic.v(s)?;
+        let q1_loss = mse(&q1, &targets.target_q)?;
+        let q2_loss = mse(&q2, &targets.target_q)?;
+        let v_loss = mse(&v, &targets.target_v.clamp(self.bounds.min_v, self.bounds.max_v)?)?;
+        let total = ((&q1_loss + &q2_loss)? + &v_loss)?;
+        Ok(CriticLoss {
+            total,
+            q1_loss,
+            q2_loss,
+            v_loss,
+            mean_q: scalar(&q1.mean_all()?)?,
+            mean_v: scalar(&v.mean_all()?)?,
+        })
+    }
+
+    /// Step 3: adv = r + (1−d)·γ·Qmix_target(s', dec_target(s', actor_target(s'))) − V(s) with
+    /// the just-updated critic; weight `expectile` where adv > 0, 1 − expectile elsewhere.
+    /// Returns the weights (B, 1) and the fraction of positive advantages.
+    pub fn advantage_weights(&self, batch: &Batch, s: &Tensor, s_next: &Tensor) -> candle_core::Result<(Tensor, f64)> {
+        let c = &self.config;
+        let not_done = (1.0 - &batch.done)?;
+        let next_action = self.target_actor_vae.decode(s_next, &self.target_actor.forward(s_next)?)?;
+        let next_q = self.target_critic.q_mix(s_next, &next_action, c.doubleq_min)?;
+        let advantage = ((&batch.reward + (not_done * c.gamma)?.mul(&next_q)?)? - self.critic.v(s)?)?.detach();
+        let positive = advantage.gt(0.0)?.to_dtype(self.dtype)?;
+        let weights = ((&positive * c.expectile)? + ((1.0 - &positive)? * (1.0 - c.expectile))?)?;
+        Ok((weights, scalar(&positive.mean_all()?)?))
+    }
+
+    /// Step 4: mean(w · (Σ_a (â − a)² + β·KL)), KL = −½ Σ (1 + log σ² − μ² − σ²).
+    pub fn actor_vae_loss(
+        &self,
+        s: &Tensor,
+        action: &Tensor,
+        weights: &Tensor,
+        eps: &Tensor,
+    ) -> candle_core::Result<VaeLoss> {
+        let out = self.actor_vae.forward(s, action, eps)?;
+        let reconstruction = (&out.reconstruction - action)?.sqr()?.sum_keepdim(1)?;
+        let kl = ((((1.0 + &out.log_var)? - out.mean.sqr()?)? - out.log_var.exp()?)?.sum_keepdim(1)? * -0.5)?;
+        let total = weights.mul(&(&reconstruction + (&kl * self.config.kl_beta)?)?)?.mean_all()?;
+        Ok(VaeLoss { total, reconstruction: reconstruction.mean_all()?, kl: kl.mean_all()? })
+    }
+
+    /// Step 5: −mean(Q1(s, dec_target(s, actor(s)))). The gradient reaches the critic and the
+    /// target decoder too; only the actor optimiser applies it.
+    pub fn actor_loss(&self, s: &Tensor) -> candle_core::Result<Tensor> {
+        let action = self.target_actor_vae.decode(s, &self.actor.forward(s)?)?;
+        self.critic.q1(s, &action)?.mean_all()?.neg()
+    }
+
+    fn ensure_finite(&self, losses: &Losses, stage: &'static str) -> Result<(), LapoError> {
+        let finite = [losses.critic, losses.actor_vae, losses.actor].iter().all(|v| v.is_finite());
+        if finite {
+            Ok(())
+        } else {
+            Err(LapoError::NonFinite { iteration: self.iteration, stage, losses: losses.clone() })
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Acting
+    // -----------------------------------------------------------------------------------------
+
+    /// The policy's (z-scored) action: online encoder in eval mode, latent from the actor,
+    /// decoded by the VAE *target* (as the reference evaluates).
+    pub fn act(&self, images: Option<&Tensor>, state: &Tensor) -> candle_core::Result<Tensor> {
+        let s = self.encoder.forward_t(images, state, false)?;
+        self.target_actor_vae.decode(&s, &self.actor.forward(&s)?)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Helpers for the audit
+    // -----------------------------------------------------------------------------------------
+
+    fn groups_except(&self, keep: &[&str]) -> Vec<&'static str> {
+        let mut all = vec![
+            groups::CRITIC,
+            groups::ACTOR_VAE,
+            groups::ACTOR,
+            groups::TARGET_CRITIC,
+            groups::TARGET_ACTOR_VAE,
+            groups::TARGET_ACTOR,
+        ];
+        if self.has_encoder() {
+            all.extend([groups::ENCODER, groups::TARGET_ENCODER]);
+        }
+        all.retain(|g| !keep.contains(g));
+        // When the VAE owns the encoder (ablation), the VAE loss is meant to reach it.
+        if self.config.encoder_owner.actor_vae_owns() {
+            all.retain(|g| *g != groups::ENCODER);
+        }
+        all
+    }
+
+    /// Full name of the online encoder's first conv weight, if there is one.
+    pub fn first_conv_var_name(&self) -> Option<String> {
+        self.encoder.first_conv_name().map(|n| format!("encoder.{n}"))
+    }
+
+    fn snapshot_first_conv(&self) -> candle_core::Result<Option<Tensor>> {
+        let Some(name) = self.first_conv_var_name() else { return Ok(None) };
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        data.get(&name).map(|v| v.as_tensor().detach().copy()).transpose()
+    }
+
+    fn snapshot_encoder(&self) -> Result<BTreeMap<String, Tensor>, LapoError> {
+        if !self.has_encoder() {
+            return Ok(BTreeMap::new());
+        }
+        let vars = self.partitions.all_vars(groups::ENCODER)?;
+        Ok(vars
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().detach().copy()?)))
+            .collect::<candle_core::Result<_>>()?)
+    }
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    (a - b)?.sqr()?.mean_all()
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    shared::gradcheck::scalar_f64(t)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The built-in audit: the source's three checks, plus a gradient-flow table per loss
+// ---------------------------------------------------------------------------------------------
+
+/// One named check of the audit.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AuditCheck {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Everything the audit saw in one iteration.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IterationAudit {
+    pub iteration: u64,
+    pub checks: Vec<AuditCheck>,
+    pub reports: Vec<AuditReport>,
+}
+
+impl IterationAudit {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed) && self.reports.iter().all(|r| r.ok())
+    }
+
+    fn check(&mut self, name: &str, passed: bool, detail: String) {
+        self.checks.push(AuditCheck { name: name.into(), passed, detail });
+    }
+
+    /// The gradient-flow table of the critic loss and whether the first conv got a gradient.
+    fn record_critic(&mut self, lapo: &Lapo, grads: &GradStore) -> Result<(), LapoError> {
+        let mut expect = Expectation::new("critic").reaches(&[groups::CRITIC]);
+        let mut must_not = vec![
+            groups::ACTOR_VAE,
+            groups::ACTOR,
+            groups::TARGET_CRITIC,
+            groups::TARGET_ACTOR_VAE,
+            groups::TARGET_ACTOR,
+        ];
+        if lapo.has_encoder() {
+            must_not.push(groups::TARGET_ENCODER);
+            if lapo.config.encoder_owner.critic_owns() {
+                expect = expect.reaches(&[groups::ENCODER]);
+            } else {
+                must_not.push(groups::ENCODER);
+            }
+        }
+        self.reports.push(audit(grads, &lapo.partitions, &expect.not(&must_not))?);
+        if let Some(name) = lapo.first_conv_var_name() {
+            let data = lapo.varmap.data().lock().expect("VarMap lock poisoned");
+            let var = data.get(&name).ok_or_else(|| anyhow::anyhow!("no var '{name}'"))?;
+            let norm = match grads.get(var.as_tensor()) {
+                Some(g) => scalar(&g.sqr()?.sum_all()?.sqrt()?)?,
+                None => 0.0,
+            };
+            self.check(
+                "critic backward reaches the encoder's first conv",
+                norm > 0.0 && norm.is_finite(),
+                format!("‖∇ {name}‖ = {norm:.4e}"),
+            );
+        }
+        Ok(())
+    }
+
+    fn record_critic_step(&mut self, lapo: &Lapo, before: Option<&Tensor>) -> Result<(), LapoError> {
+        let (Some(before), Some(after)) = (before, lapo.snapshot_first_conv()?) else { return Ok(()) };
+        let change = scalar(&(after - before)?.abs()?.max_all()?)?;
+        self.check("critic step changes the encoder's first conv", change > 0.0, format!("max |Δ| = {change:.4e}"));
+        Ok(())
+    }
+
+    fn record_loss(&mut self, lapo: &Lapo, grads: &GradStore, expect: Expectation) -> Result<(), LapoError> {
+        self.reports.push(audit(grads, &lapo.partitions, &expect)?);
+        Ok(())
+    }
+
+    fn record_encoder_untouched(&mut self, lapo: &Lapo, before: &BTreeMap<String, Tensor>) -> Result<(), LapoError> {
+        let after = lapo.snapshot_encoder()?;
+        let mut changed = Vec::new();
+        for (name, b) in before {
+            let a = after.get(name).ok_or_else(|| anyhow::anyhow!("encoder var '{name}' disappeared"))?;
+            if scalar(&(a - b)?.abs()?.max_all()?)? != 0.0 {
+                changed.push(name.clone());
+            }
+        }
+        let detail = if changed.is_empty() {
+            format!("{} encoder vars bit-identical", before.len())
+        } else {
+            format!("changed: {changed:?}")
+        };
+        self.check("VAE and actor steps leave the encoder untouched", changed.is_empty(), detail);
+        Ok(())
+    }
+
+    /// Check (1): the encoder is in the critic optimiser and in no other.
+    fn record_ownership(&mut self, lapo: &Lapo) {
+        if !lapo.has_encoder() {
+            return;
+        }
+        let encoder: Vec<String> =
+            lapo.partitions.vars(groups::ENCODER).map(|v| v.into_iter().map(|(n, _)| n).collect()).unwrap_or_default();
+        let holds = |opt: &GroupOptimizer| opt.vars().iter().filter(|(n, _)| encoder.contains(n)).count();
+        let (in_critic, in_vae, in_actor) =
+            (holds(&lapo.critic_opt), holds(&lapo.actor_vae_opt), holds(&lapo.actor_opt));
+        self.check(
+            "encoder is in the critic optimiser only",
+            in_critic == encoder.len() && in_vae == 0 && in_actor == 0,
+            format!(
+                "{} encoder vars; in '{}': {in_critic}, in '{}': {in_vae}, in 'actor': {in_actor}",
+                encoder.len(),
+                lapo.critic_opt.name(),
+                lapo.actor_vae_opt.name()
+            ),
+        );
+    }
+
+    /// The checks and every loss's gradient-flow table.
+    pub fn table(&self) -> String {
+        let mut s = format!("LAPO audit at iteration {}\n", self.iteration);
+        for c in &self.checks {
+            s.push_str(&format!("  [{}] {} — {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail));
+        }
+        for r in &self.reports {
+            s.push_str(&r.table());
+        }
+        s
+    }
+}
