@@ -1,7 +1,4 @@
 //! LAPO offline RL and the bimanual environment.
 
 pub mod dataset;
-pub mod encoders;
 pub mod env;
-pub mod lapo;
-pub mod nets;

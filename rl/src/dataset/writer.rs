@@ -233,8 +233,9 @@ fn shard_bytes(record: &EpisodeRecord, index: usize, config: &EnvConfig) -> Resu
         (KEY_EPISODE_INDEX.to_string(), view(Dtype::I64, vec![t], bytemuck::cast_slice(&episode_index), index)?),
         (KEY_FRAME_INDEX.to_string(), view(Dtype::I64, vec![t], bytemuck::cast_slice(&frame_index), index)?),
     ]);
-    let info =
-        HashMap::from([("format".to_string(), FORMAT.to_string()), ("episode_index".to_string(), index.to_string())]);
+    // A single metadata entry: safetensors keeps metadata in a HashMap, whose iteration
+    // order (and so the header bytes) would vary between runs with several entries.
+    let info = HashMap::from([("format".to_string(), FORMAT.to_string())]);
     safetensors::serialize(tensors, Some(info)).map_err(serialize_error)
 }
 
