@@ -1,4 +1,7 @@
 //! LAPO offline RL and the bimanual environment.
 
 pub mod dataset;
+pub mod encoders;
 pub mod env;
+pub mod lapo;
+pub mod nets;
