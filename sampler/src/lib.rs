@@ -10,6 +10,7 @@
 //! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.
 
 pub mod config;
+pub mod cosmos_dit;
 pub mod demo;
 pub mod denoiser;
 pub mod noise;

@@ -1,0 +1,754 @@
+//! The Cosmos diffusion transformer (NVIDIA's `MiniTrainDIT`, as ported to diffusers'
+//! `CosmosTransformer3DModel`), written only with differentiable ops.
+//!
+//! Parameter names and the config follow diffusers, so a diffusers checkpoint directory
+//! (`transformer/config.json` + safetensors) loads unchanged. Parity with diffusers is proven by
+//! `tests/cosmos_parity.rs` against a fixture made by `tests/fixtures/make_cosmos_fixture.py`,
+//! and the input gradient by finite differences in `tests/cosmos_grad.rs`.
+//!
+//! Architecture, per forward:
+//! 1. Channels: latent ‖ condition mask (if given; counted in `in_channels`) ‖ padding mask
+//!    (nearest-resized to the latent grid, repeated over frames; not counted in `in_channels`).
+//! 2. Patchify (p_t, p_h, p_w) and a bias-free linear patch embedding; tokens are t-major.
+//! 3. Timestep: sinusoid (cos first) → `temb` = linear–SiLU–linear (3·D, the AdaLN-LoRA base) and
+//!    `embedded_timestep` = RMSNorm(sinusoid). One timestep per sample or per latent frame.
+//! 4. Blocks: (+ learnable pos. embedding) → AdaLN-zero → self-attention with per-head RMSNorm on
+//!    q, k and 3D RoPE → AdaLN-zero → cross-attention → AdaLN-zero → GELU(erf) MLP; each branch
+//!    gated. AdaLN-LoRA: shift/scale/gate = W₂·W₁·SiLU(embedded_timestep) + temb.
+//! 5. Final AdaLN (shift, scale), linear to patch·C_out, unpatchify.
+//!
+//! Candle's fused kernels drop gradients (see `shared::ops`), so norms, softmax and RoPE come
+//! from `shared::ops`. Weights are plain tensors from the `VarBuilder`: backpropagating to the
+//! input latent records no weight gradients.
+
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use shared::ops;
+
+/// diffusers' `CosmosTransformer3DModel` config (`transformer/config.json`). Fields and defaults
+/// match diffusers; extra keys of a real config.json (`_class_name`, `_diffusers_version`) are
+/// ignored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Latent channels, plus one when a condition mask is concatenated (Video2World models).
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub num_layers: usize,
+    pub mlp_ratio: f64,
+    /// Width of the cross-attention context (text embeddings or embedded actions).
+    pub text_embed_dim: usize,
+    pub adaln_lora_dim: usize,
+    /// Largest latent (T, H, W) the positional tables cover, before patching.
+    pub max_size: [usize; 3],
+    pub patch_size: [usize; 3],
+    /// RoPE NTK scale per axis (t, h, w).
+    pub rope_scale: [f64; 3],
+    pub concat_padding_mask: bool,
+    /// `Some("learnable")` or `None`.
+    pub extra_pos_embed_type: Option<String>,
+    /// Cosmos-Predict2.5: the context first goes through Linear(+bias)–GELU from
+    /// `crossattn_proj_in_channels` to `encoder_hidden_states_channels` (= `text_embed_dim`).
+    pub use_crossattn_projection: bool,
+    pub crossattn_proj_in_channels: usize,
+    pub encoder_hidden_states_channels: usize,
+    /// ControlNet residual spacing; without ControlNet inputs (never passed here) it has no effect.
+    pub controlnet_block_every_n: Option<usize>,
+    /// Cosmos-Transfer2.5 image context. Not supported: a value > 0 is rejected.
+    pub img_context_dim_in: Option<usize>,
+    pub img_context_num_tokens: usize,
+    pub img_context_dim_out: usize,
+}
+
+impl Default for Config {
+    /// diffusers' constructor defaults.
+    fn default() -> Self {
+        Self {
+            in_channels: 16,
+            out_channels: 16,
+            num_attention_heads: 32,
+            attention_head_dim: 128,
+            num_layers: 28,
+            mlp_ratio: 4.0,
+            text_embed_dim: 1024,
+            adaln_lora_dim: 256,
+            max_size: [128, 240, 240],
+            patch_size: [1, 2, 2],
+            rope_scale: [2.0, 1.0, 1.0],
+            concat_padding_mask: true,
+            extra_pos_embed_type: Some("learnable".into()),
+            use_crossattn_projection: false,
+            crossattn_proj_in_channels: 1024,
+            encoder_hidden_states_channels: 1024,
+            controlnet_block_every_n: None,
+            img_context_dim_in: None,
+            img_context_num_tokens: 256,
+            img_context_dim_out: 2048,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a diffusers `config.json`.
+    pub fn from_json_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing {} as a Cosmos config", path.display()))?;
+        cfg.validate().with_context(|| format!("invalid Cosmos config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Width of the context `forward` takes.
+    pub fn context_dim(&self) -> usize {
+        if self.use_crossattn_projection {
+            self.crossattn_proj_in_channels
+        } else {
+            self.text_embed_dim
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// diffusers computes `int(hidden · mlp_ratio)` (truncation).
+    pub fn mlp_hidden_size(&self) -> usize {
+        (self.hidden_size() as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Per-head RoPE split (t, h, w): h and w get ⌊d/6⌋·2 each, t the rest (128 → 44/42/42).
+    pub fn rope_dims(&self) -> (usize, usize, usize) {
+        let d = self.attention_head_dim;
+        let dh = d / 6 * 2;
+        (d - 2 * dh, dh, dh)
+    }
+
+    fn learnable_pos_embed(&self) -> Result<bool> {
+        match self.extra_pos_embed_type.as_deref() {
+            None => Ok(false),
+            Some("learnable") => Ok(true),
+            Some(other) => bail!("cosmos config: extra_pos_embed_type {other:?} unsupported (None or \"learnable\")"),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let (dt, dh, dw) = self.rope_dims();
+        if self.attention_head_dim & 1 == 1 || dt <= 2 || dh <= 2 || dw <= 2 {
+            // The NTK factor divides by (dim − 2), and RoPE needs even per-axis dims: h and w
+            // (⌊d/6⌋·2) are even by construction, so t = d − h − w is even exactly when d is.
+            bail!(
+                "cosmos config: attention_head_dim {} gives RoPE dims t/h/w = {dt}/{dh}/{dw}; each must be even and > 2",
+                self.attention_head_dim
+            )
+        }
+        if self.patch_size.contains(&0) {
+            bail!("cosmos config: patch_size {:?} has a zero", self.patch_size)
+        }
+        for (axis, (&m, &p)) in ["t", "h", "w"].iter().zip(self.max_size.iter().zip(&self.patch_size)) {
+            if m < p {
+                bail!("cosmos config: max_size {axis} = {m} is smaller than its patch size {p}")
+            }
+        }
+        if self.num_attention_heads == 0 || self.in_channels == 0 || self.out_channels == 0 {
+            bail!("cosmos config: heads, in_channels and out_channels must be positive")
+        }
+        if self.img_context_dim_in.is_some_and(|d| d > 0) {
+            bail!("cosmos config: img_context_dim_in (Transfer2.5 image context) is not supported")
+        }
+        if self.use_crossattn_projection && self.encoder_hidden_states_channels != self.text_embed_dim {
+            bail!(
+                "cosmos config: crossattn projection outputs {} channels but cross-attention takes text_embed_dim = {}",
+                self.encoder_hidden_states_channels,
+                self.text_embed_dim
+            )
+        }
+        self.learnable_pos_embed()?;
+        Ok(())
+    }
+}
+
+/// Bias-free linear layer on the last dimension of any-rank input (diffusers' Cosmos has no
+/// biases anywhere).
+#[derive(Clone, Debug)]
+struct Linear {
+    /// (out, in), PyTorch layout.
+    weight: Tensor,
+}
+
+impl Linear {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(0);
+        let rows: usize = dims.iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
+    }
+}
+
+/// AdaLN-LoRA modulation producing `n_chunks` vectors (shift, scale[, gate]) of width D from
+/// W₂·W₁·SiLU(embedded_timestep) + temb[.., :n_chunks·D].
+#[derive(Clone, Debug)]
+struct AdaLnLora {
+    linear_1: Linear,
+    linear_2: Linear,
+    n_chunks: usize,
+    hidden: usize,
+}
+
+impl AdaLnLora {
+    fn new(hidden: usize, lora: usize, n_chunks: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(hidden, lora, vb.pp("linear_1"))?,
+            linear_2: Linear::new(lora, n_chunks * hidden, vb.pp("linear_2"))?,
+            n_chunks,
+            hidden,
+        })
+    }
+
+    /// `embedded_timestep` (B, F, D), `temb` (B, F, 3D) → `n_chunks` tensors (B, F, 1, D), ready
+    /// to broadcast over the tokens of each frame group.
+    fn chunks(&self, embedded_timestep: &Tensor, temb: &Tensor) -> Result<Vec<Tensor>> {
+        let m = self.linear_2.forward(&self.linear_1.forward(&ops::silu(embedded_timestep)?)?)?;
+        let m = (m + temb.narrow(D::Minus1, 0, self.n_chunks * self.hidden)?)?;
+        (0..self.n_chunks).map(|i| m.narrow(D::Minus1, i * self.hidden, self.hidden)?.unsqueeze(2)).collect()
+    }
+}
+
+/// Layer norm without affine parameters (eps 1e-6), then x·(1 + scale) + shift per frame group.
+/// `x`: (B, N, D) with N = F·(N/F); `shift`, `scale`: (B, F, 1, D).
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let groups = shift.dim(1)?;
+    let normed = ops::layer_norm(x, None, None, NORM_EPS)?.reshape((b, groups, n / groups, d))?;
+    normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?.reshape((b, n, d))
+}
+
+/// x + gate·branch, gate (B, F, 1, D) broadcast per frame group.
+fn gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let groups = gate.dim(1)?;
+    let gated = branch.reshape((b, groups, n / groups, d))?.broadcast_mul(gate)?.reshape((b, n, d))?;
+    x + gated
+}
+
+/// eps of every LayerNorm and of the timestep RMSNorm in diffusers' Cosmos.
+const NORM_EPS: f64 = 1e-6;
+/// diffusers' `Attention` default eps, used by its q/k RMSNorms (`qk_norm="rms_norm"`).
+const QK_NORM_EPS: f64 = 1e-5;
+/// Frame rate the temporal RoPE positions are expressed in (diffusers' `base_fps`).
+const ROPE_BASE_FPS: f64 = 24.0;
+const ROPE_THETA: f64 = 10000.0;
+
+/// diffusers `Attention` with `CosmosAttnProcessor2_0`: bias-free q/k/v/out projections,
+/// per-head RMSNorm (with weight) on q and k, optional RoPE.
+#[derive(Clone, Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(hidden: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: Linear::new(hidden, heads * head_dim, vb.pp("to_q"))?,
+            to_k: Linear::new(context_dim, heads * head_dim, vb.pp("to_k"))?,
+            to_v: Linear::new(context_dim, heads * head_dim, vb.pp("to_v"))?,
+            to_out: Linear::new(heads * head_dim, hidden, vb.pp("to_out").pp("0"))?,
+            norm_q: vb.pp("norm_q").get(head_dim, "weight")?,
+            norm_k: vb.pp("norm_k").get(head_dim, "weight")?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// (B, S, heads·hd) → (B, heads, S, hd).
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        x.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)
+    }
+
+    /// `x` (B, N, D); `context` (B, L, Dc) for cross-attention, `None` for self-attention;
+    /// `rope` = (cos, sin) of shape (N, hd/2); `mask` additive, broadcastable to (B, h, N, L).
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        rope: Option<&(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let kv_source = context.unwrap_or(x);
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(kv_source)?)?;
+        let v = self.split_heads(&self.to_v.forward(kv_source)?)?;
+        let mut q = ops::rms_norm(&q, Some(&self.norm_q), QK_NORM_EPS)?;
+        let mut k = ops::rms_norm(&k, Some(&self.norm_k), QK_NORM_EPS)?;
+        if let Some((cos, sin)) = rope {
+            q = ops::rope_half(&q, cos, sin)?;
+            k = ops::rope_half(&k, cos, sin)?;
+        }
+        let out = ops::sdpa(&q, &k, &v, mask, None)?;
+        let (b, _, n, _) = out.dims4()?;
+        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+    }
+}
+
+/// One `CosmosTransformerBlock`.
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: AdaLnLora,
+    attn1: Attention,
+    norm2: AdaLnLora,
+    attn2: Attention,
+    norm3: AdaLnLora,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let hidden = cfg.hidden_size();
+        let (heads, hd, lora) = (cfg.num_attention_heads, cfg.attention_head_dim, cfg.adaln_lora_dim);
+        Ok(Self {
+            norm1: AdaLnLora::new(hidden, lora, 3, vb.pp("norm1"))?,
+            attn1: Attention::new(hidden, hidden, heads, hd, vb.pp("attn1"))?,
+            norm2: AdaLnLora::new(hidden, lora, 3, vb.pp("norm2"))?,
+            attn2: Attention::new(hidden, cfg.text_embed_dim, heads, hd, vb.pp("attn2"))?,
+            norm3: AdaLnLora::new(hidden, lora, 3, vb.pp("norm3"))?,
+            ff_in: Linear::new(hidden, cfg.mlp_hidden_size(), vb.pp("ff.net.0.proj"))?,
+            ff_out: Linear::new(cfg.mlp_hidden_size(), hidden, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cond: &BlockInputs) -> Result<Tensor> {
+        // diffusers adds the (normalised) learnable positional embedding at the start of every
+        // block, not once after the patch embedding.
+        let x = match &cond.extra_pos_emb {
+            Some(p) => x.broadcast_add(p)?,
+            None => x.clone(),
+        };
+        let (et, temb) = (&cond.embedded_timestep, &cond.temb);
+
+        let m = self.norm1.chunks(et, temb)?;
+        let h = self.attn1.forward(&modulate(&x, &m[0], &m[1])?, None, Some(&cond.rope), None)?;
+        let x = gated_residual(&x, &m[2], &h)?;
+
+        let m = self.norm2.chunks(et, temb)?;
+        let h =
+            self.attn2.forward(&modulate(&x, &m[0], &m[1])?, Some(&cond.context), None, cond.context_mask.as_ref())?;
+        let x = gated_residual(&x, &m[2], &h)?;
+
+        let m = self.norm3.chunks(et, temb)?;
+        let h = self.ff_out.forward(&ops::gelu_erf(&self.ff_in.forward(&modulate(&x, &m[0], &m[1])?)?)?)?;
+        gated_residual(&x, &m[2], &h)
+    }
+}
+
+/// What every block receives besides the tokens.
+struct BlockInputs {
+    /// (B, F, D), F = 1 or the number of latent frames.
+    embedded_timestep: Tensor,
+    /// (B, F, 3D).
+    temb: Tensor,
+    /// cos, sin: (N, hd/2).
+    rope: (Tensor, Tensor),
+    /// (1, N, D).
+    extra_pos_emb: Option<Tensor>,
+    context: Tensor,
+    /// Additive, (B, 1, 1, L).
+    context_mask: Option<Tensor>,
+}
+
+/// diffusers' `CosmosLearnablePositionalEmbed`: per-axis tables summed, then divided by
+/// (eps + ‖e‖₂/√D), i.e. normalised to unit RMS.
+#[derive(Clone, Debug)]
+struct LearnablePosEmbed {
+    pos_emb_t: Tensor,
+    pos_emb_h: Tensor,
+    pos_emb_w: Tensor,
+}
+
+impl LearnablePosEmbed {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let hidden = cfg.hidden_size();
+        let [mt, mh, mw] = max_grid(cfg);
+        Ok(Self {
+            pos_emb_t: vb.get((mt, hidden), "pos_emb_t")?,
+            pos_emb_h: vb.get((mh, hidden), "pos_emb_h")?,
+            pos_emb_w: vb.get((mw, hidden), "pos_emb_w")?,
+        })
+    }
+
+    /// (1, t·h·w, D), tokens t-major.
+    fn forward(&self, grid: [usize; 3]) -> Result<Tensor> {
+        let [nt, nh, nw] = grid;
+        let d = self.pos_emb_t.dim(1)?;
+        // diffusers keeps this module in f32 (`_keep_in_fp32_modules`).
+        let internal = match self.pos_emb_t.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let t = self.pos_emb_t.narrow(0, 0, nt)?.to_dtype(internal)?.reshape((nt, 1, 1, d))?;
+        let h = self.pos_emb_h.narrow(0, 0, nh)?.to_dtype(internal)?.reshape((1, nh, 1, d))?;
+        let w = self.pos_emb_w.narrow(0, 0, nw)?.to_dtype(internal)?.reshape((1, 1, nw, d))?;
+        let emb = t.broadcast_add(&h)?.broadcast_add(&w)?.reshape((1, nt * nh * nw, d))?;
+        let norm = emb.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+        let denom = ((norm * (1.0 / (d as f64).sqrt()))? + NORM_EPS)?;
+        emb.broadcast_div(&denom)?.to_dtype(self.pos_emb_t.dtype())
+    }
+}
+
+/// Positional table sizes: max_size / patch_size per axis.
+fn max_grid(cfg: &Config) -> [usize; 3] {
+    [0, 1, 2].map(|i| cfg.max_size[i] / cfg.patch_size[i])
+}
+
+/// Optional inputs of [`CosmosTransformer3DModel::forward_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOptions {
+    /// Video frame rate: temporal RoPE positions are scaled by 24/fps. `None` (images, and what
+    /// the Cosmos-Predict2 pipelines pass) leaves them at 0, 1, 2, …
+    pub fps: Option<f64>,
+    /// (B, L), 1 where a context token may be attended to and 0 where not (padded text).
+    pub context_mask: Option<Tensor>,
+}
+
+/// diffusers' `CosmosTransformer3DModel`.
+#[derive(Clone, Debug)]
+pub struct CosmosTransformer3DModel {
+    cfg: Config,
+    patch_embed: Linear,
+    learnable_pos_embed: Option<LearnablePosEmbed>,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    time_norm: Tensor,
+    blocks: Vec<Block>,
+    norm_out: AdaLnLora,
+    proj_out: Linear,
+    /// Predict2.5 context projection: (weight, bias) of Linear, then GELU.
+    crossattn_proj: Option<(Linear, Tensor)>,
+}
+
+/// Named intermediate activations, in diffusers' layouts, for locating a parity mismatch.
+pub type Trace = Vec<(String, Tensor)>;
+
+impl CosmosTransformer3DModel {
+    /// Builds the model from diffusers-named weights under `vb`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let hidden = cfg.hidden_size();
+        let [pt, ph, pw] = cfg.patch_size;
+        let embed_in = (cfg.in_channels + usize::from(cfg.concat_padding_mask)) * pt * ph * pw;
+        let learnable_pos_embed = if cfg.learnable_pos_embed()? {
+            Some(LearnablePosEmbed::new(cfg, vb.pp("learnable_pos_embed"))?)
+        } else {
+            None
+        };
+        let te = vb.pp("time_embed");
+        let crossattn_proj = if cfg.use_crossattn_projection {
+            let (i, o) = (cfg.crossattn_proj_in_channels, cfg.encoder_hidden_states_channels);
+            let pv = vb.pp("crossattn_proj.0");
+            Some((Linear::new(i, o, pv.clone())?, pv.get(o, "bias")?))
+        } else {
+            None
+        };
+        let blocks =
+            (0..cfg.num_layers).map(|i| Block::new(cfg, vb.pp("transformer_blocks").pp(i))).collect::<Result<_>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed: Linear::new(embed_in, hidden, vb.pp("patch_embed.proj"))?,
+            learnable_pos_embed,
+            time_linear_1: Linear::new(hidden, hidden, te.pp("t_embedder.linear_1"))?,
+            time_linear_2: Linear::new(hidden, 3 * hidden, te.pp("t_embedder.linear_2"))?,
+            time_norm: te.pp("norm").get(hidden, "weight")?,
+            blocks,
+            norm_out: AdaLnLora::new(hidden, cfg.adaln_lora_dim, 2, vb.pp("norm_out"))?,
+            proj_out: Linear::new(hidden, pt * ph * pw * cfg.out_channels, vb.pp("proj_out"))?,
+            crossattn_proj,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Forward pass.
+    ///
+    /// * `hidden_states`: (B, C, T, H, W) latents; C = `in_channels`, or `in_channels − 1` when a
+    ///   `condition_mask` is given (it is concatenated as the last input channel).
+    /// * `timestep`: (B) one per sample, or (B, T) / (B, 1, T, 1, 1) one per latent frame
+    ///   (needs p_t = 1, as in diffusers).
+    /// * `encoder_hidden_states`: (B, L, text_embed_dim).
+    /// * `condition_mask`: (B, 1, T, H, W), 1 on conditioning frames.
+    /// * `padding_mask`: (B or 1, 1, H', W'), required when `concat_padding_mask`; resized
+    ///   (nearest) to (H, W).
+    ///
+    /// Returns (B, out_channels, T, H, W).
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        condition_mask: Option<&Tensor>,
+        padding_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_with(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            condition_mask,
+            padding_mask,
+            &ForwardOptions::default(),
+        )
+    }
+
+    /// [`Self::forward`] with the frame rate and a context mask.
+    pub fn forward_with(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        condition_mask: Option<&Tensor>,
+        padding_mask: Option<&Tensor>,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        self.forward_traced(hidden_states, timestep, encoder_hidden_states, condition_mask, padding_mask, opts, None)
+    }
+
+    /// [`Self::forward_with`] that also records intermediate activations into `trace` (when
+    /// given) in diffusers' layouts: `patch_embed` (B, T', H', W', D), `time_embed.0` (temb) and
+    /// `time_embed.1` (embedded timestep) as (B·F, ·), `rope.0`/`rope.1` (cos/sin, (N, hd)),
+    /// `learnable_pos_embed` (B, N, D), `block0` (B, N, D), `norm_out` (B, N, D).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_traced(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        condition_mask: Option<&Tensor>,
+        padding_mask: Option<&Tensor>,
+        opts: &ForwardOptions,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let mut record = |name: &str, t: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((name.to_string(), t()?));
+            }
+            Ok(())
+        };
+        let cfg = &self.cfg;
+        let (b, c, t, h, w) = hidden_states.dims5()?;
+        let dtype = hidden_states.dtype();
+        let device = hidden_states.device();
+        let [pt, ph, pw] = cfg.patch_size;
+
+        // 1. Input channels.
+        let mut x = hidden_states.clone();
+        if let Some(cm) = condition_mask {
+            if cm.dims() != [b, 1, t, h, w] {
+                bail!("cosmos forward: condition_mask has shape {:?}, expected {:?}", cm.dims(), [b, 1, t, h, w])
+            }
+            x = Tensor::cat(&[&x, &cm.to_dtype(dtype)?], 1)?;
+        }
+        if x.dim(1)? != cfg.in_channels {
+            bail!(
+                "cosmos forward: {c} latent channels{} but the model has in_channels = {}",
+                if condition_mask.is_some() { " + 1 condition-mask channel" } else { "" },
+                cfg.in_channels
+            )
+        }
+        if cfg.concat_padding_mask {
+            let Some(pm) = padding_mask else {
+                bail!("cosmos forward: the model concatenates a padding mask (concat_padding_mask) but none was given")
+            };
+            let pm = resize_nearest(&pm.to_dtype(dtype)?, h, w)?;
+            let pb = pm.dim(0)?;
+            if pb != 1 && pb != b {
+                bail!("cosmos forward: padding_mask batch {pb}, expected 1 or {b}")
+            }
+            let pm = pm.unsqueeze(2)?.broadcast_as((b, 1, t, h, w))?;
+            x = Tensor::cat(&[&x, &pm], 1)?;
+        }
+
+        // 2. Token grid and positional inputs.
+        if t % pt != 0 || h % ph != 0 || w % pw != 0 {
+            bail!(
+                "cosmos forward: latent (T, H, W) = ({t}, {h}, {w}) is not divisible by patch size {:?}",
+                cfg.patch_size
+            )
+        }
+        let grid = [t / pt, h / ph, w / pw];
+        let max = max_grid(cfg);
+        if grid.iter().zip(&max).any(|(g, m)| g > m) {
+            bail!("cosmos forward: token grid {grid:?} exceeds the model's positional range {max:?} (max_size / patch)")
+        }
+        let rope = self.rope_tables(grid, opts.fps, dtype, device)?;
+        let extra_pos_emb = match &self.learnable_pos_embed {
+            Some(p) => Some(p.forward(grid)?.to_dtype(dtype)?),
+            None => None,
+        };
+
+        // 3. Patchify: (B, C, T', pt, H', ph, W', pw) → tokens (B, T'H'W', C·pt·ph·pw).
+        let ci = x.dim(1)?;
+        let tokens = x
+            .reshape(vec![b, ci, grid[0], pt, grid[1], ph, grid[2], pw])?
+            .permute([0, 2, 4, 6, 1, 3, 5, 7])?
+            .reshape((b, grid[0] * grid[1] * grid[2], ci * pt * ph * pw))?;
+        let mut x = self.patch_embed.forward(&tokens)?;
+        record("patch_embed", &|| x.reshape((b, grid[0], grid[1], grid[2], cfg.hidden_size())))?;
+        let n = grid[0] * grid[1] * grid[2];
+        record("rope.0", &|| Tensor::cat(&[&rope.0, &rope.0], 1))?;
+        record("rope.1", &|| Tensor::cat(&[&rope.1, &rope.1], 1))?;
+        if let Some(p) = &extra_pos_emb {
+            record("learnable_pos_embed", &|| p.broadcast_as((b, n, cfg.hidden_size()))?.contiguous())?;
+        }
+
+        // 4. Timestep embedding, per sample (F = 1) or per latent frame (F = T').
+        let timestep = self.timestep_per_frame(timestep, b, t)?;
+        let (embedded_timestep, temb) = self.embed_timestep(&timestep, dtype)?;
+        record("time_embed.0", &|| temb.flatten_to(1))?;
+        record("time_embed.1", &|| embedded_timestep.flatten_to(1))?;
+
+        // 5. Blocks.
+        let (_, l, dc) = encoder_hidden_states.dims3()?;
+        if encoder_hidden_states.dim(0)? != b || dc != cfg.context_dim() {
+            bail!(
+                "cosmos forward: encoder_hidden_states has shape {:?}, expected ({b}, L, {})",
+                encoder_hidden_states.dims(),
+                cfg.context_dim()
+            )
+        }
+        let mut context = encoder_hidden_states.to_dtype(dtype)?;
+        if let Some((proj, bias)) = &self.crossattn_proj {
+            context = ops::gelu_erf(&proj.forward(&context)?.broadcast_add(bias)?)?;
+        }
+        let context_mask = match &opts.context_mask {
+            Some(m) => {
+                if m.dims() != [b, l] {
+                    bail!("cosmos forward: context_mask has shape {:?}, expected ({b}, {l})", m.dims())
+                }
+                Some(ops::additive_mask(&m.reshape((b, 1, 1, l))?, dtype)?)
+            }
+            None => None,
+        };
+        let inputs = BlockInputs { embedded_timestep, temb, rope, extra_pos_emb, context, context_mask };
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, &inputs)?;
+            if i == 0 {
+                record("block0", &|| Ok(x.clone()))?;
+            }
+        }
+
+        // 6. Final AdaLN, projection, unpatchify. diffusers lays out each token's output as
+        //    (ph, pw, pt, C_out) — not the inverse of the input patch order.
+        let m = self.norm_out.chunks(&inputs.embedded_timestep, &inputs.temb)?;
+        let normed = modulate(&x, &m[0], &m[1])?;
+        record("norm_out", &|| Ok(normed.clone()))?;
+        let y = self.proj_out.forward(&normed)?;
+        let co = cfg.out_channels;
+        y.reshape(vec![b, grid[0], grid[1], grid[2], ph, pw, pt, co])?
+            .permute([0, 7, 1, 6, 2, 4, 3, 5])?
+            .reshape((b, co, t, h, w))
+    }
+
+    /// (B) → (B, 1); (B, T) or (B, 1, T, 1, 1) → (B, T).
+    fn timestep_per_frame(&self, timestep: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let per_frame = match timestep.dims() {
+            [tb] if *tb == b => return timestep.reshape((b, 1)),
+            [tb, tt] if *tb == b && *tt == t => timestep.clone(),
+            [tb, 1, tt, 1, 1] if *tb == b && *tt == t => timestep.reshape((b, t))?,
+            other => {
+                bail!("cosmos forward: timestep has shape {other:?}, expected ({b}), ({b}, {t}) or ({b}, 1, {t}, 1, 1)")
+            }
+        };
+        if self.cfg.patch_size[0] != 1 {
+            bail!("cosmos forward: per-frame timesteps need temporal patch size 1 (as in diffusers)")
+        }
+        Ok(per_frame)
+    }
+
+    /// timestep (B, F) → (embedded_timestep (B, F, D), temb (B, F, 3D)).
+    fn embed_timestep(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, f) = timestep.dims2()?;
+        let d = self.cfg.hidden_size();
+        let proj = timestep_sinusoid(&timestep.to_dtype(dtype)?.flatten_all()?, d)?;
+        let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&proj)?)?)?;
+        let embedded = ops::rms_norm(&proj, Some(&self.time_norm), NORM_EPS)?;
+        Ok((embedded.reshape((b, f, d))?, temb.reshape((b, f, 3 * d))?))
+    }
+
+    /// diffusers' `CosmosRotaryPosEmbed`: per-axis θ = 10⁴·scale^(d/(d−2)) (NTK), frequencies
+    /// θ^(−2i/d), temporal positions scaled by 24/fps; cos/sin (N, hd/2) laid out [t | h | w] for
+    /// half-split rotation.
+    fn rope_tables(
+        &self,
+        grid: [usize; 3],
+        fps: Option<f64>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (dt, dh, dw) = self.cfg.rope_dims();
+        let [st, sh, sw] = self.cfg.rope_scale;
+        let ntk_theta = |scale: f64, dim: usize| ROPE_THETA * scale.powf(dim as f64 / (dim as f64 - 2.0));
+        let t_pos_scale = match fps {
+            Some(fps) if fps > 0.0 => ROPE_BASE_FPS / fps,
+            Some(fps) => bail!("cosmos forward: fps must be positive, got {fps}"),
+            None => 1.0,
+        };
+        let [nt, nh, nw] = grid;
+        let f64_dev = (DType::F64, device);
+        let (ct, s_t) = ops::rope_tables_1d(nt, dt, ntk_theta(st, dt), t_pos_scale, f64_dev.0, f64_dev.1)?;
+        let (ch, s_h) = ops::rope_tables_1d(nh, dh, ntk_theta(sh, dh), 1.0, f64_dev.0, f64_dev.1)?;
+        let (cw, s_w) = ops::rope_tables_1d(nw, dw, ntk_theta(sw, dw), 1.0, f64_dev.0, f64_dev.1)?;
+        let expand = |tt: &Tensor, th: &Tensor, tw: &Tensor| -> Result<Tensor> {
+            let (ht, hh, hw) = (dt / 2, dh / 2, dw / 2);
+            let a = tt.reshape((nt, 1, 1, ht))?.broadcast_as((nt, nh, nw, ht))?;
+            let b = th.reshape((1, nh, 1, hh))?.broadcast_as((nt, nh, nw, hh))?;
+            let c = tw.reshape((1, 1, nw, hw))?.broadcast_as((nt, nh, nw, hw))?;
+            Tensor::cat(&[a, b, c], D::Minus1)?.reshape((nt * nh * nw, ht + hh + hw))?.to_dtype(dtype)
+        };
+        Ok((expand(&ct, &ch, &cw)?, expand(&s_t, &s_h, &s_w)?))
+    }
+}
+
+/// diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: for t (M) returns
+/// (M, dim) = [cos(t·fᵢ) | sin(t·fᵢ)], fᵢ = 10000^(−i/(dim/2)), zero-padded if dim is odd.
+fn timestep_sinusoid(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f64> = (0..half).map(|i| (-(ROPE_THETA.ln()) * i as f64 / half as f64).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let mut parts = vec![args.cos()?, args.sin()?];
+    if dim % 2 == 1 {
+        parts.push(Tensor::zeros((t.dim(0)?, 1), t.dtype(), t.device())?);
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// Nearest-neighbour resize of (B, C, H, W) to (out_h, out_w) with PyTorch's `nearest` rule
+/// (source index ⌊i·in/out⌋), as torchvision's `resize(..., NEAREST)` does on tensors.
+fn resize_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, _, in_h, in_w) = x.dims4()?;
+    if (in_h, in_w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let index = |inp: usize, out: usize| -> Result<Tensor> {
+        let scale = inp as f32 / out as f32;
+        let idx: Vec<u32> = (0..out).map(|i| ((i as f32 * scale).floor() as usize).min(inp - 1) as u32).collect();
+        Tensor::from_vec(idx, out, x.device())
+    };
+    x.index_select(&index(in_h, out_h)?, 2)?.index_select(&index(in_w, out_w)?, 3)
+}

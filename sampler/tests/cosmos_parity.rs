@@ -1,0 +1,236 @@
+//! Parity of `sampler::cosmos_dit` with diffusers' `CosmosTransformer3DModel`.
+//!
+//! The fixture (`fixtures/cosmos_tiny.safetensors`, made by `fixtures/make_cosmos_fixture.py`)
+//! holds a tiny random model under its diffusers parameter names, two input cases and diffusers'
+//! outputs, plus intermediate activations of case A that localise a mismatch.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use sampler::cosmos_dit::{Config, CosmosTransformer3DModel, ForwardOptions, Trace};
+
+/// Required agreement with diffusers in f32 (max |Δ| / max |reference|).
+const F32_TOL: f64 = 1e-4;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+struct Fixture {
+    cfg: Config,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    fn load() -> Result<Self> {
+        let dir = fixture_dir();
+        let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
+        let path = dir.join("cosmos_tiny.safetensors");
+        let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
+            .with_context(|| format!("loading fixture {}", path.display()))?;
+        Ok(Self { cfg, tensors })
+    }
+
+    fn get(&self, key: &str) -> Result<&Tensor> {
+        self.tensors.get(key).ok_or_else(|| anyhow!("fixture has no tensor '{key}'"))
+    }
+
+    /// The model's weights: every key that is not an input, output or trace.
+    fn weights(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        self.tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with("case_"))
+            .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+            .collect()
+    }
+
+    fn model(&self, dtype: DType) -> Result<CosmosTransformer3DModel> {
+        let vb = VarBuilder::from_tensors(self.weights(dtype)?, dtype, &Device::Cpu);
+        Ok(CosmosTransformer3DModel::new(&self.cfg, vb)?)
+    }
+
+    /// Runs case `case` (`case_a` / `case_b`) in `dtype`, optionally tracing.
+    fn run(
+        &self,
+        model: &CosmosTransformer3DModel,
+        case: &str,
+        dtype: DType,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let input = |k: &str| -> Result<Tensor> { Ok(self.get(&format!("{case}.{k}"))?.to_dtype(dtype)?) };
+        let opts = ForwardOptions {
+            fps: match self.tensors.get(&format!("{case}.fps")) {
+                Some(t) => Some(t.to_dtype(DType::F64)?.to_vec1::<f64>()?[0]),
+                None => None,
+            },
+            context_mask: match self.tensors.get(&format!("{case}.context_mask")) {
+                Some(t) => Some(t.to_dtype(dtype)?),
+                None => None,
+            },
+        };
+        Ok(model.forward_traced(
+            &input("hidden_states")?,
+            &input("timestep")?,
+            &input("encoder_hidden_states")?,
+            Some(&input("condition_mask")?),
+            Some(&input("padding_mask")?),
+            &opts,
+            trace,
+        )?)
+    }
+}
+
+/// (max |a − b|, max |a − b| / max |b|).
+fn errors(actual: &Tensor, reference: &Tensor) -> Result<(f64, f64)> {
+    anyhow::ensure!(actual.dims() == reference.dims(), "shape {:?} vs reference {:?}", actual.dims(), reference.dims());
+    let a = actual.to_dtype(DType::F64)?;
+    let r = reference.to_dtype(DType::F64)?;
+    let max_abs = (&a - &r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let scale = r.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    Ok((max_abs, max_abs / scale.max(1e-30)))
+}
+
+#[test]
+fn config_json_from_diffusers_deserialises() -> Result<()> {
+    let fx = Fixture::load()?;
+    let expected = Config {
+        in_channels: 5,
+        out_channels: 4,
+        num_attention_heads: 2,
+        attention_head_dim: 12,
+        num_layers: 2,
+        mlp_ratio: 2.0,
+        text_embed_dim: 16,
+        adaln_lora_dim: 4,
+        max_size: [4, 32, 32],
+        patch_size: [1, 2, 2],
+        rope_scale: [2.0, 1.0, 1.0],
+        concat_padding_mask: true,
+        extra_pos_embed_type: Some("learnable".into()),
+        ..Config::default()
+    };
+    assert_eq!(fx.cfg, expected);
+    assert_eq!(fx.cfg.rope_dims(), (4, 4, 4));
+    Ok(())
+}
+
+/// Every weight of the checkpoint is taken by the model under its diffusers name, with the
+/// shape diffusers gave it — and the model asks for nothing else.
+#[test]
+fn parameter_names_match_diffusers() -> Result<()> {
+    let fx = Fixture::load()?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    CosmosTransformer3DModel::new(&fx.cfg, vb)?;
+    let data = varmap.data().lock().map_err(|_| anyhow!("varmap lock poisoned"))?;
+    let model_names: BTreeSet<&String> = data.keys().collect();
+    let weights = fx.weights(DType::F32)?;
+    let file_names: BTreeSet<&String> = weights.keys().collect();
+    let only_model: Vec<_> = model_names.difference(&file_names).collect();
+    let only_file: Vec<_> = file_names.difference(&model_names).collect();
+    assert!(
+        only_model.is_empty() && only_file.is_empty(),
+        "only in model: {only_model:?}; only in file: {only_file:?}"
+    );
+    for (name, var) in data.iter() {
+        assert_eq!(var.dims(), weights[name].dims(), "shape of {name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn f32_output_matches_diffusers() -> Result<()> {
+    let fx = Fixture::load()?;
+    let model = fx.model(DType::F32)?;
+
+    // Case A, with the intermediate activations compared first: a mismatch is reported at the
+    // earliest stage that differs.
+    let mut trace = Trace::new();
+    let out_a = fx.run(&model, "case_a", DType::F32, Some(&mut trace))?;
+    let mut report = Vec::new();
+    for (name, actual) in &trace {
+        let (abs, rel) = errors(actual, fx.get(&format!("case_a.trace.{name}"))?).with_context(|| name.clone())?;
+        report.push(format!("  case_a.{name:<22} max abs {abs:.3e}  rel {rel:.3e}"));
+        anyhow::ensure!(
+            rel < F32_TOL,
+            "intermediate '{name}' differs from diffusers: rel {rel:.3e}\n{}",
+            report.join("\n")
+        );
+    }
+    anyhow::ensure!(trace.len() == 8, "expected 8 traced activations, got {}", trace.len());
+    let (abs, rel) = errors(&out_a, fx.get("case_a.output")?)?;
+    report.push(format!("  case_a.output                 max abs {abs:.3e}  rel {rel:.3e}"));
+    anyhow::ensure!(rel < F32_TOL, "case A output differs from diffusers\n{}", report.join("\n"));
+
+    // Case B: one timestep per sample, fps-scaled temporal RoPE, masked context tokens.
+    let out_b = fx.run(&model, "case_b", DType::F32, None)?;
+    let (abs, rel) = errors(&out_b, fx.get("case_b.output")?)?;
+    report.push(format!("  case_b.output                 max abs {abs:.3e}  rel {rel:.3e}"));
+    anyhow::ensure!(rel < F32_TOL, "case B output differs from diffusers\n{}", report.join("\n"));
+    println!("f32 parity with diffusers:\n{}", report.join("\n"));
+    Ok(())
+}
+
+/// The same weights cast to f64 give the same function (to f32 accuracy of the reference).
+#[test]
+fn f64_output_matches_diffusers() -> Result<()> {
+    let fx = Fixture::load()?;
+    let model = fx.model(DType::F64)?;
+    for case in ["case_a", "case_b"] {
+        let out = fx.run(&model, case, DType::F64, None)?;
+        anyhow::ensure!(out.dtype() == DType::F64, "f64 model returned {:?}", out.dtype());
+        let (abs, rel) = errors(&out, fx.get(&format!("{case}.output"))?)?;
+        println!("f64 {case}: max abs {abs:.3e}  rel {rel:.3e}");
+        anyhow::ensure!(rel < F32_TOL, "{case}: f64 output differs from diffusers: rel {rel:.3e}");
+    }
+    Ok(())
+}
+
+/// The context mask matters (a test that ignored it would still pass case B only if masking did
+/// nothing): unmasked, sample 1's output changes.
+#[test]
+fn context_mask_changes_the_output() -> Result<()> {
+    let fx = Fixture::load()?;
+    let model = fx.model(DType::F32)?;
+    let masked = fx.run(&model, "case_b", DType::F32, None)?;
+    let unmasked = model.forward_with(
+        fx.get("case_b.hidden_states")?,
+        fx.get("case_b.timestep")?,
+        fx.get("case_b.encoder_hidden_states")?,
+        Some(fx.get("case_b.condition_mask")?),
+        Some(fx.get("case_b.padding_mask")?),
+        &ForwardOptions { fps: Some(30.0), context_mask: None },
+    )?;
+    let (_, rel) = errors(&unmasked.narrow(0, 1, 1)?, &masked.narrow(0, 1, 1)?)?;
+    assert!(rel > 1e-3, "masking 5 context tokens changed sample 1 by only {rel:.3e}");
+    let (_, rel0) = errors(&unmasked.narrow(0, 0, 1)?, &masked.narrow(0, 0, 1)?)?;
+    assert!(rel0 < 1e-6, "sample 0 has no masked token but changed by {rel0:.3e}");
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() -> Result<()> {
+    let fx = Fixture::load()?;
+    let model = fx.model(DType::F32)?;
+    let x = fx.get("case_a.hidden_states")?;
+    let t = fx.get("case_a.timestep")?;
+    let ctx = fx.get("case_a.encoder_hidden_states")?;
+    let cm = fx.get("case_a.condition_mask")?;
+    let pm = fx.get("case_a.padding_mask")?;
+    // Missing the condition-mask channel the model was built for.
+    let err = model.forward(x, t, ctx, None, Some(pm)).err().ok_or_else(|| anyhow!("accepted 4 channels"))?;
+    assert!(err.to_string().contains("in_channels"), "{err}");
+    // Missing padding mask.
+    assert!(model.forward(x, t, ctx, Some(cm), None).is_err());
+    // Timestep of the wrong shape.
+    assert!(model.forward(x, &Tensor::zeros(5, DType::F32, &Device::Cpu)?, ctx, Some(cm), Some(pm)).is_err());
+    // Grid beyond the positional tables (max T = 4 latent frames).
+    let long = Tensor::cat(&[x, x], 2)?;
+    let long_cm = Tensor::cat(&[cm, cm], 2)?;
+    let err = model.forward(&long, &Tensor::zeros(2, DType::F32, &Device::Cpu)?, ctx, Some(&long_cm), Some(pm)).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("positional range")));
+    Ok(())
+}
