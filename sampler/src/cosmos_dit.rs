@@ -21,7 +21,10 @@
 //! from `shared::ops`. Weights are plain tensors from the `VarBuilder`: backpropagating to the
 //! input latent records no weight gradients.
 
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape, Storage, Tensor, D,
+};
 use candle_nn::VarBuilder;
 use shared::ops;
 
@@ -187,9 +190,78 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if self.weight.track_op() {
+            // A trainable (Var) or computed weight: the ordinary matmul, whose backward also
+            // gives the weight its gradient.
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            x2.contiguous()?
+                .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone() })))?
+        };
         dims.push(self.weight.dim(0)?);
         y.reshape(dims)
+    }
+}
+
+/// y = x·Wᵀ for a frozen weight W (out, in). Candle's own matmul backward computes the
+/// gradient of *both* operands, so a frozen weight held as a plain tensor still costs a
+/// (in × out) product and a stored gradient per linear layer on every backward; this op's
+/// backward returns the input gradient only. Same kernels as `Tensor::matmul` in the forward.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(&self, x: &S, x_layout: &Layout, w: &S, w_layout: &Layout) -> Result<(S, Shape)> {
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, wk) = w_layout.shape().dims2()?;
+        if k != wk {
+            bail!("frozen matmul: input has {k} features, the weight expects {wk}")
+        }
+        let y = x.matmul(w, (1, rows, n, k), x_layout, &w_layout.transpose(0, 1)?)?;
+        Ok((y, Shape::from((rows, n))))
+    }
+
+    fn mismatch(&self, input_device: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "frozen matmul: input on {input_device}, weight on {:?}",
+            self.weight.device().location()
+        ))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
+            _ => Err(self.mismatch("cpu")),
+        }
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),
+            _ => Err(self.mismatch("cuda")),
+        }
+    }
+
+    fn metal_fwd(&self, x: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Metal(w) => self.fwd(x, layout, w, w_layout),
+            _ => Err(self.mismatch("metal")),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.weight)?))
     }
 }
 

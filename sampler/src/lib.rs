@@ -9,6 +9,7 @@
 //! * [`objective`], [`optimize`]: what is optimised and the loop that does it.
 //! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.
 
+pub mod app;
 pub mod config;
 pub mod cosmos_dit;
 pub mod demo;

@@ -93,3 +93,84 @@ fn latent_and_context_gradients_match_finite_differences() -> Result<()> {
     report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d (latent, context)")?;
     Ok(())
 }
+
+/// The fixture weights as Vars of a `VarMap` (a model being fine-tuned), in f64.
+fn trainable_model() -> Result<(CosmosTransformer3DModel, candle_nn::VarMap)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu))?;
+    let opts = shared::weights::LoadOptions { allow_unexpected: true, allow_dtype_cast: true, ..Default::default() };
+    let report = shared::weights::load_into_varmap(&varmap, &dir.join("cosmos_tiny.safetensors"), &opts)?;
+    anyhow::ensure!(report.unexpected.iter().all(|k| k.starts_with("case_")), "unexpected: {:?}", report.unexpected);
+    Ok((model, varmap))
+}
+
+/// Total elements of every gradient a backward left in its store.
+fn stored_grad_elements(grads: &candle_core::backprop::GradStore) -> usize {
+    grads.get_ids().filter_map(|id| grads.get_id(*id)).map(|g| g.elem_count()).sum()
+}
+
+/// Trainable weights still get (correct) gradients: the frozen-weight shortcut is taken only
+/// for weights that cannot have one.
+#[test]
+fn trainable_weights_get_correct_gradients() -> Result<()> {
+    let (model, varmap) = trainable_model()?;
+    let s = setup()?;
+    let (x, t, ctx) =
+        (s.input("case_a.hidden_states")?, s.input("case_a.timestep")?, s.input("case_a.encoder_hidden_states")?);
+    let (cm, pm) = (s.input("case_a.condition_mask")?, s.input("case_a.padding_mask")?);
+    let r = readout(x.dims(), 13)?;
+    let data = varmap.data().lock().map_err(|_| anyhow!("varmap lock poisoned"))?;
+    // One weight of each kind of layer: patch embedding, attention, cross-attention context
+    // projection, MLP, AdaLN-LoRA, timestep MLP, output projection.
+    let names = [
+        "patch_embed.proj.weight",
+        "transformer_blocks.0.attn1.to_q.weight",
+        "transformer_blocks.1.attn2.to_k.weight",
+        "transformer_blocks.0.ff.net.2.weight",
+        "transformer_blocks.1.norm3.linear_1.weight",
+        "time_embed.t_embedder.linear_2.weight",
+        "proj_out.weight",
+    ];
+    let vars = names
+        .iter()
+        .map(|n| data.get(*n).cloned().ok_or_else(|| anyhow!("model has no var '{n}'")))
+        .collect::<Result<Vec<_>>>()?;
+    drop(data);
+    let loss = || (model.forward(&x, &t, &ctx, Some(&cm), Some(&pm))? * &r)?.sum_all();
+    let report = check_directional(&vars, loss, &GradCheckOptions { seed: 7, ..Default::default() })?;
+    print_report("weights", &report);
+    let missing: Vec<_> = report.vars_without_grad.iter().map(|&i| names[i]).collect();
+    assert!(missing.is_empty(), "trainable weights without gradient: {missing:?}");
+    report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d weights")?;
+    Ok(())
+}
+
+/// With frozen weights, backward to the latent leaves no weight-sized gradients behind: the
+/// store holds exactly the weights' element count less than the same backward with the weights
+/// as Vars. (Candle's matmul backward would otherwise compute and keep a gradient for each
+/// frozen weight's transposed view — as much memory as the model, on every backward.)
+#[test]
+fn frozen_weights_record_no_gradients() -> Result<()> {
+    let s = setup()?;
+    let (trainable, varmap) = trainable_model()?;
+    let (t, ctx) = (s.input("case_a.timestep")?, s.input("case_a.encoder_hidden_states")?);
+    let (cm, pm) = (s.input("case_a.condition_mask")?, s.input("case_a.padding_mask")?);
+    let latent = Var::from_tensor(&s.input("case_a.hidden_states")?)?;
+    let r = readout(latent.dims(), 14)?;
+    let backward = |model: &CosmosTransformer3DModel| -> Result<candle_core::backprop::GradStore> {
+        Ok((model.forward(latent.as_tensor(), &t, &ctx, Some(&cm), Some(&pm))? * &r)?.sum_all()?.backward()?)
+    };
+    let frozen_grads = backward(&s.model)?;
+    let trainable_grads = backward(&trainable)?;
+    let weight_elements: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let (frozen, with_vars) = (stored_grad_elements(&frozen_grads), stored_grad_elements(&trainable_grads));
+    println!("stored gradient elements: frozen {frozen}, trainable {with_vars}, weights {weight_elements}");
+    assert_eq!(with_vars - frozen, weight_elements, "frozen weights left gradients in the store");
+    let g_frozen = frozen_grads.get(latent.as_tensor()).ok_or_else(|| anyhow!("no latent gradient (frozen)"))?;
+    let g_trainable = trainable_grads.get(latent.as_tensor()).ok_or_else(|| anyhow!("no latent gradient"))?;
+    let diff = (g_frozen - g_trainable)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    assert!(diff < 1e-12, "latent gradient depends on whether the weights are Vars: {diff:.3e}");
+    Ok(())
+}
