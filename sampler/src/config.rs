@@ -380,3 +380,72 @@ fn mode_name(m: NoiseMode) -> &'static str {
         NoiseMode::SdeLearnable => "sde-learnable",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse_params(Some(("params.json", text)), &Default::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_is_the_demo_and_fields_list_is_complete() {
+        assert_eq!(parse_params(Some(("p.json", "{}")), &Default::default()).unwrap(), Params::default());
+        assert_eq!(parse_params(None, &Default::default()).unwrap(), Params::default());
+        let v = serde_json::to_value(Params::default()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut sorted = FIELDS.to_vec();
+        sorted.sort();
+        let mut keys_sorted = keys.clone();
+        keys_sorted.sort();
+        assert_eq!(keys_sorted, sorted);
+    }
+
+    #[test]
+    fn malformed_params_give_one_clear_error_each() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"solver": "heun"}"#, "params.json: field `solver`: unknown value 'heun'; allowed: euler, res, unipc"),
+            (r#"{"noise_mode": "langevin"}"#, "params.json: field `noise_mode`: unknown value 'langevin'; allowed: ode, sde, sde-learnable"),
+            (r#"{"direction": "up"}"#, "params.json: field `direction`: unknown value 'up'; allowed: ascent, descent"),
+            (r#"{"optimizer": "lbfgs"}"#, "params.json: field `optimizer`: unknown value 'lbfgs'; allowed: adam, sgd"),
+            (r#"{"grad_mode": "checkpoint"}"#, "params.json: field `grad_mode`: unknown value 'checkpoint'; allowed: recompute, full-graph"),
+            (r#"{"objective": "clip"}"#, "params.json: field `objective`: unknown value 'clip'; allowed: target-mse"),
+            (r#"{"num_stpes": 10}"#, "params.json: unknown field `num_stpes`; allowed fields: learn_noise,"),
+            (r#"{"num_steps": "ten"}"#, "params.json: field `num_steps`: invalid type: string \"ten\", expected usize"),
+            (r#"{"noise_lr": -1}"#, "params.json: field `noise_lr`: must be a positive number, got -1"),
+            (r#"{"num_steps": 0}"#, "params.json: field `num_steps`: must be at least 1"),
+            (r#"{"sigma_min": 90}"#, "params.json: field `sigma_min`: must be below sigma_max (80), got 90"),
+            (r#"{"learnable_step_noise": true, "noise_mode": "ode"}"#, "params.json: field `learnable_step_noise`: true conflicts with noise_mode 'ode'"),
+            (r#"{"noise_mode": "sde", "s_churn": 0}"#, "params.json: field `s_churn`: is 0, so noise_mode 'sde' would inject nothing"),
+            (r#"{"device": "tpu"}"#, "params.json: field `device`: unknown device 'tpu'"),
+            (r#"{"guidance": 2.0}"#, "params.json: field `guidance`: classifier-free guidance needs a condition"),
+            (r#"{"target_pattern": 9}"#, "params.json: field `target_pattern`: pattern index 9 out of range"),
+            (r#"{"num_steps": 10,}"#, "params.json: not valid JSON"),
+            (r#"[1, 2]"#, "params.json: expected a JSON object of fields"),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.starts_with(want), "for {text}:\n  got  {got}\n  want {want}…");
+            assert_eq!(got.lines().count(), 1, "one line per error: {got}");
+        }
+    }
+
+    #[test]
+    fn command_line_overrides_and_source_fields() {
+        let mut o = serde_json::Map::new();
+        o.insert("solver".into(), "unipc".into());
+        let p = parse_params(Some(("p.json", r#"{"solver": "euler", "learnable_step_noise": true, "s_churn": 5}"#)), &o).unwrap();
+        assert_eq!(p.solver, SolverKind::Unipc);
+        // The source's LEARNABLE_STEP_NOISE=1 maps to sde-learnable.
+        assert_eq!(p.effective_noise_mode(), NoiseMode::SdeLearnable);
+        o.insert("solver".into(), "heun".into());
+        let e = parse_params(Some(("p.json", "{}")), &o).unwrap_err().to_string();
+        assert_eq!(e, "command line: field `solver`: unknown value 'heun'; allowed: euler, res, unipc");
+        // sde without s_churn puts η at Cosmos' cap on every step.
+        let p = parse_params(Some(("p.json", r#"{"noise_mode": "sde"}"#)), &Default::default()).unwrap();
+        let plan = crate::noise::Churn { s_churn: p.effective_s_churn(), ..Default::default() }.plan(&[3.0, 2.0, 1.0], true);
+        assert!(plan.noise_scales.iter().all(|s| *s > 0.0));
+        assert!((plan.eval_sigmas[0] / 3.0 - 1.0 - crate::noise::COSMOS_ETA_CAP).abs() < 1e-12);
+    }
+}
