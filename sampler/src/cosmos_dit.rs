@@ -179,11 +179,13 @@ impl Config {
 struct Linear {
     /// (out, in), PyTorch layout.
     weight: Tensor,
+    /// Use Candle's matmul even for a frozen weight (see [`CosmosTransformer3DModel::set_candle_matmul`]).
+    candle_matmul: bool,
 }
 
 impl Linear {
     fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")? })
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, candle_matmul: false })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -191,9 +193,9 @@ impl Linear {
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if self.weight.track_op() {
-            // A trainable (Var) or computed weight: the ordinary matmul, whose backward also
-            // gives the weight its gradient.
+        let y = if self.weight.track_op() || self.candle_matmul {
+            // A weight that depends on a Var (is trained): the ordinary matmul, whose backward
+            // also gives the weight its gradient.
             x2.matmul(&self.weight.t()?)?
         } else {
             x2.contiguous()?
@@ -555,6 +557,32 @@ impl CosmosTransformer3DModel {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Routes frozen weights through Candle's own matmul (`true`) instead of the frozen-weight
+    /// op (`false`, the default). Same values; Candle's backward also computes, and keeps in the
+    /// `GradStore`, a gradient for each frozen weight — as many elements as the linear layers,
+    /// on every backward. For comparisons, or as a fallback on a backend where the custom op
+    /// misbehaves. Weights that are Vars always use Candle's matmul.
+    pub fn set_candle_matmul(&mut self, enabled: bool) {
+        let mut linears: Vec<&mut Linear> =
+            vec![&mut self.patch_embed, &mut self.time_linear_1, &mut self.time_linear_2, &mut self.proj_out];
+        linears.extend([&mut self.norm_out.linear_1, &mut self.norm_out.linear_2]);
+        if let Some((proj, _)) = &mut self.crossattn_proj {
+            linears.push(proj);
+        }
+        for b in &mut self.blocks {
+            for norm in [&mut b.norm1, &mut b.norm2, &mut b.norm3] {
+                linears.extend([&mut norm.linear_1, &mut norm.linear_2]);
+            }
+            for attn in [&mut b.attn1, &mut b.attn2] {
+                linears.extend([&mut attn.to_q, &mut attn.to_k, &mut attn.to_v, &mut attn.to_out]);
+            }
+            linears.extend([&mut b.ff_in, &mut b.ff_out]);
+        }
+        for l in linears {
+            l.candle_matmul = enabled;
+        }
     }
 
     /// Forward pass.
