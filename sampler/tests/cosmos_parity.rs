@@ -1,8 +1,10 @@
 //! Parity of `sampler::cosmos_dit` with diffusers' `CosmosTransformer3DModel`.
 //!
-//! The fixture (`fixtures/cosmos_tiny.safetensors`, made by `fixtures/make_cosmos_fixture.py`)
-//! holds a tiny random model under its diffusers parameter names, two input cases and diffusers'
-//! outputs, plus intermediate activations of case A that localise a mismatch.
+//! The fixtures (made by `fixtures/make_cosmos_fixture.py`) hold tiny random models under their
+//! diffusers parameter names with diffusers' config.json, input cases and diffusers' outputs:
+//! `cosmos_tiny` (Predict2 Video2World layout; cases A, B, and intermediate activations of case
+//! A that localise a mismatch) and `cosmos_tiny_p25` (Predict2.5 context projection, no masks,
+//! no learnable positional embedding; case C).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -12,8 +14,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sampler::cosmos_dit::{Config, CosmosTransformer3DModel, ForwardOptions, Trace};
 
-/// Required agreement with diffusers in f32 (max |Δ| / max |reference|).
-const F32_TOL: f64 = 1e-4;
+/// Required agreement with diffusers (max |Δ| / max |reference|; the reference is f32). Measured
+/// ~6e-7. The issue asks for < 1e-4, but at 1e-4 a tanh-approximated GELU in place of the exact
+/// one still passes (4e-5 here), so the bound is 1e-5.
+const F32_TOL: f64 = 1e-5;
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -25,10 +29,11 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn load() -> Result<Self> {
+    /// `stem`: `cosmos_tiny` or `cosmos_tiny_p25`.
+    fn load(stem: &str) -> Result<Self> {
         let dir = fixture_dir();
-        let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
-        let path = dir.join("cosmos_tiny.safetensors");
+        let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
+        let path = dir.join(format!("{stem}.safetensors"));
         let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
             .with_context(|| format!("loading fixture {}", path.display()))?;
         Ok(Self { cfg, tensors })
@@ -61,22 +66,25 @@ impl Fixture {
         trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
         let input = |k: &str| -> Result<Tensor> { Ok(self.get(&format!("{case}.{k}"))?.to_dtype(dtype)?) };
+        let optional = |k: &str| -> Result<Option<Tensor>> {
+            Ok(match self.tensors.get(&format!("{case}.{k}")) {
+                Some(t) => Some(t.to_dtype(dtype)?),
+                None => None,
+            })
+        };
         let opts = ForwardOptions {
             fps: match self.tensors.get(&format!("{case}.fps")) {
                 Some(t) => Some(t.to_dtype(DType::F64)?.to_vec1::<f64>()?[0]),
                 None => None,
             },
-            context_mask: match self.tensors.get(&format!("{case}.context_mask")) {
-                Some(t) => Some(t.to_dtype(dtype)?),
-                None => None,
-            },
+            context_mask: optional("context_mask")?,
         };
         Ok(model.forward_traced(
             &input("hidden_states")?,
             &input("timestep")?,
             &input("encoder_hidden_states")?,
-            Some(&input("condition_mask")?),
-            Some(&input("padding_mask")?),
+            optional("condition_mask")?.as_ref(),
+            optional("padding_mask")?.as_ref(),
             &opts,
             trace,
         )?)
@@ -95,7 +103,7 @@ fn errors(actual: &Tensor, reference: &Tensor) -> Result<(f64, f64)> {
 
 #[test]
 fn config_json_from_diffusers_deserialises() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("cosmos_tiny")?;
     let expected = Config {
         in_channels: 5,
         out_channels: 4,
@@ -121,7 +129,14 @@ fn config_json_from_diffusers_deserialises() -> Result<()> {
 /// shape diffusers gave it — and the model asks for nothing else.
 #[test]
 fn parameter_names_match_diffusers() -> Result<()> {
-    let fx = Fixture::load()?;
+    for stem in ["cosmos_tiny", "cosmos_tiny_p25"] {
+        parameter_names_match(stem).with_context(|| stem.to_string())?;
+    }
+    Ok(())
+}
+
+fn parameter_names_match(stem: &str) -> Result<()> {
+    let fx = Fixture::load(stem)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     CosmosTransformer3DModel::new(&fx.cfg, vb)?;
@@ -143,7 +158,7 @@ fn parameter_names_match_diffusers() -> Result<()> {
 
 #[test]
 fn f32_output_matches_diffusers() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("cosmos_tiny")?;
     let model = fx.model(DType::F32)?;
 
     // Case A, with the intermediate activations compared first: a mismatch is reported at the
@@ -174,10 +189,25 @@ fn f32_output_matches_diffusers() -> Result<()> {
     Ok(())
 }
 
+/// Predict2.5 branches: context projection (Linear + GELU), no condition mask, no padding mask,
+/// no learnable positional embedding, NTK-scaled h/w RoPE; in f32 and f64.
+#[test]
+fn p25_branches_match_diffusers() -> Result<()> {
+    let fx = Fixture::load("cosmos_tiny_p25")?;
+    assert!(fx.cfg.use_crossattn_projection && !fx.cfg.concat_padding_mask && fx.cfg.extra_pos_embed_type.is_none());
+    for dtype in [DType::F32, DType::F64] {
+        let out = fx.run(&fx.model(dtype)?, "case_c", dtype, None)?;
+        let (abs, rel) = errors(&out, fx.get("case_c.output")?)?;
+        println!("{dtype:?} case_c.output: max abs {abs:.3e}  rel {rel:.3e}");
+        anyhow::ensure!(rel < F32_TOL, "case C ({dtype:?}) differs from diffusers: rel {rel:.3e}");
+    }
+    Ok(())
+}
+
 /// The same weights cast to f64 give the same function (to f32 accuracy of the reference).
 #[test]
 fn f64_output_matches_diffusers() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("cosmos_tiny")?;
     let model = fx.model(DType::F64)?;
     for case in ["case_a", "case_b"] {
         let out = fx.run(&model, case, DType::F64, None)?;
@@ -193,7 +223,7 @@ fn f64_output_matches_diffusers() -> Result<()> {
 /// nothing): unmasked, sample 1's output changes.
 #[test]
 fn context_mask_changes_the_output() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("cosmos_tiny")?;
     let model = fx.model(DType::F32)?;
     let masked = fx.run(&model, "case_b", DType::F32, None)?;
     let unmasked = model.forward_with(
@@ -213,7 +243,7 @@ fn context_mask_changes_the_output() -> Result<()> {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("cosmos_tiny")?;
     let model = fx.model(DType::F32)?;
     let x = fx.get("case_a.hidden_states")?;
     let t = fx.get("case_a.timestep")?;
