@@ -591,12 +591,14 @@ impl CosmosTransformer3DModel {
     ///   `condition_mask` is given (it is concatenated as the last input channel).
     /// * `timestep`: (B) one per sample, or (B, T) / (B, 1, T, 1, 1) one per latent frame
     ///   (needs p_t = 1, as in diffusers).
-    /// * `encoder_hidden_states`: (B, L, text_embed_dim).
+    /// * `encoder_hidden_states`: (B, L, text_embed_dim), or (B, L, crossattn_proj_in_channels)
+    ///   with `use_crossattn_projection`.
     /// * `condition_mask`: (B, 1, T, H, W), 1 on conditioning frames.
     /// * `padding_mask`: (B or 1, 1, H', W'), required when `concat_padding_mask`; resized
     ///   (nearest) to (H, W).
     ///
-    /// Returns (B, out_channels, T, H, W).
+    /// Inputs of another float dtype are cast to the weights' dtype. Returns
+    /// (B, out_channels, T, H, W) in the weights' dtype.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
@@ -651,12 +653,13 @@ impl CosmosTransformer3DModel {
         };
         let cfg = &self.cfg;
         let (b, c, t, h, w) = hidden_states.dims5()?;
-        let dtype = hidden_states.dtype();
+        // Inputs are computed in the weights' dtype (differentiably cast when they differ).
+        let dtype = self.patch_embed.weight.dtype();
         let device = hidden_states.device();
         let [pt, ph, pw] = cfg.patch_size;
 
         // 1. Input channels.
-        let mut x = hidden_states.clone();
+        let mut x = hidden_states.to_dtype(dtype)?;
         if let Some(cm) = condition_mask {
             if cm.dims() != [b, 1, t, h, w] {
                 bail!("cosmos forward: condition_mask has shape {:?}, expected {:?}", cm.dims(), [b, 1, t, h, w])
@@ -674,6 +677,9 @@ impl CosmosTransformer3DModel {
             let Some(pm) = padding_mask else {
                 bail!("cosmos forward: the model concatenates a padding mask (concat_padding_mask) but none was given")
             };
+            if pm.rank() != 4 || pm.dim(1)? != 1 {
+                bail!("cosmos forward: padding_mask has shape {:?}, expected (B or 1, 1, H', W')", pm.dims())
+            }
             let pm = resize_nearest(&pm.to_dtype(dtype)?, h, w)?;
             let pb = pm.dim(0)?;
             if pb != 1 && pb != b {
@@ -691,7 +697,12 @@ impl CosmosTransformer3DModel {
             )
         }
         let grid = [t / pt, h / ph, w / pw];
-        let max = max_grid(cfg);
+        // The learnable tables have max_size / patch rows per axis; diffusers' RoPE alone takes
+        // positions up to the largest of those on every axis.
+        let max = match self.learnable_pos_embed {
+            Some(_) => max_grid(cfg),
+            None => [max_grid(cfg).into_iter().max().unwrap_or(0); 3],
+        };
         if grid.iter().zip(&max).any(|(g, m)| g > m) {
             bail!("cosmos forward: token grid {grid:?} exceeds the model's positional range {max:?} (max_size / patch)")
         }
@@ -809,10 +820,10 @@ impl CosmosTransformer3DModel {
             None => 1.0,
         };
         let [nt, nh, nw] = grid;
-        let f64_dev = (DType::F64, device);
-        let (ct, s_t) = ops::rope_tables_1d(nt, dt, ntk_theta(st, dt), t_pos_scale, f64_dev.0, f64_dev.1)?;
-        let (ch, s_h) = ops::rope_tables_1d(nh, dh, ntk_theta(sh, dh), 1.0, f64_dev.0, f64_dev.1)?;
-        let (cw, s_w) = ops::rope_tables_1d(nw, dw, ntk_theta(sw, dw), 1.0, f64_dev.0, f64_dev.1)?;
+        // Angles in f64, cast once at the end.
+        let (ct, s_t) = ops::rope_tables_1d(nt, dt, ntk_theta(st, dt), t_pos_scale, DType::F64, device)?;
+        let (ch, s_h) = ops::rope_tables_1d(nh, dh, ntk_theta(sh, dh), 1.0, DType::F64, device)?;
+        let (cw, s_w) = ops::rope_tables_1d(nw, dw, ntk_theta(sw, dw), 1.0, DType::F64, device)?;
         let expand = |tt: &Tensor, th: &Tensor, tw: &Tensor| -> Result<Tensor> {
             let (ht, hh, hw) = (dt / 2, dh / 2, dw / 2);
             let a = tt.reshape((nt, 1, 1, ht))?.broadcast_as((nt, nh, nw, ht))?;
