@@ -5,3 +5,6 @@ pub mod encoders;
 pub mod env;
 pub mod lapo;
 pub mod nets;
+pub mod plot;
+pub mod policy;
+pub mod trainer;

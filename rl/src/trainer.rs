@@ -1,0 +1,366 @@
+//! The training loop around [`crate::lapo`]: data (an adapter over [`crate::dataset::Dataset`]),
+//! normalisation, evaluation in the environment, checkpoints with bit-exact resume, metrics.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use shared::rng::SplitMix64;
+
+use crate::dataset::Dataset;
+use crate::encoders::EncoderKind;
+use crate::env::{normalized_score, Env, EnvConfig, NUM_CAMERAS};
+use crate::lapo::{Batch, Dims, Lapo, ValueBounds};
+
+/// z-score statistics and reward scale, computed once from the dataset and saved with every
+/// checkpoint and exported policy.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Normalization {
+    pub state_mean: Vec<f32>,
+    pub state_std: Vec<f32>,
+    pub action_mean: Vec<f32>,
+    pub action_std: Vec<f32>,
+    /// Rewards are divided by this (the dataset's max reward).
+    pub reward_scale: f32,
+}
+
+impl Normalization {
+    pub fn state(&self, raw: &[f32]) -> Vec<f32> {
+        raw.iter().zip(&self.state_mean).zip(&self.state_std).map(|((x, m), s)| (x - m) / s).collect()
+    }
+
+    pub fn unnormalize_action(&self, z: &[f32]) -> Vec<f32> {
+        z.iter().zip(&self.action_mean).zip(&self.action_std).map(|((x, m), s)| x * s + m).collect()
+    }
+}
+
+/// Whether the model sees images or the privileged environment state.
+pub fn uses_images(encoder: EncoderKind) -> bool {
+    encoder.uses_images()
+}
+
+/// The state vector the model sees: joint state alone with images; joint state plus the
+/// privileged puck/goal positions for state-only training (the task is not observable from
+/// the joints alone).
+pub fn model_state(encoder: EncoderKind, state: &[f32], environment_state: &[f32]) -> Vec<f32> {
+    if uses_images(encoder) {
+        state.to_vec()
+    } else {
+        state.iter().chain(environment_state).copied().collect()
+    }
+}
+
+/// Random-access transitions over an opened dataset (the memory maps stay where they are; a
+/// batch gathers from them).
+pub struct Replay {
+    pub dataset: Dataset,
+    index: Vec<(usize, usize)>,
+    pub norm: Normalization,
+    pub bounds: ValueBounds,
+    pub encoder: EncoderKind,
+    pub dims: Dims,
+}
+
+impl Replay {
+    pub fn open(dir: &Path, encoder: EncoderKind, gamma: f64) -> Result<Self> {
+        let dataset = Dataset::open(dir).with_context(|| format!("opening dataset {}", dir.display()))?;
+        let mut index = Vec::new();
+        for e in dataset.episodes() {
+            for t in 0..e.len() {
+                index.push((e.meta().index, t));
+            }
+        }
+        anyhow::ensure!(!index.is_empty(), "dataset {} has no transitions", dir.display());
+        let meta = dataset.meta();
+        let state_dim = if uses_images(encoder) { meta.state_dim } else { meta.state_dim + meta.environment_state_dim };
+        let action_dim = meta.action_dim;
+        // Means and stds in f64 over every transition; +1e-6 as the reference.
+        let (mut s_sum, mut s_sq) = (vec![0f64; state_dim], vec![0f64; state_dim]);
+        let (mut a_sum, mut a_sq) = (vec![0f64; action_dim], vec![0f64; action_dim]);
+        let (mut r_min, mut r_max) = (f64::INFINITY, f64::NEG_INFINITY);
+        for tr in dataset.transitions() {
+            for (i, x) in model_state(encoder, tr.state, tr.environment_state).iter().enumerate() {
+                s_sum[i] += *x as f64;
+                s_sq[i] += (*x as f64).powi(2);
+            }
+            for (i, x) in tr.action.iter().enumerate() {
+                a_sum[i] += *x as f64;
+                a_sq[i] += (*x as f64).powi(2);
+            }
+            r_min = r_min.min(tr.reward as f64);
+            r_max = r_max.max(tr.reward as f64);
+        }
+        let n = index.len() as f64;
+        let stats = |sum: &[f64], sq: &[f64]| -> (Vec<f32>, Vec<f32>) {
+            let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+            let std = sq.iter().zip(&mean).map(|(q, m)| ((q / n - m * m).max(0.0).sqrt() + 1e-6) as f32).collect();
+            (mean.into_iter().map(|m| m as f32).collect(), std)
+        };
+        let (state_mean, state_std) = stats(&s_sum, &s_sq);
+        let (action_mean, action_std) = stats(&a_sum, &a_sq);
+        anyhow::ensure!(r_max > 0.0, "dataset rewards are never positive (max {r_max}): cannot scale by max r");
+        let reward_scale = r_max as f32;
+        let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
+        let dims = Dims { state_dim, action_dim, image_hw: (meta.image_height, meta.image_width) };
+        let norm = Normalization { state_mean, state_std, action_mean, action_std, reward_scale };
+        Ok(Self { dataset, index, norm, bounds, encoder, dims })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// A uniformly sampled, normalised minibatch; `rng` decides which transitions.
+    pub fn sample(&self, batch_size: usize, rng: &mut SplitMix64, dtype: DType, device: &Device) -> Result<Batch> {
+        let (h, w) = self.dims.image_hw;
+        let images = uses_images(self.encoder);
+        let (sd, ad) = (self.dims.state_dim, self.dims.action_dim);
+        let mut state = Vec::with_capacity(batch_size * sd);
+        let mut next_state = Vec::with_capacity(batch_size * sd);
+        let mut action = Vec::with_capacity(batch_size * ad);
+        let mut reward = Vec::with_capacity(batch_size);
+        let mut done = Vec::with_capacity(batch_size);
+        let frame = 3 * NUM_CAMERAS * h * w;
+        let mut img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
+        let mut next_img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
+        for b in 0..batch_size {
+            let (e, t) = self.index[(rng.next_u64() % self.index.len() as u64) as usize];
+            let tr = self.dataset.episode(e).expect("indexed episode exists").transition(t);
+            state.extend(self.norm.state(&model_state(self.encoder, tr.state, tr.environment_state)));
+            next_state.extend(self.norm.state(&model_state(self.encoder, tr.next_state, tr.next_environment_state)));
+            action.extend(
+                tr.action.iter().zip(&self.norm.action_mean).zip(&self.norm.action_std).map(|((x, m), s)| (x - m) / s),
+            );
+            reward.push(tr.reward / self.norm.reward_scale);
+            // Bootstrap through time limits; only success is terminal.
+            done.push(if tr.terminal { 1f32 } else { 0f32 });
+            if images {
+                cameras_to_chw(&tr.images, h, w, &mut img[b * frame..(b + 1) * frame]);
+                cameras_to_chw(&tr.next_images, h, w, &mut next_img[b * frame..(b + 1) * frame]);
+            }
+        }
+        let t2 = |v: Vec<f32>, d: usize| Tensor::from_vec(v, (batch_size, d), device).and_then(|t| t.to_dtype(dtype));
+        let t4 = |v: Vec<f32>| {
+            Tensor::from_vec(v, (batch_size, 3 * NUM_CAMERAS, h, w), device).and_then(|t| t.to_dtype(dtype))
+        };
+        Ok(Batch {
+            images: if images { Some(t4(img)?) } else { None },
+            next_images: if images { Some(t4(next_img)?) } else { None },
+            state: t2(state, sd)?,
+            next_state: t2(next_state, sd)?,
+            action: t2(action, ad)?,
+            reward: t2(reward, 1)?,
+            done: t2(done, 1)?,
+        })
+    }
+}
+
+/// Three HWC u8 images → 9×H×W floats in [0, 1] (camera-major, then RGB).
+pub fn cameras_to_chw(images: &[&[u8]; NUM_CAMERAS], h: usize, w: usize, out: &mut [f32]) {
+    for (c, img) in images.iter().enumerate() {
+        for y in 0..h {
+            for x in 0..w {
+                let p = (y * w + x) * 3;
+                for k in 0..3 {
+                    out[((c * 3 + k) * h + y) * w + x] = img[p + k] as f32 / 255.0;
+                }
+            }
+        }
+    }
+}
+
+/// Result of evaluating a policy in the environment.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Evaluation {
+    pub episodes: usize,
+    pub mean_return: f64,
+    pub normalized_score: f64,
+    pub normalized_score_std: f64,
+    pub success_rate: f64,
+}
+
+/// Acting interface shared by the trainer's model and an exported policy.
+pub trait Actor {
+    fn encoder(&self) -> EncoderKind;
+    fn normalization(&self) -> &Normalization;
+    /// z-scored states (B, D) and images (B, 9, H, W) → z-scored actions (B, A).
+    fn act_batch(&self, images: Option<&Tensor>, state: &Tensor) -> candle_core::Result<Tensor>;
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+}
+
+impl Actor for (&Lapo, &Normalization) {
+    fn encoder(&self) -> EncoderKind {
+        self.0.config.encoder
+    }
+    fn normalization(&self) -> &Normalization {
+        self.1
+    }
+    fn act_batch(&self, images: Option<&Tensor>, state: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.act(images, state)
+    }
+    fn device(&self) -> &Device {
+        self.0.device()
+    }
+    fn dtype(&self) -> DType {
+        self.0.dtype()
+    }
+}
+
+/// Runs `episodes` episodes (env seeds `seed..seed+episodes`) in lockstep, one batched forward
+/// per control step. `on_frame(episode, images)` sees every observation of episode 0 (GIFs).
+pub fn evaluate(
+    policy: &dyn Actor,
+    env_config: &EnvConfig,
+    episodes: usize,
+    seed: u64,
+    mut on_frame: impl FnMut(&crate::env::Observation),
+) -> Result<Evaluation> {
+    let images = uses_images(policy.encoder());
+    let mut config = env_config.clone();
+    config.render = images || env_config.render;
+    let mut envs: Vec<Env> = (0..episodes).map(|_| Env::new(config.clone())).collect::<Result<_, _>>()?;
+    let mut obs: Vec<_> = envs.iter_mut().enumerate().map(|(i, e)| e.reset(seed + i as u64)).collect();
+    let mut returns = vec![0f64; episodes];
+    let mut success = vec![false; episodes];
+    let mut active = vec![true; episodes];
+    let (h, w) = (config.image_height, config.image_width);
+    let norm = policy.normalization();
+    on_frame(&obs[0]);
+    while active.iter().any(|a| *a) {
+        let live: Vec<usize> = (0..episodes).filter(|i| active[*i]).collect();
+        let mut states = Vec::new();
+        let mut imgs = vec![0f32; if images { live.len() * 9 * h * w } else { 0 }];
+        for (k, &i) in live.iter().enumerate() {
+            states.extend(norm.state(&model_state(policy.encoder(), &obs[i].state, &obs[i].environment_state)));
+            if images {
+                let views = [&obs[i].images[0][..], &obs[i].images[1][..], &obs[i].images[2][..]];
+                cameras_to_chw(&views, h, w, &mut imgs[k * 9 * h * w..(k + 1) * 9 * h * w]);
+            }
+        }
+        let sd = states.len() / live.len();
+        let state = Tensor::from_vec(states, (live.len(), sd), policy.device())?.to_dtype(policy.dtype())?;
+        let img = if images {
+            Some(Tensor::from_vec(imgs, (live.len(), 9, h, w), policy.device())?.to_dtype(policy.dtype())?)
+        } else {
+            None
+        };
+        let actions: Vec<Vec<f32>> = policy.act_batch(img.as_ref(), &state)?.to_dtype(DType::F32)?.to_vec2()?;
+        for (k, &i) in live.iter().enumerate() {
+            let a: Vec<f32> = norm.unnormalize_action(&actions[k]).into_iter().map(|x| x.clamp(-1.0, 1.0)).collect();
+            let step = envs[i].step(&a);
+            returns[i] += step.reward as f64;
+            success[i] |= step.success;
+            if step.done {
+                active[i] = false;
+            }
+            obs[i] = step.obs;
+            if i == 0 && active[0] {
+                on_frame(&obs[0]);
+            }
+        }
+    }
+    let scores: Vec<f64> = returns.iter().map(|r| normalized_score(*r as f32) as f64).collect();
+    let mean = scores.iter().sum::<f64>() / episodes as f64;
+    let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / episodes as f64).sqrt();
+    Ok(Evaluation {
+        episodes,
+        mean_return: returns.iter().sum::<f64>() / episodes as f64,
+        normalized_score: mean,
+        normalized_score_std: std,
+        success_rate: success.iter().filter(|s| **s).count() as f64 / episodes as f64,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+// ---------------------------------------------------------------------------------------------
+
+/// What a checkpoint's JSON side-car holds.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointInfo {
+    pub iteration: u64,
+    pub optimizer_steps: HashMap<String, u64>,
+    pub normalization: Normalization,
+    pub bounds: ValueBounds,
+    pub config: crate::lapo::LapoConfig,
+    pub dims: Dims,
+}
+
+pub fn checkpoint_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("checkpoint.safetensors"), dir.join("checkpoint.json"))
+}
+
+/// Saves every var and the optimisers' moments (tensors), and the counters (JSON). Both writes
+/// are atomic; the JSON is written last, so it only ever names a complete tensor file.
+pub fn save_checkpoint(lapo: &Lapo, norm: &Normalization, dir: &Path) -> Result<PathBuf> {
+    let (tensors_path, info_path) = checkpoint_paths(dir);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in lapo.varmap.data().lock().expect("VarMap lock poisoned").iter() {
+        tensors.insert(format!("model/{name}"), var.as_tensor().clone());
+    }
+    let mut steps = HashMap::new();
+    for opt in [&lapo.critic_opt, &lapo.actor_vae_opt, &lapo.actor_opt] {
+        let (state, step) = opt.state_tensors();
+        for (k, v) in state {
+            tensors.insert(format!("optim/{k}"), v);
+        }
+        steps.insert(opt.name().to_string(), step);
+    }
+    shared::weights::save_tensors_atomic(&tensors, &tensors_path)?;
+    let info = CheckpointInfo {
+        iteration: lapo.iteration,
+        optimizer_steps: steps,
+        normalization: norm.clone(),
+        bounds: lapo.bounds,
+        config: lapo.config.clone(),
+        dims: lapo.dims,
+    };
+    shared::io::write_json_atomic(&info_path, &info)?;
+    Ok(tensors_path)
+}
+
+pub fn read_checkpoint_info(dir: &Path) -> Result<CheckpointInfo> {
+    let (_, info_path) = checkpoint_paths(dir);
+    let text = std::fs::read_to_string(&info_path).with_context(|| format!("reading {}", info_path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", info_path.display()))
+}
+
+/// Restores vars, optimiser moments and the iteration counter into a freshly built model.
+pub fn load_checkpoint(lapo: &mut Lapo, dir: &Path) -> Result<CheckpointInfo> {
+    let info = read_checkpoint_info(dir)?;
+    let (tensors_path, _) = checkpoint_paths(dir);
+    let tensors = shared::weights::read_safetensors(&tensors_path, lapo.device())?;
+    {
+        let data = lapo.varmap.data().lock().expect("VarMap lock poisoned");
+        for (name, var) in data.iter() {
+            let t = tensors
+                .get(&format!("model/{name}"))
+                .with_context(|| format!("{}: missing '{name}'", tensors_path.display()))?;
+            anyhow::ensure!(
+                t.shape() == var.shape(),
+                "{}: '{name}' has shape {:?}, model {:?}",
+                tensors_path.display(),
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+    }
+    let optim: HashMap<String, Tensor> =
+        tensors.iter().filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone()))).collect();
+    for opt in [&mut lapo.critic_opt, &mut lapo.actor_vae_opt, &mut lapo.actor_opt] {
+        let step = *info
+            .optimizer_steps
+            .get(opt.name())
+            .with_context(|| format!("checkpoint has no optimiser '{}'", opt.name()))?;
+        opt.load_state(&optim, step)?;
+    }
+    lapo.iteration = info.iteration;
+    Ok(info)
+}
