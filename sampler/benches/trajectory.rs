@@ -82,12 +82,20 @@ impl TinyDit {
     fn new(channels: usize, hidden: usize, heads: usize, blocks: usize, seed: u64) -> Result<Self> {
         let mut rng = SplitMix64::new(seed);
         let dev = Device::Cpu;
-        let mut w = |i: usize, o: usize| -> Result<Tensor> { rng.normal_tensor((i, o), DType::F32, &dev)? / (i as f64).sqrt() };
+        let mut w =
+            |i: usize, o: usize| -> Result<Tensor> { rng.normal_tensor((i, o), DType::F32, &dev)? / (i as f64).sqrt() };
         Ok(Self {
             w_in: w(channels, hidden)?,
             w_noise: w(1, hidden)?,
             blocks: (0..blocks)
-                .map(|_| Ok([w(hidden, 3 * hidden)?, w(hidden, hidden)?, w(hidden, 4 * hidden)?, (w(4 * hidden, hidden)? * 0.5)?]))
+                .map(|_| {
+                    Ok([
+                        w(hidden, 3 * hidden)?,
+                        w(hidden, hidden)?,
+                        w(hidden, 4 * hidden)?,
+                        (w(4 * hidden, hidden)? * 0.5)?,
+                    ])
+                })
                 .collect::<Result<_>>()?,
             w_out: (w(hidden, channels)? * 0.1)?,
             heads,
@@ -107,12 +115,16 @@ impl Network for TinyDit {
         for [w_qkv, w_o, w_1, w_2] in &self.blocks {
             let qkv = ops::layer_norm(&z, None, None, 1e-6)?.broadcast_matmul(w_qkv)?;
             let split = |i: usize| -> Result<Tensor> {
-                qkv.narrow(D::Minus1, i * hidden, hidden)?.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
+                qkv.narrow(D::Minus1, i * hidden, hidden)?
+                    .reshape((b, n, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let att = ops::sdpa(&split(0)?, &split(1)?, &split(2)?, None, None)?;
             let att = att.transpose(1, 2)?.reshape((b, n, hidden))?;
             z = (z + att.broadcast_matmul(w_o)?)?;
-            let mlp = ops::gelu_tanh(&ops::layer_norm(&z, None, None, 1e-6)?.broadcast_matmul(w_1)?)?.broadcast_matmul(w_2)?;
+            let mlp = ops::gelu_tanh(&ops::layer_norm(&z, None, None, 1e-6)?.broadcast_matmul(w_1)?)?
+                .broadcast_matmul(w_2)?;
             z = (z + mlp)?;
         }
         let out = ops::layer_norm(&z, None, None, 1e-6)?.broadcast_matmul(&self.w_out)?; // (B, N, C)
@@ -120,7 +132,12 @@ impl Network for TinyDit {
     }
 
     fn describe(&self) -> String {
-        format!("tiny DiT: {} blocks, hidden {}, {} heads", self.blocks.len(), self.w_in.dim(1).unwrap_or(0), self.heads)
+        format!(
+            "tiny DiT: {} blocks, hidden {}, {} heads",
+            self.blocks.len(),
+            self.w_in.dim(1).unwrap_or(0),
+            self.heads
+        )
     }
 }
 
@@ -142,7 +159,12 @@ fn main() -> anyhow::Result<()> {
     let cond = Conditioning::default();
     let solver = SolverKind::Res.build();
     let iterations = 2;
-    println!("denoiser: {} (EDM), latent {:?} = {} tokens, f32, RES solver, {iterations} iterations per configuration", den.net.describe(), shape, shape[2] * shape[3] * shape[4]);
+    println!(
+        "denoiser: {} (EDM), latent {:?} = {} tokens, f32, RES solver, {iterations} iterations per configuration",
+        den.net.describe(),
+        shape,
+        shape[2] * shape[3] * shape[4]
+    );
     let mut rows = Vec::new();
     for steps in [5usize, 10, 20, 40] {
         for mode in [GradMode::Recompute, GradMode::FullGraph] {
@@ -161,7 +183,11 @@ fn main() -> anyhow::Result<()> {
             }
             let seconds = started.elapsed().as_secs_f64() / iterations as f64;
             let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-            println!("  steps {steps:>2} {mode:?}: {seconds:.3} s/iter, peak +{:.1} MB (stored x_i/state {:.2} MB)", peak as f64 / MB, stored as f64 / MB);
+            println!(
+                "  steps {steps:>2} {mode:?}: {seconds:.3} s/iter, peak +{:.1} MB (stored x_i/state {:.2} MB)",
+                peak as f64 / MB,
+                stored as f64 / MB
+            );
             rows.push(Row { steps, mode, seconds, peak, stored });
         }
     }
@@ -169,7 +195,11 @@ fn main() -> anyhow::Result<()> {
     println!("| steps | mode | s / iteration | peak heap (MB) | stored x_i + state (MB) | peak − stored (MB) | time vs full graph |");
     println!("|---:|---|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let full = rows.iter().find(|f| f.steps == r.steps && f.mode == GradMode::FullGraph).map(|f| f.seconds).unwrap_or(f64::NAN);
+        let full = rows
+            .iter()
+            .find(|f| f.steps == r.steps && f.mode == GradMode::FullGraph)
+            .map(|f| f.seconds)
+            .unwrap_or(f64::NAN);
         println!(
             "| {} | {:?} | {:.3} | {:.1} | {:.2} | {:.1} | {:.2}× |",
             r.steps,
@@ -185,10 +215,19 @@ fn main() -> anyhow::Result<()> {
     let growth = (rec(40).peak - rec(40).stored) as f64 / (rec(5).peak - rec(5).stored) as f64 - 1.0;
     let worst_ratio = [5, 10, 20, 40]
         .iter()
-        .map(|&s| rec(s).seconds / rows.iter().find(|r| r.steps == s && r.mode == GradMode::FullGraph).expect("row").seconds)
+        .map(|&s| {
+            rec(s).seconds / rows.iter().find(|r| r.steps == s && r.mode == GradMode::FullGraph).expect("row").seconds
+        })
         .fold(0.0, f64::max);
     println!();
-    println!("recomputation: memory beyond the stored x_i/state grows {:+.1}% from 5 to 40 steps (target ≤ +10%): {}", growth * 100.0, if growth <= 0.10 { "met" } else { "NOT met" });
-    println!("recomputation: worst time ratio to the full-graph backward {worst_ratio:.2}× (target ≤ 1.5×): {}", if worst_ratio <= 1.5 { "met" } else { "NOT met" });
+    println!(
+        "recomputation: memory beyond the stored x_i/state grows {:+.1}% from 5 to 40 steps (target ≤ +10%): {}",
+        growth * 100.0,
+        if growth <= 0.10 { "met" } else { "NOT met" }
+    );
+    println!(
+        "recomputation: worst time ratio to the full-graph backward {worst_ratio:.2}× (target ≤ 1.5×): {}",
+        if worst_ratio <= 1.5 { "met" } else { "NOT met" }
+    );
     Ok(())
 }

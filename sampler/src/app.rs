@@ -26,7 +26,15 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
     let started = Instant::now();
     let device = shared::device::parse_device(&params.device).context("opening the device")?;
     let setup = crate::demo::build(params, &device)?;
-    let noise = NoiseState::draw(params.seed, &setup.shape, &setup.plan, setup.noise_mode, params.learn_noise, setup.dtype, &device)?;
+    let noise = NoiseState::draw(
+        params.seed,
+        &setup.shape,
+        &setup.plan,
+        setup.noise_mode,
+        params.learn_noise,
+        setup.dtype,
+        &device,
+    )?;
     let traj = Trajectory {
         denoiser: setup.denoiser.as_ref(),
         solver: setup.solver.as_ref(),
@@ -98,7 +106,12 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
         log(&format!("WARNING: the gradient at z0 is zero or not finite (norm {:.3e}): nothing will move", stats.norm));
     }
     let gradcheck = if params.verify_grad {
-        let opts = GradCheckOptions { eps: gradcheck_eps(setup.dtype), directions: 3, seed: params.seed ^ 0xC4EC, floor: 1e-12 };
+        let opts = GradCheckOptions {
+            eps: gradcheck_eps(setup.dtype),
+            directions: 3,
+            seed: params.seed ^ 0xC4EC,
+            floor: 1e-12,
+        };
         let check = verify_gradient(&traj, &noise, setup.objective.as_ref(), params.grad_mode, &opts)?;
         log(&format!(
             "verify-grad: directional finite differences over {} directions (eps {:.0e}, {} learned tensors): max relative error {:.3e}",

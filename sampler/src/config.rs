@@ -256,7 +256,10 @@ fn explain(err: &serde_json::Error) -> String {
 
 /// Parses and validates a params document. `overrides` (from the command line) replace fields
 /// of the file; errors name where the bad value came from.
-pub fn parse_params(text: Option<(&str, &str)>, overrides: &serde_json::Map<String, serde_json::Value>) -> Result<Params, ConfigError> {
+pub fn parse_params(
+    text: Option<(&str, &str)>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Params, ConfigError> {
     let mut fields = serde_json::Map::new();
     let mut origins: std::collections::HashMap<String, Origin> = Default::default();
     if let Some((name, text)) = text {
@@ -306,7 +309,9 @@ impl Params {
     pub fn effective_s_churn(&self) -> f64 {
         match self.s_churn {
             Some(c) => c,
-            None if self.effective_noise_mode().injects() => (self.num_steps as f64 + 1.0) * crate::noise::COSMOS_ETA_CAP,
+            None if self.effective_noise_mode().injects() => {
+                (self.num_steps as f64 + 1.0) * crate::noise::COSMOS_ETA_CAP
+            }
             None => 0.0,
         }
     }
@@ -320,7 +325,14 @@ impl Params {
         if self.learn_noise && self.noise_steps == 0 {
             return fail("noise_steps", "must be at least 1 when learn_noise is true".into());
         }
-        for (field, v) in [("noise_lr", self.noise_lr), ("sigma_max", self.sigma_max), ("sigma_min", self.sigma_min), ("rho", self.rho), ("shift", self.shift), ("data_std", self.data_std)] {
+        for (field, v) in [
+            ("noise_lr", self.noise_lr),
+            ("sigma_max", self.sigma_max),
+            ("sigma_min", self.sigma_min),
+            ("rho", self.rho),
+            ("shift", self.shift),
+            ("data_std", self.data_std),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return fail(field, format!("must be a positive number, got {v}"));
             }
@@ -328,14 +340,25 @@ impl Params {
         if self.sigma_min >= self.sigma_max {
             return fail("sigma_min", format!("must be below sigma_max ({}), got {}", self.sigma_max, self.sigma_min));
         }
-        for (field, v) in [("grad_clip", self.grad_clip), ("chi_reg", self.chi_reg), ("s_noise", self.s_noise), ("s_tmin", self.s_tmin)] {
+        for (field, v) in [
+            ("grad_clip", self.grad_clip),
+            ("chi_reg", self.chi_reg),
+            ("s_noise", self.s_noise),
+            ("s_tmin", self.s_tmin),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return fail(field, format!("must be ≥ 0, got {v}"));
             }
         }
         if let (Some(m), true) = (self.noise_mode, self.learnable_step_noise) {
             if m != NoiseMode::SdeLearnable {
-                return fail("learnable_step_noise", format!("true conflicts with noise_mode '{}'; use noise_mode \"sde-learnable\" (or drop one of them)", mode_name(m)));
+                return fail(
+                    "learnable_step_noise",
+                    format!(
+                        "true conflicts with noise_mode '{}'; use noise_mode \"sde-learnable\" (or drop one of them)",
+                        mode_name(m)
+                    ),
+                );
             }
         }
         let mode = self.effective_noise_mode();
@@ -353,7 +376,10 @@ impl Params {
         let k = crate::demo::NUM_PATTERNS;
         for (field, v) in [("target_pattern", self.target_pattern), ("condition_pattern", self.condition_pattern)] {
             if v >= k {
-                return fail(field, format!("pattern index {v} out of range; allowed: 0..{} (disc, stripes, checker, ramp)", k - 1));
+                return fail(
+                    field,
+                    format!("pattern index {v} out of range; allowed: 0..{} (disc, stripes, checker, ramp)", k - 1),
+                );
             }
         }
         if let Some(c) = self.guidance_class {
@@ -361,10 +387,16 @@ impl Params {
                 return fail("guidance_class", format!("pattern index {c} out of range; allowed: 0..{}", k - 1));
             }
         } else if self.guidance != 0.0 {
-            return fail("guidance", "classifier-free guidance needs a condition: set guidance_class (a mixture pattern index)".into());
+            return fail(
+                "guidance",
+                "classifier-free guidance needs a condition: set guidance_class (a mixture pattern index)".into(),
+            );
         }
         if self.condition_frames >= self.frames {
-            return fail("condition_frames", format!("must be below frames ({}), got {}", self.frames, self.condition_frames));
+            return fail(
+                "condition_frames",
+                format!("must be below frames ({}), got {}", self.frames, self.condition_frames),
+            );
         }
         if let Err(e) = self.device.parse::<shared::device::DeviceSpec>() {
             return fail("device", e.to_string());
@@ -406,18 +438,30 @@ mod tests {
     fn malformed_params_give_one_clear_error_each() {
         let cases: &[(&str, &str)] = &[
             (r#"{"solver": "heun"}"#, "params.json: field `solver`: unknown value 'heun'; allowed: euler, res, unipc"),
-            (r#"{"noise_mode": "langevin"}"#, "params.json: field `noise_mode`: unknown value 'langevin'; allowed: ode, sde, sde-learnable"),
+            (
+                r#"{"noise_mode": "langevin"}"#,
+                "params.json: field `noise_mode`: unknown value 'langevin'; allowed: ode, sde, sde-learnable",
+            ),
             (r#"{"direction": "up"}"#, "params.json: field `direction`: unknown value 'up'; allowed: ascent, descent"),
             (r#"{"optimizer": "lbfgs"}"#, "params.json: field `optimizer`: unknown value 'lbfgs'; allowed: adam, sgd"),
-            (r#"{"grad_mode": "checkpoint"}"#, "params.json: field `grad_mode`: unknown value 'checkpoint'; allowed: recompute, full-graph"),
+            (
+                r#"{"grad_mode": "checkpoint"}"#,
+                "params.json: field `grad_mode`: unknown value 'checkpoint'; allowed: recompute, full-graph",
+            ),
             (r#"{"objective": "clip"}"#, "params.json: field `objective`: unknown value 'clip'; allowed: target-mse"),
             (r#"{"num_stpes": 10}"#, "params.json: unknown field `num_stpes`; allowed fields: learn_noise,"),
             (r#"{"num_steps": "ten"}"#, "params.json: field `num_steps`: invalid type: string \"ten\", expected usize"),
             (r#"{"noise_lr": -1}"#, "params.json: field `noise_lr`: must be a positive number, got -1"),
             (r#"{"num_steps": 0}"#, "params.json: field `num_steps`: must be at least 1"),
             (r#"{"sigma_min": 90}"#, "params.json: field `sigma_min`: must be below sigma_max (80), got 90"),
-            (r#"{"learnable_step_noise": true, "noise_mode": "ode"}"#, "params.json: field `learnable_step_noise`: true conflicts with noise_mode 'ode'"),
-            (r#"{"noise_mode": "sde", "s_churn": 0}"#, "params.json: field `s_churn`: is 0, so noise_mode 'sde' would inject nothing"),
+            (
+                r#"{"learnable_step_noise": true, "noise_mode": "ode"}"#,
+                "params.json: field `learnable_step_noise`: true conflicts with noise_mode 'ode'",
+            ),
+            (
+                r#"{"noise_mode": "sde", "s_churn": 0}"#,
+                "params.json: field `s_churn`: is 0, so noise_mode 'sde' would inject nothing",
+            ),
             (r#"{"device": "tpu"}"#, "params.json: field `device`: unknown device 'tpu'"),
             (r#"{"guidance": 2.0}"#, "params.json: field `guidance`: classifier-free guidance needs a condition"),
             (r#"{"target_pattern": 9}"#, "params.json: field `target_pattern`: pattern index 9 out of range"),
@@ -435,7 +479,9 @@ mod tests {
     fn command_line_overrides_and_source_fields() {
         let mut o = serde_json::Map::new();
         o.insert("solver".into(), "unipc".into());
-        let p = parse_params(Some(("p.json", r#"{"solver": "euler", "learnable_step_noise": true, "s_churn": 5}"#)), &o).unwrap();
+        let p =
+            parse_params(Some(("p.json", r#"{"solver": "euler", "learnable_step_noise": true, "s_churn": 5}"#)), &o)
+                .unwrap();
         assert_eq!(p.solver, SolverKind::Unipc);
         // The source's LEARNABLE_STEP_NOISE=1 maps to sde-learnable.
         assert_eq!(p.effective_noise_mode(), NoiseMode::SdeLearnable);
@@ -444,7 +490,8 @@ mod tests {
         assert_eq!(e, "command line: field `solver`: unknown value 'heun'; allowed: euler, res, unipc");
         // sde without s_churn puts η at Cosmos' cap on every step.
         let p = parse_params(Some(("p.json", r#"{"noise_mode": "sde"}"#)), &Default::default()).unwrap();
-        let plan = crate::noise::Churn { s_churn: p.effective_s_churn(), ..Default::default() }.plan(&[3.0, 2.0, 1.0], true);
+        let plan =
+            crate::noise::Churn { s_churn: p.effective_s_churn(), ..Default::default() }.plan(&[3.0, 2.0, 1.0], true);
         assert!(plan.noise_scales.iter().all(|s| *s > 0.0));
         assert!((plan.eval_sigmas[0] / 3.0 - 1.0 - crate::noise::COSMOS_ETA_CAP).abs() < 1e-12);
     }

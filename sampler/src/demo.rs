@@ -5,7 +5,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{DenoiserKind, ObjectiveKind, ParamKind, Params, ScheduleKind};
-use crate::denoiser::{ClassifierFreeGuidance, Conditioning, Denoiser, ExactNetwork, FrameReplace, GaussianDenoiser, MixtureDenoiser, Preconditioned};
+use crate::denoiser::{
+    ClassifierFreeGuidance, Conditioning, Denoiser, ExactNetwork, FrameReplace, GaussianDenoiser, MixtureDenoiser,
+    Preconditioned,
+};
 use crate::noise::{Churn, ChurnPlan, NoiseMode};
 use crate::objective::{Objective, TargetMse};
 use crate::param::Parameterization;
@@ -34,14 +37,14 @@ pub fn patterns(c: usize, h: usize, w: usize, dtype: DType, device: &Device) -> 
                             }
                         }
                         1 => {
-                            if (y * 4 / h.max(1)) % 2 == 0 {
+                            if (y * 4 / h.max(1)) & 1 == 0 {
                                 1.0
                             } else {
                                 -1.0
                             }
                         }
                         2 => {
-                            if (y * 4 / h.max(1) + x * 4 / w.max(1)) % 2 == 0 {
+                            if (y * 4 / h.max(1) + x * 4 / w.max(1)) & 1 == 0 {
                                 1.0
                             } else {
                                 -1.0
@@ -99,7 +102,9 @@ pub fn build(p: &Params, device: &Device) -> anyhow::Result<Setup> {
         denoiser = Box::new(ClassifierFreeGuidance { inner: denoiser, scale: p.guidance, uncond_context: None });
     }
     if p.condition_frames > 0 {
-        let frames = pattern(p.condition_pattern)?.broadcast_as((p.batch, p.channels, p.frames, p.height, p.width))?.contiguous()?;
+        let frames = pattern(p.condition_pattern)?
+            .broadcast_as((p.batch, p.channels, p.frames, p.height, p.width))?
+            .contiguous()?;
         let fr = Conditioning::frame_replace(&frames, p.condition_frames)?;
         cond.frames = fr.frames;
         cond.mask = fr.mask;
@@ -116,7 +121,12 @@ pub fn build(p: &Params, device: &Device) -> anyhow::Result<Setup> {
         ScheduleKind::FlowShift => Schedule::flow_shift(p.num_steps, p.shift)?,
     };
     let noise_mode = p.effective_noise_mode();
-    let churn = Churn { s_churn: p.effective_s_churn(), s_tmin: p.s_tmin, s_tmax: p.s_tmax.unwrap_or(f64::INFINITY), s_noise: p.s_noise };
+    let churn = Churn {
+        s_churn: p.effective_s_churn(),
+        s_tmin: p.s_tmin,
+        s_tmax: p.s_tmax.unwrap_or(f64::INFINITY),
+        s_noise: p.s_noise,
+    };
     let plan = churn.plan(&schedule.sigmas, noise_mode.injects());
     Ok(Setup { denoiser, cond, objective, solver: p.solver.build(), schedule, plan, noise_mode, shape, dtype })
 }

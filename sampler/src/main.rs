@@ -96,7 +96,9 @@ impl Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let text = match &cli.input {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading params file {}", path.display()))?),
+        Some(path) => {
+            Some(std::fs::read_to_string(path).with_context(|| format!("reading params file {}", path.display()))?)
+        }
         None => None,
     };
     let name = cli.input.as_ref().map(|p| p.display().to_string()).unwrap_or_default();

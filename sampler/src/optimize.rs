@@ -142,7 +142,8 @@ pub fn optimize(
             initial = Some((vg.output.clone(), vg.loss));
         }
         let grad_z0 = GradStats::of(&vg.grad_z0)?;
-        let step_sq: Vec<f64> = vg.grad_steps.iter().flatten().map(|g| GradStats::of(g).map(|s| s.norm * s.norm)).collect::<Result<_>>()?;
+        let step_sq: Vec<f64> =
+            vg.grad_steps.iter().flatten().map(|g| GradStats::of(g).map(|s| s.norm * s.norm)).collect::<Result<_>>()?;
         let grad_step_noise_norm = (!step_sq.is_empty()).then(|| step_sq.iter().sum::<f64>().sqrt());
 
         // The gradient of direction·loss + λ·χ-regulariser for every learned tensor.
@@ -159,7 +160,10 @@ pub fn optimize(
         }
         let sq: f64 = total.iter().map(|(_, g)| GradStats::of(g).map(|s| s.norm * s.norm)).sum::<Result<f64>>()?;
         let grad_norm_total = sq.sqrt();
-        anyhow::ensure!(grad_norm_total.is_finite(), "iteration {iteration}: gradient is not finite (norm {grad_norm_total})");
+        anyhow::ensure!(
+            grad_norm_total.is_finite(),
+            "iteration {iteration}: gradient is not finite (norm {grad_norm_total})"
+        );
         let clipped = matches!(settings.grad_clip, Some(c) if grad_norm_total > c);
         let factor = match settings.grad_clip {
             Some(c) if grad_norm_total > c => c / grad_norm_total,

@@ -24,7 +24,20 @@ pub fn frames_to_images(x: &Tensor, b: usize, upscale: u32) -> anyhow::Result<Ve
     for ti in 0..t {
         let img = RgbImage::from_fn(w as u32 * upscale, h as u32 * upscale, |px, py| {
             let (xx, y) = ((px / upscale) as usize, (py / upscale) as usize);
-            let channel = |k: usize| to_u8(at(if c >= 3 { k } else if c == 2 && k == 1 { 1 } else { 0 }, ti, y, xx));
+            let channel = |k: usize| {
+                to_u8(at(
+                    if c >= 3 {
+                        k
+                    } else if c == 2 && k == 1 {
+                        1
+                    } else {
+                        0
+                    },
+                    ti,
+                    y,
+                    xx,
+                ))
+            };
             image::Rgb([channel(0), channel(1), channel(2)])
         });
         out.push(img);
@@ -37,10 +50,19 @@ pub fn grid(rows: &[Vec<RgbImage>]) -> RgbImage {
     let gutter = 4;
     let (w, h) = rows.first().and_then(|r| r.first()).map(|i| i.dimensions()).unwrap_or((1, 1));
     let cols = rows.iter().map(Vec::len).max().unwrap_or(1) as u32;
-    let mut out = RgbImage::from_pixel(cols * (w + gutter) + gutter, rows.len() as u32 * (h + gutter) + gutter, image::Rgb([255, 255, 255]));
+    let mut out = RgbImage::from_pixel(
+        cols * (w + gutter) + gutter,
+        rows.len() as u32 * (h + gutter) + gutter,
+        image::Rgb([255, 255, 255]),
+    );
     for (r, row) in rows.iter().enumerate() {
         for (c, img) in row.iter().enumerate() {
-            image::imageops::replace(&mut out, img, (gutter + c as u32 * (w + gutter)) as i64, (gutter + r as u32 * (h + gutter)) as i64);
+            image::imageops::replace(
+                &mut out,
+                img,
+                (gutter + c as u32 * (w + gutter)) as i64,
+                (gutter + r as u32 * (h + gutter)) as i64,
+            );
         }
     }
     out

@@ -85,7 +85,13 @@ impl Trajectory<'_> {
     }
 
     /// Step i: churn (x += scale_i·ξ_i), then the solver step. A pure function of its inputs.
-    pub fn step(&self, i: usize, x: &Tensor, state: &[Tensor], noise: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn step(
+        &self,
+        i: usize,
+        x: &Tensor,
+        state: &[Tensor],
+        noise: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let scale = self.plan.noise_scales[i];
         let x = match noise {
             Some(xi) if scale > 0.0 => (x + (xi * scale)?)?,
@@ -106,7 +112,12 @@ impl Trajectory<'_> {
 
     /// Runs the trajectory. A graph is recorded iff an input is a `Var` (or carries one);
     /// with `checkpoints`, each x_i and state is stored.
-    pub fn run(&self, z0: &Tensor, noises: &[Option<Tensor>], mut checkpoints: Option<&mut Checkpoints>) -> Result<Tensor> {
+    pub fn run(
+        &self,
+        z0: &Tensor,
+        noises: &[Option<Tensor>],
+        mut checkpoints: Option<&mut Checkpoints>,
+    ) -> Result<Tensor> {
         let n = self.num_steps();
         if noises.len() != n {
             candle_core::bail!("{} step noises given for {n} steps", noises.len());
@@ -120,7 +131,7 @@ impl Trajectory<'_> {
             }
             (x, state) = self.step(i, &x, &state, noise.as_ref())?;
         }
-        if let Some(ck) = checkpoints.as_deref_mut() {
+        if let Some(ck) = checkpoints {
             ck.xs.push(x.clone());
         }
         self.finish(&x)
@@ -146,11 +157,19 @@ impl Trajectory<'_> {
         }
     }
 
-    fn grad_full_graph(&self, z0: &Tensor, noises: &[Option<Tensor>], objective: &dyn Objective) -> Result<ValueAndGrad> {
+    fn grad_full_graph(
+        &self,
+        z0: &Tensor,
+        noises: &[Option<Tensor>],
+        objective: &dyn Objective,
+    ) -> Result<ValueAndGrad> {
         let z0_var = Var::from_tensor(&z0.detach())?;
-        let noise_vars: Vec<Option<Var>> =
-            noises.iter().map(|n| n.as_ref().map(|t| Var::from_tensor(&t.detach())).transpose()).collect::<Result<_>>()?;
-        let noise_tensors: Vec<Option<Tensor>> = noise_vars.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect();
+        let noise_vars: Vec<Option<Var>> = noises
+            .iter()
+            .map(|n| n.as_ref().map(|t| Var::from_tensor(&t.detach())).transpose())
+            .collect::<Result<_>>()?;
+        let noise_tensors: Vec<Option<Tensor>> =
+            noise_vars.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect();
         let output = self.run(z0_var.as_tensor(), &noise_tensors, None)?;
         let loss = objective.loss(&output)?;
         let grads = loss.backward()?;
@@ -169,12 +188,18 @@ impl Trajectory<'_> {
         })
     }
 
-    fn grad_recompute(&self, z0: &Tensor, noises: &[Option<Tensor>], objective: &dyn Objective) -> Result<ValueAndGrad> {
+    fn grad_recompute(
+        &self,
+        z0: &Tensor,
+        noises: &[Option<Tensor>],
+        objective: &dyn Objective,
+    ) -> Result<ValueAndGrad> {
         let noises: Vec<Option<Tensor>> = noises.iter().map(|n| n.as_ref().map(Tensor::detach)).collect();
         let mut ck = Checkpoints { xs: Vec::new(), states: Vec::new() };
         // Detached inputs and frozen weights: this forward records no graph.
         self.run(&z0.detach(), &noises, Some(&mut ck))?;
-        let checkpoint_bytes = ck.bytes() + noises.iter().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
+        let checkpoint_bytes =
+            ck.bytes() + noises.iter().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
 
         // The final clean pass and the objective.
         let x_last = Var::from_tensor(&ck.xs.pop().expect("x_N stored"))?;
@@ -190,10 +215,12 @@ impl Trajectory<'_> {
 
         for i in (0..self.num_steps()).rev() {
             let x_var = Var::from_tensor(&ck.xs.pop().expect("x_i stored"))?;
-            let state_vars: Vec<Var> = ck.states.pop().expect("state stored").iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let state_vars: Vec<Var> =
+                ck.states.pop().expect("state stored").iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let noise_var = noises[i].as_ref().map(Var::from_tensor).transpose()?;
             let state_in: Vec<Tensor> = state_vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let (x_next, state_next) = self.step(i, x_var.as_tensor(), &state_in, noise_var.as_ref().map(|v| v.as_tensor()))?;
+            let (x_next, state_next) =
+                self.step(i, x_var.as_tensor(), &state_in, noise_var.as_ref().map(|v| v.as_tensor()))?;
             // ⟨x_{i+1}, λ_x⟩ + Σ_j ⟨state_{i+1,j}, λ_j⟩: its gradient is the VJP of the step.
             let mut surrogate = (x_next * &adj_x)?.sum_all()?;
             for (s, a) in state_next.iter().zip(&adj_state) {

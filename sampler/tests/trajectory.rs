@@ -53,8 +53,18 @@ fn solvers_converge_at_expected_order() {
     // constant ratio σ_{k}/σ_{k+1}, so it reaches its asymptotic order 2 only at large N.
     type Make = Box<dyn Fn(usize) -> Schedule>;
     let cases: [(&str, Make, Vec<usize>, [f64; 3]); 2] = [
-        ("karras(σ 80 → 0.02, ρ 7)", Box::new(|n| Schedule::karras(n, 0.02, 80.0, 7.0).unwrap()), vec![10, 20, 40, 80, 160], [1.0, 2.0, 3.0]),
-        ("flow-shift(5) → 0", Box::new(|n| Schedule::flow_shift(n, 5.0).unwrap()), vec![160, 320, 640], [1.0, 1.8, 1.8]),
+        (
+            "karras(σ 80 → 0.02, ρ 7)",
+            Box::new(|n| Schedule::karras(n, 0.02, 80.0, 7.0).unwrap()),
+            vec![10, 20, 40, 80, 160],
+            [1.0, 2.0, 3.0],
+        ),
+        (
+            "flow-shift(5) → 0",
+            Box::new(|n| Schedule::flow_shift(n, 5.0).unwrap()),
+            vec![160, 320, 640],
+            [1.0, 1.8, 1.8],
+        ),
     ];
     for (label, make, steps, expected_orders) in cases {
         for (kind, expected) in SOLVERS.into_iter().zip(expected_orders) {
@@ -67,7 +77,9 @@ fn solvers_converge_at_expected_order() {
                 let mut ck = sampler::trajectory::Checkpoints { xs: vec![], states: vec![] };
                 traj.run(&z0, &vec![None; n], Some(&mut ck)).unwrap();
                 let x_last = ck.xs.last().unwrap();
-                let exact = den.exact_ode(&traj.start(&z0).unwrap(), traj.schedule.sigma_start(), traj.schedule.sigma_end()).unwrap();
+                let exact = den
+                    .exact_ode(&traj.start(&z0).unwrap(), traj.schedule.sigma_start(), traj.schedule.sigma_end())
+                    .unwrap();
                 errors.push(max_abs_diff(x_last, &exact));
             }
             let orders: Vec<f64> = errors.windows(2).map(|e| (e[0] / e[1]).log2()).collect();
@@ -78,7 +90,11 @@ fn solvers_converge_at_expected_order() {
                 orders.iter().map(|o| format!("{o:.2}")).collect::<Vec<_>>()
             );
             let last = *orders.last().unwrap();
-            assert!(last > expected - 0.2, "{} on {label}: observed order {last:.2} < expected {expected}", solver.name());
+            assert!(
+                last > expected - 0.2,
+                "{} on {label}: observed order {last:.2} < expected {expected}",
+                solver.name()
+            );
             assert!(errors.windows(2).all(|e| e[1] < e[0]), "{}: errors must fall as steps double", solver.name());
         }
     }
@@ -223,7 +239,17 @@ fn wrapped_denoisers_round_trip_and_differentiate() {
         },
         condition_sigma: Some(0.001),
     };
-    let clean = pats.get(1).unwrap().unsqueeze(0).unwrap().unsqueeze(2).unwrap().broadcast_as(&SHAPE[..]).unwrap().contiguous().unwrap();
+    let clean = pats
+        .get(1)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap()
+        .broadcast_as(&SHAPE[..])
+        .unwrap()
+        .contiguous()
+        .unwrap();
     let mut cond = Conditioning::frame_replace(&clean, 1).unwrap();
     cond.context = Some(Tensor::new(&[0.0f64, -3.0, -3.0, -3.0], &dev).unwrap());
     let obj = target();
@@ -235,7 +261,10 @@ fn wrapped_denoisers_round_trip_and_differentiate() {
     let (z0, steps) = noise.tensors();
     let out = traj.sample(&z0, &steps).unwrap();
     let first = out.narrow(2, 0, 1).unwrap();
-    assert!(max_abs_diff(&first, &clean.narrow(2, 0, 1).unwrap()) < 1e-12, "condition frame must be the clean condition");
+    assert!(
+        max_abs_diff(&first, &clean.narrow(2, 0, 1).unwrap()) < 1e-12,
+        "condition frame must be the clean condition"
+    );
     let opts = GradCheckOptions { eps: 1e-6, directions: 2, seed: 2, floor: 1e-12 };
     let report = verify_gradient(&traj, &noise, &obj, GradMode::Recompute, &opts).unwrap();
     println!("frame-replace + CFG + rectified flow + UniPC: rel err {:.2e}", report.max_rel_error());
@@ -353,4 +382,22 @@ fn optimisation_moves_the_loss_in_the_asked_direction_and_chi_reg_is_exact() {
     )
     .unwrap();
     report.assert_close(1e-6, "χ regulariser").unwrap();
+}
+
+/// The CLI's run end to end on a small setup: the files exist, the loss fell, the check passed.
+#[test]
+fn app_run_writes_report_frames_and_measured_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"{"num_steps": 6, "noise_steps": 4, "height": 8, "width": 8, "frames": 2, "noise_mode": "sde-learnable", "s_churn": 10, "condition_frames": 1, "chi_reg": 0.001, "grad_clip": 10}"#;
+    let params = sampler::config::parse_params(Some(("params.json", text)), &Default::default()).unwrap();
+    let mut lines = Vec::new();
+    let summary = sampler::app::run(&params, dir.path(), |l| lines.push(l.to_string())).unwrap();
+    for f in ["before.png", "before.gif", "after.png", "after.gif", "before_after.png", "report.json", "metrics.jsonl"] {
+        assert!(dir.path().join(f).metadata().unwrap().len() > 0, "{f} missing");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["iterations"].as_array().unwrap().len(), 4);
+    assert!(summary.final_loss < summary.initial_loss, "{} → {}", summary.initial_loss, summary.final_loss);
+    assert!(summary.gradcheck_rel_error.unwrap() < 1e-4);
+    assert!(lines.iter().any(|l| l.starts_with("gradient reached z0")) && lines.iter().any(|l| l.starts_with("step 4/4 done")));
 }
