@@ -169,12 +169,9 @@ pub fn optimize(
             Some(c) if grad_norm_total > c => c / grad_norm_total,
             _ => 1.0,
         };
-        // GradStore has no public constructor: get one from a trivial backward, then overwrite.
-        let mut store = total[0].0.as_tensor().sum_all()?.backward()?;
-        for (var, g) in &total {
-            store.insert(var.as_tensor(), (g * factor)?);
-        }
-        opt.step(&store)?;
+        let scaled: Vec<(candle_core::TensorId, Tensor)> =
+            total.iter().map(|(var, g)| Ok((var.as_tensor().id(), (g * factor)?))).collect::<Result<_>>()?;
+        opt.step_with(|var| scaled.iter().find(|(id, _)| *id == var.as_tensor().id()).map(|(_, g)| g.clone()))?;
         let record = IterationRecord {
             iteration,
             loss: vg.loss,

@@ -308,10 +308,16 @@ impl GroupOptimizer {
     /// One update from `grads`. Vars without a gradient in the store are left untouched (so one
     /// `GradStore` can feed several optimisers), as PyTorch skips params whose `.grad` is None.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.step_with(|var| grads.get(var.as_tensor()).cloned())
+    }
+
+    /// One update from gradients supplied by `grad_of` (e.g. assembled by hand from
+    /// vector-Jacobian products, or clipped); vars for which it returns `None` are left untouched.
+    pub fn step_with(&mut self, grad_of: impl Fn(&Var) -> Option<Tensor>) -> candle_core::Result<()> {
         self.step += 1;
         let c = &self.config;
         for ((_, var), moments) in self.vars.iter().zip(self.moments.iter_mut()) {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grad_of(var) else { continue };
             let g = g.to_dtype(var.dtype())?;
             let theta = var.as_tensor().detach();
             match c.kind {
