@@ -180,15 +180,22 @@ impl Losses {
 #[derive(Debug, thiserror::Error)]
 pub enum LapoError {
     #[error("non-finite loss at iteration {iteration} ({stage}): {losses:?}")]
-    NonFinite { iteration: u64, stage: &'static str, losses: Losses },
+    NonFinite { iteration: u64, stage: &'static str, losses: Box<Losses> },
     #[error("gradient-flow audit failed at iteration {iteration}:\n{table}")]
     Audit { iteration: u64, table: String },
     #[error(transparent)]
-    Partition(#[from] shared::params::PartitionError),
+    Partition(Box<shared::params::PartitionError>),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+impl From<shared::params::PartitionError> for LapoError {
+    fn from(e: shared::params::PartitionError) -> Self {
+        // Boxed: the partition error is large and would bloat every `Result` of the hot loop.
+        Self::Partition(Box::new(e))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,7 +539,7 @@ impl Lapo {
         if finite {
             Ok(())
         } else {
-            Err(LapoError::NonFinite { iteration: self.iteration, stage, losses: losses.clone() })
+            Err(LapoError::NonFinite { iteration: self.iteration, stage, losses: Box::new(losses.clone()) })
         }
     }
 

@@ -133,7 +133,7 @@ fn max_pool_matches_reference_and_its_gradient() {
     }
     let w = SplitMix64::new(9).normal_tensor((2, 3, 4, 3), DType::F64, &Device::Cpu).unwrap();
     let f = || (max_pool_3x3_s2(x.as_tensor())? * &w)?.sum_all();
-    check_directional(&[x.clone()], f, &opts()).unwrap().assert_close(1e-6, "max-pool").unwrap();
+    check_directional(std::slice::from_ref(&x), f, &opts()).unwrap().assert_close(1e-6, "max-pool").unwrap();
 }
 
 #[test]
