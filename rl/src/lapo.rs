@@ -408,7 +408,8 @@ impl Lapo {
         losses.positive_advantage_fraction = positive_fraction;
 
         // 4. Advantage-weighted VAE; step.
-        let encoder_before = audit_log.as_ref().map(|_| self.snapshot_encoder()).transpose()?;
+        let encoder_before =
+            audit_log.as_ref().filter(|_| self.has_encoder()).map(|_| self.snapshot_encoder()).transpose()?;
         let s_vae = if c.encoder_owner.actor_vae_owns() { &s } else { &s_detached };
         let eps = rng.normal_tensor((batch.state.dim(0)?, self.actor_vae.latent_dim()), self.dtype, &self.device)?;
         let vae = self.actor_vae_loss(s_vae, &batch.action, &weights, &eps)?;
