@@ -392,12 +392,17 @@ fn app_run_writes_report_frames_and_measured_figures() {
     let params = sampler::config::parse_params(Some(("params.json", text)), &Default::default()).unwrap();
     let mut lines = Vec::new();
     let summary = sampler::app::run(&params, dir.path(), |l| lines.push(l.to_string())).unwrap();
-    for f in ["before.png", "before.gif", "after.png", "after.gif", "before_after.png", "report.json", "metrics.jsonl"] {
+    for f in ["before.png", "before.gif", "after.png", "after.gif", "before_after.png", "report.json", "metrics.jsonl"]
+    {
         assert!(dir.path().join(f).metadata().unwrap().len() > 0, "{f} missing");
     }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
     assert_eq!(report["iterations"].as_array().unwrap().len(), 4);
     assert!(summary.final_loss < summary.initial_loss, "{} → {}", summary.initial_loss, summary.final_loss);
     assert!(summary.gradcheck_rel_error.unwrap() < 1e-4);
-    assert!(lines.iter().any(|l| l.starts_with("gradient reached z0")) && lines.iter().any(|l| l.starts_with("step 4/4 done")));
+    assert!(
+        lines.iter().any(|l| l.starts_with("gradient reached z0"))
+            && lines.iter().any(|l| l.starts_with("step 4/4 done"))
+    );
 }
