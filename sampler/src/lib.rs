@@ -8,6 +8,9 @@
 //! * [`trajectory`]: forward, per-step recomputation backward, full-graph backward.
 //! * [`objective`], [`optimize`]: what is optimised and the loop that does it.
 //! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.
+//! * [`world_model`]: the embedded pixel-space Cosmos-DiT world model of the environment
+//!   (data, EDM training, evaluation); [`stress`]: the LAPO policy objective and the default
+//!   policy stress test.
 
 pub mod app;
 pub mod config;
@@ -21,4 +24,6 @@ pub mod param;
 pub mod report;
 pub mod schedule;
 pub mod solver;
+pub mod stress;
 pub mod trajectory;
+pub mod world_model;

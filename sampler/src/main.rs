@@ -7,7 +7,9 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 
 /// Optimise z0 (and optionally every step noise) of a differentiable denoising trajectory.
-/// With no `-i`, runs the built-in analytic demo.
+/// With no `-i`, runs the policy stress test on the embedded world model when it and an
+/// exported image policy are present (`weights/world_model.*`, `weights/policy.safetensors` or
+/// `--policy`), and the built-in analytic demo otherwise.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -58,6 +60,15 @@ struct Cli {
     verify_grad: bool,
     #[arg(long)]
     no_verify_grad: bool,
+    /// Exported LAPO policy for the stress test (default: weights/policy.safetensors).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Directory holding world_model.json + world_model.safetensors (default: weights/).
+    #[arg(long)]
+    world_model: Option<PathBuf>,
+    /// Stress-test seeds, comma-separated (default 0,1,2).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
 }
 
 impl Cli {
@@ -93,8 +104,71 @@ impl Cli {
     }
 }
 
+/// The stress test's settings: defaults, overridden by the flags that apply to it.
+fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings> {
+    let mut s = sampler::stress::StressSettings::default();
+    if let Some(seeds) = &cli.seeds {
+        anyhow::ensure!(!seeds.is_empty(), "--seeds: give at least one seed");
+        s.seeds = seeds.clone();
+    }
+    if let Some(n) = cli.iterations {
+        s.iterations = usize::try_from(n).context("--iterations")?;
+    }
+    if let Some(n) = cli.num_steps {
+        anyhow::ensure!(n > 0, "--num-steps must be at least 1");
+        s.num_steps = usize::try_from(n).context("--num-steps")?;
+    }
+    if let Some(lr) = cli.lr {
+        anyhow::ensure!(lr > 0.0 && lr.is_finite(), "--lr must be positive, got {lr}");
+        s.lr = lr;
+    }
+    if let Some(d) = &cli.direction {
+        s.direction = serde_json::from_value(Value::from(d.as_str()))
+            .map_err(|_| anyhow::anyhow!("--direction: unknown value '{d}'; allowed: ascent, descent"))?;
+    }
+    if let Some(v) = &cli.solver {
+        s.solver = serde_json::from_value(Value::from(v.as_str()))
+            .map_err(|_| anyhow::anyhow!("--solver: unknown value '{v}'; allowed: euler, res, unipc"))?;
+    }
+    Ok(s)
+}
+
+/// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
+fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
+    let weights = cli.world_model.clone().unwrap_or_else(sampler::stress::weights_dir);
+    let policy = cli.policy.clone().unwrap_or_else(|| weights.join("policy.safetensors"));
+    let explicit = cli.policy.is_some() || cli.world_model.is_some();
+    let missing: Vec<String> =
+        [weights.join("world_model.safetensors"), weights.join("world_model.json"), policy.clone()]
+            .iter()
+            .filter(|p| !p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+    if !missing.is_empty() {
+        anyhow::ensure!(!explicit, "stress test inputs missing: {}", missing.join(", "));
+        println!(
+            "policy stress test unavailable (missing {}): running the built-in analytic demo instead (see sampler/README.md)",
+            missing.join(", ")
+        );
+        return Ok(false);
+    }
+    let settings = stress_settings(cli)?;
+    println!(
+        "no -i params file: running the policy stress test (world model {}, policy {})",
+        weights.display(),
+        policy.display()
+    );
+    let model =
+        sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    sampler::stress::run(&model, &policy, &settings, &cli.out, |line| println!("{line}"))?;
+    Ok(true)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.input.is_none() && try_stress(&cli)? {
+        return Ok(());
+    }
     let text = match &cli.input {
         Some(path) => {
             Some(std::fs::read_to_string(path).with_context(|| format!("reading params file {}", path.display()))?)

@@ -1,0 +1,291 @@
+//! `cargo run -p sampler --release --bin train-world-model` — trains the embedded pixel-space
+//! world model on clips collected from the environment, evaluates it on held-out episodes
+//! (PSNR of sampled predictions vs the copy-the-first-frame baseline), and writes
+//! `weights/world_model.{safetensors,json}`, `weights/world_model_manifest.json` and
+//! `docs/world-model-predictions.png`. Checkpoints and `metrics.jsonl` go to `--run-dir`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+use clap::Parser;
+use sampler::solver::SolverKind;
+use sampler::world_model::{
+    batch_indices, collect_clips, copy_first_frame, edm_loss, learning_rate, predict, psnr, trainable_vars, Clips,
+    DataSpec, TrainSettings, WorldModel, WorldModelConfig,
+};
+use serde_json::json;
+use sha2::Digest;
+use shared::params::{GroupOptimizer, OptimizerConfig, Partitions};
+
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(about = "Train the embedded pixel-space Cosmos-DiT world model of the environment")]
+struct Args {
+    /// `small` (the embedded model) or `tiny` (seconds; for tests).
+    #[arg(long, default_value = "small")]
+    model: String,
+    #[arg(long, default_value_t = 1500)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Training episodes (expert, medium, random in turn; seeds 1000…).
+    #[arg(long, default_value_t = 30)]
+    episodes: usize,
+    /// Frames recorded per episode at most.
+    #[arg(long, default_value_t = 40)]
+    frames_per_episode: usize,
+    /// Held-out evaluation episodes (seeds 9000…).
+    #[arg(long, default_value_t = 6)]
+    eval_episodes: usize,
+    /// Evaluation clips sampled (spread over the held-out episodes).
+    #[arg(long, default_value_t = 24)]
+    eval_clips: usize,
+    /// Solver steps when sampling predictions.
+    #[arg(long, default_value_t = 10)]
+    eval_solver_steps: usize,
+    /// euler | res | unipc
+    #[arg(long, default_value = "res")]
+    eval_solver: String,
+    #[arg(long, default_value_t = 80.0)]
+    eval_sigma_max: f64,
+    /// Where the solver stops before the final clean pass D(x_N, σ_N).
+    #[arg(long, default_value_t = 0.002)]
+    eval_sigma_min: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads for tensor kernels (0: Candle's default). 1 by default: these kernels are
+    /// small, and on a shared 2-core machine more threads mostly wait for each other.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Where the final weights, config and manifest go.
+    #[arg(long, default_value = "weights")]
+    out_dir: PathBuf,
+    /// Where the prediction PNG goes.
+    #[arg(long, default_value = "docs/world-model-predictions.png")]
+    figure: PathBuf,
+    /// Checkpoints and metrics.
+    #[arg(long, default_value = "out/world_model")]
+    run_dir: PathBuf,
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: usize,
+    /// Only evaluate the model already in `--out-dir` (prints figures, writes nothing).
+    #[arg(long)]
+    eval_only: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.threads > 0 {
+        // Candle's CPU kernels size their thread pool from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    }
+    let started = Instant::now();
+    let device = shared::device::parse_device(&args.device).context("opening the device")?;
+    let cfg = match args.model.as_str() {
+        "small" => WorldModelConfig::small(),
+        "tiny" => WorldModelConfig::tiny(),
+        other => anyhow::bail!("--model: unknown value '{other}'; allowed: small, tiny"),
+    };
+    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("creating {}", args.run_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    println!("device: {}", shared::device::describe(&device));
+
+    // Data: training and held-out episodes never share a seed.
+    let train_spec = DataSpec {
+        episodes: args.episodes,
+        first_seed: 1000,
+        frames_per_episode: args.frames_per_episode,
+        clip_spacing: 1,
+    };
+    let eval_spec = DataSpec {
+        episodes: args.eval_episodes,
+        first_seed: 9000,
+        frames_per_episode: args.frames_per_episode,
+        clip_spacing: cfg.frames,
+    };
+    let t_data = Instant::now();
+    let train = collect_clips(&cfg, &train_spec, &device)?;
+    let eval_all = collect_clips(&cfg, &eval_spec, &device)?;
+    let eval_idx: Vec<usize> = (0..args.eval_clips.min(eval_all.len()))
+        .map(|i| i * eval_all.len() / args.eval_clips.min(eval_all.len()))
+        .collect();
+    let eval = eval_all.select(&eval_idx)?;
+    println!(
+        "data: {} training clips from {} episodes, {} held-out clips from {} episodes ({:.1} s); clip {:?}",
+        train.len(),
+        args.episodes,
+        eval.len(),
+        args.eval_episodes,
+        t_data.elapsed().as_secs_f64(),
+        cfg.clip_shape()
+    );
+
+    if args.eval_only {
+        let frozen = WorldModel::load_dir(&args.out_dir, DType::F32, &device)?;
+        evaluate(&frozen, &eval, &args)?;
+        return Ok(());
+    }
+
+    let varmap = candle_nn::VarMap::new();
+    let model = WorldModel::new_trainable(&cfg, &varmap, args.seed, &device)?;
+    let vars = trainable_vars(&varmap)?;
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    println!("model: {} — {n_params} parameters ({:.2} MB f32)", model.describe(), n_params as f64 * 4.0 / 1e6);
+    let settings = TrainSettings {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+        ..TrainSettings::default()
+    };
+    let mut opt = GroupOptimizer::new("world_model", vars, OptimizerConfig::adam(args.lr))?;
+    let mut rng = shared::rng::SplitMix64::new(args.seed ^ 0x77AA);
+    let mut metrics = shared::metrics::JsonlWriter::create(&args.run_dir.join("metrics.jsonl"))?;
+    let bar = shared::metrics::progress_bar(args.steps as u64, "train");
+    let (mut ema, mut final_loss) = (None::<f64>, f64::NAN);
+    let t_train = Instant::now();
+    for step in 0..args.steps {
+        let batch = train.select(&batch_indices(&mut rng, train.len(), args.batch_size))?;
+        let loss = edm_loss(&model, &batch, &mut rng, &settings)?;
+        let grads = loss.backward()?;
+        if step == 0 {
+            // Every weight (DiT and action embedding) must receive a gradient: the DiT's
+            // frozen-weight matmul shortcut is only taken for weights that are not Vars.
+            let partitions = Partitions::new(&varmap).optimised("world_model", &["dit.", "action_embed."])?;
+            let audit = shared::gradflow::audit(
+                &grads,
+                &partitions,
+                &shared::gradflow::Expectation::new("edm").reaches(&["world_model"]),
+            )?;
+            println!("gradient audit at step 0:\n{}", audit.table());
+            anyhow::ensure!(audit.ok(), "gradient audit failed: {:?}", audit.violations);
+        }
+        opt.config.lr = learning_rate(&settings, step);
+        opt.step(&grads)?;
+        let value = shared::gradcheck::scalar_f64(&loss)?;
+        anyhow::ensure!(value.is_finite(), "step {step}: loss is not finite");
+        ema = Some(ema.map_or(value, |e| 0.98 * e + 0.02 * value));
+        final_loss = ema.unwrap_or(value);
+        metrics.write(&json!({"step": step, "loss": value, "loss_ema": final_loss, "lr": opt.config.lr,
+            "seconds": t_train.elapsed().as_secs_f64()}))?;
+        bar.set_message(format!("loss {value:.4} (ema {final_loss:.4})"));
+        bar.inc(1);
+        if (step + 1) % args.checkpoint_every == 0 || step + 1 == args.steps {
+            shared::weights::save_varmap_atomic(
+                &varmap,
+                &args.run_dir.join(format!("checkpoint_{:06}.safetensors", step + 1)),
+            )?;
+        }
+    }
+    bar.finish();
+    let train_seconds = t_train.elapsed().as_secs_f64();
+    println!("trained {} steps in {train_seconds:.1} s; final loss (EMA 0.98) {final_loss:.5}", args.steps);
+
+    // Save the frozen model and re-load it, so the evaluation sees exactly what ships.
+    let weights_path = args.out_dir.join("world_model.safetensors");
+    let config_path = args.out_dir.join("world_model.json");
+    shared::weights::save_varmap_atomic(&varmap, &weights_path)?;
+    shared::io::write_json_atomic(&config_path, &cfg)?;
+    let frozen = WorldModel::load_dir(&args.out_dir, DType::F32, &device)?;
+
+    let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) = evaluate(&frozen, &eval, &args)?;
+    write_figure(&args.figure, &eval, &pred)?;
+
+    let bytes = std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
+    let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+    let manifest = json!({
+        "file": "world_model.safetensors",
+        "config": "world_model.json",
+        "bytes": bytes.len(),
+        "sha256": sha256,
+        "parameters": n_params,
+        "command": format!("cargo run -p sampler --release --bin train-world-model -- {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
+        "args": args,
+        "data": {
+            "train": train_spec, "train_clips": train.len(),
+            "eval": eval_spec, "eval_clips": eval.len(),
+            "policies": "expert, medium (noisy expert), random, cycled over episodes",
+            "frames": "three 32×32 camera renders box-downsampled to 16×16 and tiled (16×48 RGB in [-1, 1])",
+        },
+        "steps": args.steps,
+        "final_loss_ema": final_loss,
+        "train_seconds": train_seconds,
+        "eval": {
+            "solver": "res", "solver_steps": args.eval_solver_steps,
+            "psnr_db": psnr_model, "psnr_db_per_frame": psnr_model_frames,
+            "copy_first_frame_psnr_db": psnr_copy, "copy_first_frame_psnr_db_per_frame": psnr_copy_frames,
+        },
+        "device": shared::device::describe(&device),
+        "seconds_total": started.elapsed().as_secs_f64(),
+    });
+    shared::io::write_json_atomic(&args.out_dir.join("world_model_manifest.json"), &manifest)?;
+    println!(
+        "wrote {} ({} bytes, sha256 {sha256}), {}, {}, {}",
+        weights_path.display(),
+        bytes.len(),
+        config_path.display(),
+        args.out_dir.join("world_model_manifest.json").display(),
+        args.figure.display()
+    );
+    Ok(())
+}
+
+/// Held-out figures: one-shot denoising PSNR per σ, then sampled predictions (RES) against the
+/// real frames and the copy-the-first-frame baseline.
+#[allow(clippy::type_complexity)]
+fn evaluate(
+    frozen: &WorldModel,
+    eval: &Clips,
+    args: &Args,
+) -> anyhow::Result<(f64, Vec<f64>, f64, Vec<f64>, candle_core::Tensor)> {
+    let cfg = &frozen.cfg;
+    let probe = [0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0];
+    let table = sampler::world_model::denoising_psnr(frozen, eval, &probe, args.seed ^ 0xD1A6)?;
+    println!(
+        "one-shot denoising PSNR D(x0+σε) vs x0 (dB): {}",
+        table.iter().map(|(s, p)| format!("σ={s}: {p:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    let t_eval = Instant::now();
+    let solver: SolverKind = serde_json::from_value(json!(args.eval_solver))
+        .with_context(|| format!("--eval-solver: unknown value '{}'; allowed: euler, res, unipc", args.eval_solver))?;
+    let pred = predict(
+        frozen,
+        eval,
+        solver,
+        args.eval_solver_steps,
+        args.eval_sigma_min,
+        args.eval_sigma_max,
+        args.seed ^ 0xE7A1,
+    )?;
+    let (psnr_model, psnr_model_frames) = psnr(&pred, &eval.frames)?;
+    let (psnr_copy, psnr_copy_frames) = psnr(&copy_first_frame(&eval.frames)?, &eval.frames)?;
+    println!(
+        "held-out PSNR over {} clips (frames 1..{}): world model {psnr_model:.2} dB {psnr_model_frames:.2?} vs copy-first-frame {psnr_copy:.2} dB {psnr_copy_frames:.2?} ({:.1} s, RES {} steps)",
+        eval.len(),
+        cfg.frames - 1,
+        t_eval.elapsed().as_secs_f64(),
+        args.eval_solver_steps
+    );
+    Ok((psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred))
+}
+
+/// Rows: for each of up to 4 held-out clips, the real frames then the predicted ones (frame 0
+/// is the given condition in both).
+fn write_figure(path: &std::path::Path, eval: &Clips, pred: &candle_core::Tensor) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let n = eval.len();
+    for k in 0..n.min(4) {
+        let i = k * n / n.min(4);
+        rows.push(sampler::report::frames_to_images(&eval.frames, i, 4)?);
+        rows.push(sampler::report::frames_to_images(pred, i, 4)?);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    shared::io::write_atomic(path, &sampler::report::png_bytes(&sampler::report::grid(&rows))?)
+}
