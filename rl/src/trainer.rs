@@ -21,7 +21,8 @@ pub struct Normalization {
     pub state_std: Vec<f32>,
     pub action_mean: Vec<f32>,
     pub action_std: Vec<f32>,
-    /// Rewards are divided by this (the dataset's max reward).
+    /// Per-step rewards are divided by this (the dataset's max non-terminal reward; success
+    /// transitions get the absorbing value 1/(1 − γ) instead, see [`Replay::terminal_reward`]).
     pub reward_scale: f32,
 }
 
@@ -60,6 +61,9 @@ pub struct Replay {
     pub bounds: ValueBounds,
     pub encoder: EncoderKind,
     pub dims: Dims,
+    /// Learning reward of a success (terminal) transition, in scaled units: the value of an
+    /// absorbing state paying the maximal per-step reward forever, 1/(1 − γ) = max_v.
+    pub terminal_reward: f32,
 }
 
 impl Replay {
@@ -88,8 +92,13 @@ impl Replay {
                 a_sum[i] += *x as f64;
                 a_sq[i] += (*x as f64).powi(2);
             }
-            r_min = r_min.min(tr.reward as f64);
-            r_max = r_max.max(tr.reward as f64);
+            // The success bonus (1.0 per remaining step, up to ~190) is not a per-step reward:
+            // scaling by a max r that includes it shrinks every shaped reward ~150×. Scale by
+            // the per-step rewards only; success becomes an absorbing value below.
+            if !tr.terminal {
+                r_min = r_min.min(tr.reward as f64);
+                r_max = r_max.max(tr.reward as f64);
+            }
         }
         let n = index.len() as f64;
         let stats = |sum: &[f64], sq: &[f64]| -> (Vec<f32>, Vec<f32>) {
@@ -99,12 +108,16 @@ impl Replay {
         };
         let (state_mean, state_std) = stats(&s_sum, &s_sq);
         let (action_mean, action_std) = stats(&a_sum, &a_sq);
-        anyhow::ensure!(r_max > 0.0, "dataset rewards are never positive (max {r_max}): cannot scale by max r");
+        anyhow::ensure!(
+            r_max > 0.0,
+            "dataset per-step rewards are never positive (max {r_max}): cannot scale by max r"
+        );
         let reward_scale = r_max as f32;
         let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
+        let terminal_reward = (1.0 / (1.0 - gamma)) as f32;
         let dims = Dims { state_dim, action_dim, image_hw: (meta.image_height, meta.image_width) };
         let norm = Normalization { state_mean, state_std, action_mean, action_std, reward_scale };
-        Ok(Self { dataset, index, norm, bounds, encoder, dims })
+        Ok(Self { dataset, index, norm, bounds, encoder, dims, terminal_reward })
     }
 
     pub fn len(&self) -> usize {
@@ -117,6 +130,19 @@ impl Replay {
 
     /// A uniformly sampled, normalised minibatch; `rng` decides which transitions.
     pub fn sample(&self, batch_size: usize, rng: &mut SplitMix64, dtype: DType, device: &Device) -> Result<Batch> {
+        let picks: Vec<(usize, usize)> =
+            (0..batch_size).map(|_| self.index[(rng.next_u64() % self.index.len() as u64) as usize]).collect();
+        self.batch(&picks, dtype, device)
+    }
+
+    /// Every (episode, step) pair, in dataset order.
+    pub fn index(&self) -> &[(usize, usize)] {
+        &self.index
+    }
+
+    /// The normalised minibatch of the given (episode, step) transitions.
+    pub fn batch(&self, picks: &[(usize, usize)], dtype: DType, device: &Device) -> Result<Batch> {
+        let batch_size = picks.len();
         let (h, w) = self.dims.image_hw;
         let images = uses_images(self.encoder);
         let (sd, ad) = (self.dims.state_dim, self.dims.action_dim);
@@ -128,15 +154,15 @@ impl Replay {
         let frame = 3 * NUM_CAMERAS * h * w;
         let mut img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
         let mut next_img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
-        for b in 0..batch_size {
-            let (e, t) = self.index[(rng.next_u64() % self.index.len() as u64) as usize];
+        for (b, &(e, t)) in picks.iter().enumerate() {
             let tr = self.dataset.episode(e).expect("indexed episode exists").transition(t);
             state.extend(self.norm.state(&model_state(self.encoder, tr.state, tr.environment_state)));
             next_state.extend(self.norm.state(&model_state(self.encoder, tr.next_state, tr.next_environment_state)));
             action.extend(
                 tr.action.iter().zip(&self.norm.action_mean).zip(&self.norm.action_std).map(|((x, m), s)| (x - m) / s),
             );
-            reward.push(tr.reward / self.norm.reward_scale);
+            // Success: the absorbing value replaces the env's undiscounted remaining-steps bonus.
+            reward.push(if tr.terminal { self.terminal_reward } else { tr.reward / self.norm.reward_scale });
             // Bootstrap through time limits; only success is terminal.
             done.push(if tr.terminal { 1f32 } else { 0f32 });
             if images {
