@@ -33,6 +33,9 @@ struct Args {
     /// Clone only the successful episodes (filtered BC).
     #[arg(long)]
     success_only: bool,
+    /// A training run directory: evaluate its checkpoint's actor policy and its decoders at z = 0.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
 }
 
 /// Replays the action of the nearest (normalised) dataset state.
@@ -97,6 +100,22 @@ fn main() -> Result<()> {
         n.reward_scale, replay.bounds
     );
 
+    if let Some(dir) = &args.checkpoint {
+        let info = rl::trainer::read_checkpoint_info(dir)?;
+        let mut lapo = Lapo::new(info.config.clone(), info.dims, info.bounds, DType::F32, &Device::Cpu)?;
+        rl::trainer::load_checkpoint(&mut lapo, dir)?;
+        let env = EnvConfig { render: false, ..meta.env.clone() };
+        for (label, which) in [("actor→target decoder", 0), ("target decoder z=0", 1), ("online decoder z=0", 2)] {
+            let policy = Decoder(&lapo, &info.normalization, which);
+            let e = evaluate(&policy, &env, args.episodes, 0, |_| {})?;
+            println!(
+                "{label}: score {:.2} ± {:.2}, success {:.2}",
+                e.normalized_score, e.normalized_score_std, e.success_rate
+            );
+        }
+        return Ok(());
+    }
+
     // 2. Nearest-neighbour replay on the dataset's own seeds.
     let mut states = Vec::new();
     let mut actions = Vec::new();
@@ -146,26 +165,7 @@ fn main() -> Result<()> {
                 );
             }
         }
-        struct Decoder<'a>(&'a Lapo, &'a Normalization);
-        impl Actor for Decoder<'_> {
-            fn encoder(&self) -> EncoderKind {
-                EncoderKind::None
-            }
-            fn normalization(&self) -> &Normalization {
-                self.1
-            }
-            fn act_batch(&self, _i: Option<&Tensor>, s: &Tensor) -> candle_core::Result<Tensor> {
-                let z = Tensor::zeros((s.dim(0)?, self.0.actor_vae.latent_dim()), s.dtype(), s.device())?;
-                self.0.actor_vae.decode(s, &z)
-            }
-            fn device(&self) -> &Device {
-                self.0.device()
-            }
-            fn dtype(&self) -> DType {
-                DType::F32
-            }
-        }
-        let eval = evaluate(&Decoder(&lapo, n), &env, args.episodes, 0, |_| {})?;
+        let eval = evaluate(&Decoder(&lapo, n, 2), &env, args.episodes, 0, |_| {})?;
         println!(
             "BC decoder(z=0) after {} iterations: score {:.2} ± {:.2}, success {:.2}",
             args.bc_iterations, eval.normalized_score, eval.normalized_score_std, eval.success_rate
@@ -176,4 +176,31 @@ fn main() -> Result<()> {
 
 fn fmt(v: &[f32]) -> Vec<String> {
     v.iter().map(|x| format!("{x:.3}")).collect()
+}
+
+/// 0: the LAPO policy (actor latent, target decoder); 1: target decoder at z = 0; 2: online
+/// decoder at z = 0.
+struct Decoder<'a>(&'a Lapo, &'a Normalization, u8);
+
+impl Actor for Decoder<'_> {
+    fn encoder(&self) -> EncoderKind {
+        EncoderKind::None
+    }
+    fn normalization(&self) -> &Normalization {
+        self.1
+    }
+    fn act_batch(&self, i: Option<&Tensor>, s: &Tensor) -> candle_core::Result<Tensor> {
+        let z = Tensor::zeros((s.dim(0)?, self.0.actor_vae.latent_dim()), s.dtype(), s.device())?;
+        match self.2 {
+            0 => self.0.act(i, s),
+            1 => self.0.target_actor_vae.decode(s, &z),
+            _ => self.0.actor_vae.decode(s, &z),
+        }
+    }
+    fn device(&self) -> &Device {
+        self.0.device()
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
 }
