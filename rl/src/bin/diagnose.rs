@@ -165,11 +165,14 @@ fn main() -> Result<()> {
                 );
             }
         }
-        let eval = evaluate(&Decoder(&lapo, n, 2), &env, args.episodes, 0, |_| {})?;
-        println!(
-            "BC decoder(z=0) after {} iterations: score {:.2} ± {:.2}, success {:.2}",
-            args.bc_iterations, eval.normalized_score, eval.normalized_score_std, eval.success_rate
-        );
+        // Unseen layouts (evaluation seeds from 0) and the dataset's own layouts (its seeds).
+        for seed in [0, meta.seed] {
+            let eval = evaluate(&Decoder(&lapo, n, 2), &env, args.episodes, seed, |_| {})?;
+            println!(
+                "BC decoder(z=0) after {} iterations, env seeds {seed}..: score {:.2} ± {:.2}, success {:.2}",
+                args.bc_iterations, eval.normalized_score, eval.normalized_score_std, eval.success_rate
+            );
+        }
     }
     Ok(())
 }
