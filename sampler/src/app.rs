@@ -66,7 +66,7 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
         params.seed,
     ));
     log(&format!("denoiser: {}", setup.denoiser.describe()));
-    log("NOTE: this denoiser is analytic (exact x0 prediction), a stand-in until the world model lands — not a learned video model.");
+    log("NOTE: this denoiser is analytic (exact x0 prediction), the fallback when the world model or an image policy is missing — not a learned video model.");
     log(&format!("objective: {}", setup.objective.describe()));
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 

@@ -1,4 +1,4 @@
-//! The built-in analytic setup used until the world model lands: a per-frame mixture of four
+//! The built-in analytic setup, used when the world model or an image policy is missing: a per-frame mixture of four
 //! image-like patterns (or Gaussian data around one), exact x0 prediction, and a target-MSE
 //! objective. Samples are visible images, so before/after pictures show the optimisation.
 
