@@ -16,7 +16,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Module, ModuleT, Result, Tensor, D};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder, VarMap};
+use shared::ops::Conv2d;
 
 use crate::nets::Mlp;
 
@@ -75,7 +76,7 @@ fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
 }
 
 fn conv_no_bias(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d_no_bias(cin, cout, k, Conv2dConfig { padding, stride, ..Default::default() }, vb)
+    Conv2d::new(cin, cout, k, stride, padding, false, vb)
 }
 
 /// torchvision's `BasicBlock`.
@@ -172,7 +173,8 @@ fn imagenet_stats(dtype: DType, device: &candle_core::Device) -> Result<(Tensor,
     ))
 }
 
-/// Four 3×3 convs (strides 2, 2, 2, 1) and a linear layer: about 1 M parameters, CPU-friendly.
+/// Four 3×3 convs (strides 2, 2, 2, 1, padding 1) and a linear layer, CPU-friendly: works from
+/// 16×16 images (the world model's views; 8, 4, 2, 2 px maps) up to 84×84 (42, 21, 11, 11).
 #[derive(Clone, Debug)]
 pub struct SmallConv {
     convs: Vec<Conv2d>,
@@ -185,18 +187,12 @@ impl SmallConv {
         let (mut h, mut w) = image_hw;
         let mut convs = Vec::new();
         for (i, &(cin, cout, stride)) in spec.iter().enumerate() {
-            if h < 3 || w < 3 {
+            if h < 2 || w < 2 {
                 candle_core::bail!("images of {}x{} are too small for the conv encoder", image_hw.0, image_hw.1);
             }
-            convs.push(candle_nn::conv2d(
-                cin,
-                cout,
-                3,
-                Conv2dConfig { stride, ..Default::default() },
-                vb.pp(format!("conv{}", i + 1)),
-            )?);
-            h = (h - 3) / stride + 1;
-            w = (w - 3) / stride + 1;
+            convs.push(Conv2d::new(cin, cout, 3, stride, 1, true, vb.pp(format!("conv{}", i + 1)))?);
+            h = (h - 1) / stride + 1;
+            w = (w - 1) / stride + 1;
         }
         Ok(Self { convs, proj: candle_nn::linear(64 * h * w, out_dim, vb.pp("proj"))? })
     }

@@ -12,7 +12,7 @@ fn small_config(threads: usize) -> CollectConfig {
         tier: Tier::Mixed,
         episodes: 3,
         seed: 40,
-        env: EnvConfig { image_height: 24, image_width: 32, max_steps: 30, render: true },
+        env: EnvConfig { image_height: 24, image_width: 32, max_steps: 30, render: true, supersample: 2 },
         threads,
     }
 }

@@ -12,7 +12,7 @@ fn make_dataset() -> (tempfile::TempDir, PathBuf) {
         tier: Tier::Random,
         episodes: 2,
         seed: 5,
-        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 12, render: true },
+        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 12, render: true, supersample: 1 },
         threads: 1,
     };
     collect_dataset(&config, dir.path(), &|| {}).unwrap();

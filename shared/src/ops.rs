@@ -191,6 +191,96 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
+/// 2-D convolution (x: N×C×H×W, weight: O×C×kh×kw, optional bias O) written as im2col from
+/// gathers and one GEMM, so its backward is Candle's generic gather/matmul backward.
+///
+/// Why not `Tensor::conv2d`: on the CPU its backward runs a naive `conv_transpose2d` for the
+/// input gradient (even for raw images, which need none) and a kernel gradient through an
+/// im2col as large as the output map; for the 9-channel encoders that was 6× slower than this
+/// path. Forward values equal `Tensor::conv2d` (test), gradients are checked by finite
+/// differences. The returned tensor is N×O×Ho×Wo (a permuted view; callers may need
+/// `contiguous`).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c {
+        candle_core::bail!("conv2d: input has {c} channels, weight expects {wc}");
+    }
+    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!("conv2d: {h}x{w} input, {kh}x{kw} kernel, padding {padding}, stride {stride}");
+    }
+    let ho = (h + 2 * padding - kh) / stride + 1;
+    let wo = (w + 2 * padding - kw) / stride + 1;
+    // Channels last, so each tap is an N×Ho×Wo×C block and the stacked taps are already the
+    // im2col matrix in weight order (c, i, j).
+    let mut x = x.permute((0, 2, 3, 1))?;
+    if padding > 0 {
+        x = x.pad_with_zeros(1, padding, padding)?.pad_with_zeros(2, padding, padding)?;
+    }
+    let x = x.contiguous()?;
+    let taps = |offset: usize, count: usize| -> Result<Tensor> {
+        let index: Vec<u32> = (0..count).map(|k| (offset + k * stride) as u32).collect();
+        Tensor::from_vec(index, count, x.device())
+    };
+    let mut columns = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        let rows = if stride == 1 { x.narrow(1, i, ho)? } else { x.index_select(&taps(i, ho)?, 1)? };
+        for j in 0..kw {
+            let tap = if stride == 1 { rows.narrow(2, j, wo)? } else { rows.index_select(&taps(j, wo)?, 2)? };
+            columns.push(tap);
+        }
+    }
+    let columns = Tensor::stack(&columns, 4)?.reshape((n * ho * wo, c * kh * kw))?;
+    let kernel = weight.reshape((o, c * kh * kw))?.t()?;
+    let mut out = columns.matmul(&kernel)?;
+    if let Some(bias) = bias {
+        out = out.broadcast_add(bias)?;
+    }
+    out.reshape((n, ho, wo, o))?.permute((0, 3, 1, 2))
+}
+
+/// Differentiable 2-D convolution module over [`conv2d`], a drop-in for `candle_nn::Conv2d`
+/// (same var names `weight`, `bias` and the same default initialisation).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Kaiming-uniform weights (and bias) like `candle_nn::conv2d`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        with_bias: bool,
+        vb: candle_nn::VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_channels, in_channels, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if with_bias {
+            let bound = 1.0 / (in_channels as f64).sqrt();
+            Some(vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, stride, padding })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
 /// Differentiable layer norm module, a drop-in for `candle_nn::LayerNorm` (same weight names:
 /// `weight`, `bias`). Use it in every model that is backpropagated.
 #[derive(Clone, Debug)]

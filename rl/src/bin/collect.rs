@@ -40,6 +40,10 @@ struct Args {
     height: Option<usize>,
     #[arg(long)]
     width: Option<usize>,
+    /// Render at this many samples per pixel side and box-average (anti-aliasing; 2 with
+    /// --image-size 16 matches the world model's frames).
+    #[arg(long, default_value_t = 1)]
+    supersample: usize,
     /// Episode length in control steps.
     #[arg(long, default_value_t = 200)]
     max_steps: usize,
@@ -64,6 +68,7 @@ fn main() -> Result<()> {
         image_width: args.width.unwrap_or(args.image_size),
         max_steps: args.max_steps,
         render: true,
+        supersample: args.supersample,
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     if !args.evaluate_references && args.preview.is_none() && args.out.is_none() {

@@ -15,9 +15,11 @@
 //!   (1.5, 1.5, 3.0 rad/s). Gripper entries are finger-opening *targets*: -1 closed (cages a
 //!   puck), +1 fully open; fingers move toward the target at 0.3 m/s.
 //! * **Observation**: three RGB images (u8, H×W×3, row-major, default 84×84; see
-//!   [`CAMERA_NAMES`]) plus a 16-d proprioceptive state, per arm:
+//!   [`CAMERA_NAMES`]) plus a 24-d proprioceptive state, per arm:
 //!   `[q_shoulder, q_elbow, q_wrist (rad), qd_shoulder, qd_elbow, qd_wrist (rad/s),
-//!   gripper opening (0 closed .. 1 open), gripper opening velocity (-1 .. 1)]`.
+//!   gripper opening (0 closed .. 1 open), gripper opening velocity (-1 .. 1),
+//!   cup x, cup y (m, table frame), cos heading, sin heading]`. The end-effector pose is
+//!   forward kinematics of the joints, reported as real arms do, so policies need not learn it.
 //!   An 8-d privileged `environment_state` (puck and goal positions, LeRobot's
 //!   `observation.environment_state`) is provided for state-only baselines.
 //! * **Timing**: 20 control steps per second ([`CONTROL_DT`]), 4 physics substeps each,
@@ -50,7 +52,7 @@ pub use render::{contact_sheet, tile_views, Renderer};
 /// `observation.images.<name>`.
 pub const CAMERA_NAMES: [&str; 3] = ["left_wrist", "right_wrist", "global"];
 pub const NUM_CAMERAS: usize = 3;
-pub const STATE_DIM: usize = 16;
+pub const STATE_DIM: usize = 24;
 pub const ENVIRONMENT_STATE_DIM: usize = 8;
 pub const ACTION_DIM: usize = 8;
 /// Seconds per control step.
@@ -63,7 +65,7 @@ pub const MAX_STEP_REWARD: f32 = 1.0;
 /// Mean return of the uniform random policy over seeds 0..100 (default config).
 pub const REFERENCE_RANDOM_RETURN: f32 = 16.975;
 /// Mean return of the scripted expert over seeds 0..100 (default config).
-pub const REFERENCE_EXPERT_RETURN: f32 = 154.488;
+pub const REFERENCE_EXPERT_RETURN: f32 = 156.636;
 /// The command that measured the reference returns.
 pub const REFERENCE_COMMAND: &str = "cargo run -p rl --release --bin collect -- --evaluate-references --seeds 100";
 
@@ -76,6 +78,10 @@ pub const STATE_NAMES: [&str; STATE_DIM] = [
     "left.qd_wrist",
     "left.gripper_opening",
     "left.gripper_velocity",
+    "left.cup_x",
+    "left.cup_y",
+    "left.heading_cos",
+    "left.heading_sin",
     "right.q_shoulder",
     "right.q_elbow",
     "right.q_wrist",
@@ -84,6 +90,10 @@ pub const STATE_NAMES: [&str; STATE_DIM] = [
     "right.qd_wrist",
     "right.gripper_opening",
     "right.gripper_velocity",
+    "right.cup_x",
+    "right.cup_y",
+    "right.heading_cos",
+    "right.heading_sin",
 ];
 pub const ENVIRONMENT_STATE_NAMES: [&str; ENVIRONMENT_STATE_DIM] = [
     "red_puck.x",
@@ -117,6 +127,8 @@ pub enum EnvError {
     ImageSize { height: usize, width: usize },
     #[error("max_steps must be at least 1")]
     MaxSteps,
+    #[error("supersample {0} is not supported: it must be in 1..=8")]
+    Supersample(usize),
 }
 
 /// Environment parameters. Serialised into a dataset's meta.json.
@@ -129,11 +141,21 @@ pub struct EnvConfig {
     /// Render camera images. Off for state-only use and for physics benchmarks; observations
     /// then carry empty image vectors.
     pub render: bool,
+    /// Anti-aliasing: render at `supersample`× each side and box-average down to the image
+    /// size (1 = one sample per pixel). The world model's frames are made the same way
+    /// (32 px rendered → 16 px views), so a policy trained on 16 px, `supersample = 2` images
+    /// sees what the world model generates.
+    #[serde(default = "one")]
+    pub supersample: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for EnvConfig {
     fn default() -> Self {
-        Self { image_height: 84, image_width: 84, max_steps: 200, render: true }
+        Self { image_height: 84, image_width: 84, max_steps: 200, render: true, supersample: 1 }
     }
 }
 
@@ -190,7 +212,11 @@ impl Env {
         if config.max_steps == 0 {
             return Err(EnvError::MaxSteps);
         }
-        let renderer = config.render.then(|| Renderer::new(config.image_height, config.image_width));
+        if !(1..=8).contains(&config.supersample) {
+            return Err(EnvError::Supersample(config.supersample));
+        }
+        let ss = config.supersample;
+        let renderer = config.render.then(|| Renderer::new(config.image_height * ss, config.image_width * ss));
         let (world, goals) = sample_task(0);
         let mut env = Self { config, world, goals, steps: 0, success: false, renderer };
         env.reset(0);
@@ -237,7 +263,13 @@ impl Env {
     pub fn observe(&mut self) -> Observation {
         let (height, width) = (self.config.image_height, self.config.image_width);
         let images = match &mut self.renderer {
-            Some(renderer) => renderer.render(&self.world, &self.goals),
+            Some(renderer) => {
+                let images = renderer.render(&self.world, &self.goals);
+                match self.config.supersample {
+                    1 => images,
+                    f => images.map(|image| box_downsample(&image, height, width, f)),
+                }
+            }
             None => Default::default(),
         };
         Observation { images, state: self.proprioception(), environment_state: self.environment_state(), height, width }
@@ -283,6 +315,9 @@ impl Env {
             state.extend_from_slice(&arm.qd);
             state.push((arm.grip - GRIP_CLOSED) / (GRIP_OPEN - GRIP_CLOSED));
             state.push(arm.grip_velocity / MAX_GRIP_SPEED);
+            let cup = arm.cup_point();
+            let heading = arm.heading_angle();
+            state.extend_from_slice(&[cup.x, cup.y, heading.cos(), heading.sin()]);
         }
         state
     }
@@ -292,6 +327,28 @@ impl Env {
         let g = &self.goals;
         vec![p[0].position.x, p[0].position.y, p[1].position.x, p[1].position.y, g[0].x, g[0].y, g[1].x, g[1].y]
     }
+}
+
+/// Averages `factor`×`factor` blocks of an (H·factor)×(W·factor)×3 image into H×W×3 (rounded).
+fn box_downsample(image: &[u8], height: usize, width: usize, factor: usize) -> Vec<u8> {
+    let source_width = width * factor;
+    let count = (factor * factor) as u32;
+    let mut out = vec![0u8; height * width * 3];
+    for y in 0..height {
+        for x in 0..width {
+            for ch in 0..3 {
+                let mut sum = 0u32;
+                for dy in 0..factor {
+                    let row = (y * factor + dy) * source_width;
+                    for dx in 0..factor {
+                        sum += image[(row + x * factor + dx) * 3 + ch] as u32;
+                    }
+                }
+                out[(y * width + x) * 3 + ch] = ((sum + count / 2) / count) as u8;
+            }
+        }
+    }
+    out
 }
 
 /// Draws a feasible task: for each arm a puck and a goal on its half of the table, such that

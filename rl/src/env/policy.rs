@@ -1,7 +1,7 @@
 //! Data-collection policies: uniform random, the scripted expert, and a degraded ("medium")
 //! expert.
 //!
-//! The expert is a per-arm state machine over privileged state (puck and goal positions) with
+//! The expert is a per-arm phase rule over privileged state (puck and goal positions) with
 //! Cartesian feedback control through closed-form inverse kinematics:
 //!
 //! 1. **Approach**: open the gripper, turn its heading toward the push direction (puck → goal)
@@ -13,10 +13,12 @@
 //!    goal; the palm pushes and the fingers correct sideways drift.
 //! 4. **Hold**: stop once the puck is on the goal centre.
 //!
-//! Losing the puck in any phase sends the arm back to Approach, so the loop recovers from bumps.
+//! The phase is recomputed every step from the current state alone (no memory), so the expert
+//! is a function of what a policy can observe and can be imitated; losing the puck sends the
+//! arm back to Approach, so the loop recovers from bumps.
 
 use super::kinematics;
-use super::physics::{wrap_angle, Arm, Vec2, MAX_JOINT_SPEED};
+use super::physics::{wrap_angle, Arm, Vec2, GRIP_OPEN, MAX_JOINT_SPEED};
 use super::{Env, ACTION_DIM, CONTROL_DT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -111,18 +113,25 @@ impl ScriptedExpert {
         let aligned = heading.dot(push_direction) > 0.96;
         let behind_point = puck - push_direction * BEHIND_DISTANCE;
 
-        let phase = &mut self.phases[k];
-        *phase = match *phase {
-            Phase::Hold if goal_distance > 0.035 => Phase::Approach,
-            Phase::Push if goal_distance < 0.012 => Phase::Hold,
-            Phase::Push if !caged => Phase::Approach,
-            Phase::Capture if relative.length() < 0.012 => Phase::Push,
-            Phase::Capture if lateral.abs() > 0.04 || along < -0.03 || !aligned => Phase::Approach,
-            Phase::Approach if goal_distance < 0.012 => Phase::Hold,
-            Phase::Approach if caged && aligned && relative.length() < 0.015 => Phase::Push,
-            Phase::Approach if (cup - behind_point).length() < 0.015 && aligned => Phase::Capture,
-            unchanged => unchanged,
+        // The phase is a function of what the agent can observe (arm pose, gripper opening,
+        // puck and goal positions), never of the history: a policy learned from these
+        // demonstrations sees everything the expert decided on.
+        let gripper_closing = arm.grip < GRIP_OPEN - 0.01;
+        let phase = if goal_distance < 0.02 {
+            Phase::Hold
+        } else if caged && (gripper_closing || (aligned && relative.length() < 0.012)) {
+            Phase::Push
+        } else if aligned
+            && !gripper_closing
+            && lateral.abs() < 0.03
+            && (-0.02..BEHIND_DISTANCE + 0.015).contains(&along)
+        {
+            Phase::Capture
+        } else {
+            Phase::Approach
         };
+        self.phases[k] = phase;
+        let phase = &self.phases[k];
 
         let (target, target_heading, speed, gripper) = match *phase {
             Phase::Approach => {

@@ -263,3 +263,42 @@ fn assert_close(a: &Tensor, b: &Tensor, tol: f64) {
         .unwrap();
     assert!(diff <= tol, "max abs difference {diff:.3e} > {tol:.1e}");
 }
+
+#[test]
+fn conv2d_matches_candle_forward_and_finite_differences() {
+    // (channels in, out, kernel, stride, padding, side): ResNet's stem, strided and plain 3×3,
+    // a 1×1 projection, and an odd side that leaves a remainder under stride 2.
+    let cases = [(3, 4, 7, 2, 3, 11), (2, 3, 3, 2, 1, 9), (2, 3, 3, 1, 1, 6), (3, 2, 1, 2, 0, 7), (2, 2, 3, 2, 0, 8)];
+    for (k, &(cin, cout, kernel, stride, padding, side)) in cases.iter().enumerate() {
+        let seed = 100 + 10 * k as u64;
+        let x = var(&[2, cin, side, side], seed);
+        let w = var(&[cout, cin, kernel, kernel], seed + 1);
+        let b = var(&[cout], seed + 2);
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding).unwrap();
+        let reference = x
+            .as_tensor()
+            .conv2d(w.as_tensor(), padding, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), reference.dims());
+        assert_close(&ours, &reference, 1e-12);
+        let probe = weights(ours.dims(), seed + 3);
+        check(&format!("conv2d case {k}"), &[&x, &w, &b], || {
+            contract(&conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding)?, &probe)
+        });
+    }
+}
+
+#[test]
+fn conv2d_module_uses_candle_names_and_rejects_bad_shapes() {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let conv = Conv2d::new(9, 16, 3, 2, 1, true, vb.pp("conv1")).unwrap();
+    let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+    assert!(names.contains(&"conv1.weight".to_string()) && names.contains(&"conv1.bias".to_string()), "{names:?}");
+    let y = conv.forward(&Tensor::zeros((1, 9, 16, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(y.dims(), &[1, 16, 8, 8]);
+    let err = conv.forward(&Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("3 channels"), "{err}");
+}
