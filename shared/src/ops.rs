@@ -191,15 +191,16 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
-/// 2-D convolution (x: N×C×H×W, weight: O×C×kh×kw, optional bias O) written as im2col from
-/// gathers and one GEMM, so its backward is Candle's generic gather/matmul backward.
+/// 2-D convolution (x: N×C×H×W, weight: O×C×kh×kw, optional bias O) as im2col and one batched
+/// GEMM, so the kernel gradient is a GEMM too and the input gradient (col2im) is computed only
+/// when the input needs one.
 ///
 /// Why not `Tensor::conv2d`: on the CPU its backward runs a naive `conv_transpose2d` for the
 /// input gradient (even for raw images, which need none) and a kernel gradient through an
-/// im2col as large as the output map; for the 9-channel encoders that was 6× slower than this
-/// path. Forward values equal `Tensor::conv2d` (test), gradients are checked by finite
-/// differences. The returned tensor is N×O×Ho×Wo (a permuted view; callers may need
-/// `contiguous`).
+/// im2col as large as the output map: 4× slower for the 9-channel ResNet18. On the CPU,
+/// im2col/col2im are our own kernels (each the other's adjoint); elsewhere the columns are
+/// gathered with `index_select`, whose backward Candle provides. Forward values equal
+/// `Tensor::conv2d` (test); gradients are checked by finite differences.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
@@ -209,34 +210,187 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
     if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
         candle_core::bail!("conv2d: {h}x{w} input, {kh}x{kw} kernel, padding {padding}, stride {stride}");
     }
-    let ho = (h + 2 * padding - kh) / stride + 1;
-    let wo = (w + 2 * padding - kw) / stride + 1;
-    // Channels last, so each tap is an N×Ho×Wo×C block and the stacked taps are already the
-    // im2col matrix in weight order (c, i, j).
-    let mut x = x.permute((0, 2, 3, 1))?;
-    if padding > 0 {
-        x = x.pad_with_zeros(1, padding, padding)?.pad_with_zeros(2, padding, padding)?;
+    let geometry = Im2Col { n, c, h, w, kh, kw, stride, padding };
+    let (ho, wo) = geometry.output_hw();
+    let columns =
+        if x.device().is_cpu() { x.contiguous()?.apply_op1(geometry)? } else { gathered_columns(x, &geometry)? };
+    // One GEMM over the whole batch, (O, K) · (K, N·L), so the backward is two large GEMMs
+    // too (per-image matmuls were 2× slower); then back to N×O×Ho×Wo.
+    let kernel = weight.reshape((o, c * kh * kw))?;
+    let mut out = kernel.matmul(&columns)?;
+    if let Some(bias) = bias {
+        out = out.broadcast_add(&bias.reshape((o, 1))?)?;
     }
-    let x = x.contiguous()?;
-    let taps = |offset: usize, count: usize| -> Result<Tensor> {
-        let index: Vec<u32> = (0..count).map(|k| (offset + k * stride) as u32).collect();
-        Tensor::from_vec(index, count, x.device())
-    };
-    let mut columns = Vec::with_capacity(kh * kw);
-    for i in 0..kh {
-        let rows = if stride == 1 { x.narrow(1, i, ho)? } else { x.index_select(&taps(i, ho)?, 1)? };
-        for j in 0..kw {
-            let tap = if stride == 1 { rows.narrow(2, j, wo)? } else { rows.index_select(&taps(j, wo)?, 2)? };
-            columns.push(tap);
+    out.reshape((o, n, ho, wo))?.permute((1, 0, 2, 3))?.contiguous()
+}
+
+/// Geometry of one convolution; as a custom op, x (N, C, H, W) → columns (C·kh·kw, N·Ho·Wo).
+#[derive(Clone, Copy, Debug)]
+struct Im2Col {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Im2Col {
+    fn output_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.padding - self.kh) / self.stride + 1,
+            (self.w + 2 * self.padding - self.kw) / self.stride + 1,
+        )
+    }
+
+    /// Calls `f(column_index, source_index)` for every column entry that reads the input
+    /// (padding reads none), per image: the shared walk of im2col and its adjoint.
+    fn walk(&self, mut f: impl FnMut(usize, usize)) {
+        let (ho, wo) = self.output_hw();
+        let l = ho * wo;
+        for b in 0..self.n {
+            for ch in 0..self.c {
+                for i in 0..self.kh {
+                    for j in 0..self.kw {
+                        let row = ((ch * self.kh + i) * self.kw + j) * self.n + b;
+                        for oy in 0..ho {
+                            let y = (oy * self.stride + i) as isize - self.padding as isize;
+                            if y < 0 || y >= self.h as isize {
+                                continue;
+                            }
+                            let src_row = ((b * self.c + ch) * self.h + y as usize) * self.w;
+                            for ox in 0..wo {
+                                let x = (ox * self.stride + j) as isize - self.padding as isize;
+                                if x >= 0 && x < self.w as isize {
+                                    f(row * l + oy * wo + ox, src_row + x as usize);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
-    let columns = Tensor::stack(&columns, 4)?.reshape((n * ho * wo, c * kh * kw))?;
-    let kernel = weight.reshape((o, c * kh * kw))?.t()?;
-    let mut out = columns.matmul(&kernel)?;
-    if let Some(bias) = bias {
-        out = out.broadcast_add(bias)?;
+
+    fn columns_shape(&self) -> (usize, usize) {
+        let (ho, wo) = self.output_hw();
+        (self.c * self.kh * self.kw, self.n * ho * wo)
     }
-    out.reshape((n, ho, wo, o))?.permute((0, 3, 1, 2))
+}
+
+fn contiguous_slice<'a, T>(data: &'a [T], layout: &candle_core::Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d: im2col expects a contiguous tensor"),
+    }
+}
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (k, nl) = self.columns_shape();
+        let gather = |src: &[f64]| {
+            let mut out = vec![0f64; k * nl];
+            self.walk(|dst, from| out[dst] = src[from]);
+            out
+        };
+        let storage = match storage {
+            CpuStorage::F32(data) => {
+                let src = contiguous_slice(data, layout)?;
+                let mut out = vec![0f32; k * nl];
+                self.walk(|dst, from| out[dst] = src[from]);
+                CpuStorage::F32(out)
+            }
+            CpuStorage::F64(data) => CpuStorage::F64(gather(contiguous_slice(data, layout)?)),
+            _ => candle_core::bail!("conv2d: im2col supports f32 and f64 on the CPU"),
+        };
+        Ok((storage, (k, nl).into()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // Raw images have no gradient to receive: skip the scatter entirely.
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(*self))?))
+    }
+}
+
+/// The adjoint of [`Im2Col`]: columns (K, N·L) → x (N, C, H, W), summing overlapping taps.
+#[derive(Clone, Copy, Debug)]
+struct Col2Im(Im2Col);
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let g = self.0;
+        let size = g.n * g.c * g.h * g.w;
+        let storage = match storage {
+            CpuStorage::F32(data) => {
+                let cols = contiguous_slice(data, layout)?;
+                let mut out = vec![0f32; size];
+                g.walk(|from, dst| out[dst] += cols[from]);
+                CpuStorage::F32(out)
+            }
+            CpuStorage::F64(data) => {
+                let cols = contiguous_slice(data, layout)?;
+                let mut out = vec![0f64; size];
+                g.walk(|from, dst| out[dst] += cols[from]);
+                CpuStorage::F64(out)
+            }
+            _ => candle_core::bail!("conv2d: col2im supports f32 and f64 on the CPU"),
+        };
+        Ok((storage, (g.n, g.c, g.h, g.w).into()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(grad_res.contiguous()?.apply_op1(self.0)?))
+    }
+}
+
+/// Device-generic im2col from padding and gathers (Candle differentiates every step).
+fn gathered_columns(x: &Tensor, g: &Im2Col) -> Result<Tensor> {
+    let (ho, wo) = g.output_hw();
+    let x = if g.padding > 0 {
+        x.pad_with_zeros(2, g.padding, g.padding)?.pad_with_zeros(3, g.padding, g.padding)?
+    } else {
+        x.clone()
+    };
+    let taps = |offset: usize, count: usize| -> Result<Tensor> {
+        let index: Vec<u32> = (0..count).map(|k| (offset + k * g.stride) as u32).collect();
+        Tensor::from_vec(index, count, x.device())
+    };
+    let mut columns = Vec::with_capacity(g.kh * g.kw);
+    for i in 0..g.kh {
+        let rows = x.index_select(&taps(i, ho)?, 2)?;
+        for j in 0..g.kw {
+            columns.push(rows.index_select(&taps(j, wo)?, 3)?);
+        }
+    }
+    // (N, C, kh·kw, Ho, Wo) → (C·kh·kw, N·Ho·Wo), weight order (c, i, j).
+    let (k, _) = g.columns_shape();
+    Tensor::stack(&columns, 2)?.reshape((g.n, k, ho * wo))?.transpose(0, 1)?.reshape(g.columns_shape())
 }
 
 /// Differentiable 2-D convolution module over [`conv2d`], a drop-in for `candle_nn::Conv2d`

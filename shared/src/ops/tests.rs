@@ -302,3 +302,16 @@ fn conv2d_module_uses_candle_names_and_rejects_bad_shapes() {
     let err = conv.forward(&Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
     assert!(err.to_string().contains("3 channels"), "{err}");
 }
+
+#[test]
+fn conv2d_cpu_columns_equal_the_device_generic_gather() {
+    // The CPU im2col kernel and the gather path (used on CUDA/Metal) build identical columns.
+    for &(kernel, stride, padding, side) in &[(7, 2, 3, 11), (3, 2, 1, 9), (3, 1, 1, 6), (1, 2, 0, 7)] {
+        let x = var(&[2, 3, side, side], 7).as_tensor().clone();
+        let g = Im2Col { n: 2, c: 3, h: side, w: side, kh: kernel, kw: kernel, stride, padding };
+        let cpu = x.apply_op1(g).unwrap();
+        let gathered = gathered_columns(&x, &g).unwrap();
+        assert_eq!(cpu.dims(), gathered.dims());
+        assert_close(&cpu, &gathered, 0.0);
+    }
+}
