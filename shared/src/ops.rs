@@ -274,6 +274,20 @@ impl Im2Col {
         }
     }
 
+    /// im2col: columns[dst] = x[src] (padding stays zero).
+    fn gather<T: Copy + Default>(&self, x: &[T], len: usize) -> Vec<T> {
+        let mut out = vec![T::default(); len];
+        self.walk(|dst, from| out[dst] = x[from]);
+        out
+    }
+
+    /// col2im, the adjoint: x[src] += columns[dst].
+    fn scatter_add<T: Copy + Default + std::ops::AddAssign>(&self, columns: &[T], len: usize) -> Vec<T> {
+        let mut out = vec![T::default(); len];
+        self.walk(|from, dst| out[dst] += columns[from]);
+        out
+    }
+
     fn columns_shape(&self) -> (usize, usize) {
         let (ho, wo) = self.output_hw();
         (self.c * self.kh * self.kw, self.n * ho * wo)
@@ -299,19 +313,9 @@ impl candle_core::CustomOp1 for Im2Col {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
         let (k, nl) = self.columns_shape();
-        let gather = |src: &[f64]| {
-            let mut out = vec![0f64; k * nl];
-            self.walk(|dst, from| out[dst] = src[from]);
-            out
-        };
         let storage = match storage {
-            CpuStorage::F32(data) => {
-                let src = contiguous_slice(data, layout)?;
-                let mut out = vec![0f32; k * nl];
-                self.walk(|dst, from| out[dst] = src[from]);
-                CpuStorage::F32(out)
-            }
-            CpuStorage::F64(data) => CpuStorage::F64(gather(contiguous_slice(data, layout)?)),
+            CpuStorage::F32(data) => CpuStorage::F32(self.gather(contiguous_slice(data, layout)?, k * nl)),
+            CpuStorage::F64(data) => CpuStorage::F64(self.gather(contiguous_slice(data, layout)?, k * nl)),
             _ => candle_core::bail!("conv2d: im2col supports f32 and f64 on the CPU"),
         };
         Ok((storage, (k, nl).into()))
@@ -344,18 +348,8 @@ impl candle_core::CustomOp1 for Col2Im {
         let g = self.0;
         let size = g.n * g.c * g.h * g.w;
         let storage = match storage {
-            CpuStorage::F32(data) => {
-                let cols = contiguous_slice(data, layout)?;
-                let mut out = vec![0f32; size];
-                g.walk(|from, dst| out[dst] += cols[from]);
-                CpuStorage::F32(out)
-            }
-            CpuStorage::F64(data) => {
-                let cols = contiguous_slice(data, layout)?;
-                let mut out = vec![0f64; size];
-                g.walk(|from, dst| out[dst] += cols[from]);
-                CpuStorage::F64(out)
-            }
+            CpuStorage::F32(data) => CpuStorage::F32(g.scatter_add(contiguous_slice(data, layout)?, size)),
+            CpuStorage::F64(data) => CpuStorage::F64(g.scatter_add(contiguous_slice(data, layout)?, size)),
             _ => candle_core::bail!("conv2d: col2im supports f32 and f64 on the CPU"),
         };
         Ok((storage, (g.n, g.c, g.h, g.w).into()))
