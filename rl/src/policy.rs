@@ -28,7 +28,8 @@ pub struct PolicyHeader {
     pub latent_dim: usize,
     pub max_latent_action: f64,
     pub image_hw: (usize, usize),
-    /// The state the policy sees: `state` (joints) or `state+environment_state`.
+    /// The state the policy sees: `state` (joints) or, state-only,
+    /// `state+environment_state+task_frame` (see [`crate::trainer::model_state`]).
     pub state_layout: String,
     pub iteration: u64,
 }
@@ -65,7 +66,8 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
         latent_dim: lapo.actor_vae.latent_dim(),
         max_latent_action: lapo.config.max_latent_action,
         image_hw: lapo.dims.image_hw,
-        state_layout: if lapo.config.encoder.uses_images() { "state" } else { "state+environment_state" }.into(),
+        state_layout: if lapo.config.encoder.uses_images() { "state" } else { "state+environment_state+task_frame" }
+            .into(),
         iteration: lapo.iteration,
     };
     let metadata: HashMap<String, String> =

@@ -124,3 +124,29 @@ fn normalized_score_maps_reference_returns_to_0_and_100() {
     assert!(normalized_score(REFERENCE_RANDOM_RETURN).abs() < 1e-3);
     assert!((normalized_score(REFERENCE_EXPERT_RETURN) - 100.0).abs() < 1e-3);
 }
+
+#[test]
+fn task_frame_features_match_the_simulator_geometry() {
+    // The state-only model's derived features must be computed from the observation alone and
+    // agree with the simulator's own gripper frame (what a wrist camera sees).
+    let mut env = Env::new(EnvConfig { render: false, ..EnvConfig::default() }).unwrap();
+    let mut policy = RandomPolicy::new(3);
+    let mut obs = env.reset(3);
+    for step in 0..40 {
+        let features = rl::trainer::task_frame_features(&obs.state, &obs.environment_state);
+        let world = env.world();
+        for arm in 0..2 {
+            let cup = world.arms[arm].cup_point();
+            let heading = rl::env::physics::Vec2::from_angle(world.arms[arm].heading_angle());
+            let relative = world.pucks[arm].position - cup;
+            let to_goal = env.goals()[arm] - world.pucks[arm].position;
+            let expected = [relative.dot(heading), relative.dot(heading.perp()), to_goal.x, to_goal.y];
+            for (k, e) in expected.iter().enumerate() {
+                let got = features[arm * 4 + k];
+                assert!((got - e).abs() < 1e-4, "step {step} arm {arm} feature {k}: {got} vs {e}");
+            }
+        }
+        let action = policy.act(&env);
+        obs = env.step(&action).obs;
+    }
+}

@@ -9,16 +9,21 @@
 //!    puck, detour around it sideways so the fingers do not bump it.
 //! 2. **Capture**: move forward slowly so the puck slides between the open fingers up to the
 //!    palm.
-//! 3. **Push**: close the gripper (a closed gripper cages the puck) and carry the puck to the
-//!    goal; the palm pushes and the fingers correct sideways drift.
+//! 3. **Push**: carry the puck to the goal in the open gripper's U: the palm pushes, the
+//!    fingers stop sideways drift, and the cup is steered so that the *puck* lands on the goal.
 //! 4. **Hold**: stop once the puck is on the goal centre.
+//!
+//! The gripper is never closed. An earlier expert closed it to cage the puck; the push phase
+//! then depended on the gripper's own opening, and behaviour clones that closed it at the
+//! wrong moment did not reopen it: in the clones' own rollouts, in states where the expert
+//! commands "open" (+1), they commanded −0.1 on average.
 //!
 //! The phase is recomputed every step from the current state alone (no memory), so the expert
 //! is a function of what a policy can observe and can be imitated; losing the puck sends the
 //! arm back to Approach, so the loop recovers from bumps.
 
 use super::kinematics;
-use super::physics::{wrap_angle, Arm, Vec2, GRIP_OPEN, MAX_JOINT_SPEED};
+use super::physics::{wrap_angle, Arm, Vec2, MAX_JOINT_SPEED};
 use super::{Env, ACTION_DIM, CONTROL_DT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -109,23 +114,19 @@ impl ScriptedExpert {
         let relative = puck - cup;
         let along = relative.dot(heading);
         let lateral = relative.dot(heading.perp());
-        let caged = lateral.abs() < 0.03 && (-0.02..0.045).contains(&along);
         let aligned = heading.dot(push_direction) > 0.96;
         let behind_point = puck - push_direction * BEHIND_DISTANCE;
 
-        // The phase is a function of what the agent can observe (arm pose, gripper opening,
-        // puck and goal positions), never of the history: a policy learned from these
-        // demonstrations sees everything the expert decided on.
-        let gripper_closing = arm.grip < GRIP_OPEN - 0.01;
+        // The phase is a function of what the agent can observe (arm pose, puck and goal
+        // positions), never of the history: a policy learned from these demonstrations sees
+        // everything the expert decided on. "In the cup" means between the open fingers,
+        // against or near the palm.
+        let in_cup = lateral.abs() < 0.045 && (-0.02..0.03).contains(&along);
         let phase = if goal_distance < 0.02 {
             Phase::Hold
-        } else if caged && (gripper_closing || (aligned && relative.length() < 0.012)) {
+        } else if in_cup && heading.dot(push_direction) > 0.8 {
             Phase::Push
-        } else if aligned
-            && !gripper_closing
-            && lateral.abs() < 0.03
-            && (-0.02..BEHIND_DISTANCE + 0.015).contains(&along)
-        {
+        } else if aligned && lateral.abs() < 0.03 && (-0.02..BEHIND_DISTANCE + 0.015).contains(&along) {
             Phase::Capture
         } else {
             Phase::Approach
@@ -147,11 +148,11 @@ impl ScriptedExpert {
             }
             Phase::Capture => (puck, push_direction.angle(), 0.12, 1.0),
             Phase::Push => {
-                let carry = goal - cup;
-                let steer = if carry.length() > 0.03 { carry.angle() } else { heading_angle };
-                (goal, steer, self.push_speed, -1.0)
+                // Move the cup so that the puck, not the cup, lands on the goal.
+                let target = cup + to_goal;
+                (target, push_direction.angle(), self.push_speed, 1.0)
             }
-            Phase::Hold => return [0.0, 0.0, 0.0, -1.0],
+            Phase::Hold => return [0.0, 0.0, 0.0, 1.0],
         };
         let joints = cartesian_servo(arm, cup, target, target_heading, speed);
         [joints[0], joints[1], joints[2], gripper]
