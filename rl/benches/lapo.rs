@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         batch_size,
         ..Default::default()
     };
-    let dims = Dims { state_dim, action_dim, image_hw: (h, w) };
+    let dims = Dims { state_dim, action_dim, image_hw: (h, w), privileged_dim: 0 };
     let mut lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &dev)?;
     let mut rng = SplitMix64::new(0);
     let batch = Batch {
@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         action: rng.normal_tensor((batch_size, action_dim), DType::F32, &dev)?,
         reward: rng.uniform_tensor((batch_size, 1), 0.0, 1.0, DType::F32, &dev)?,
         done: Tensor::zeros((batch_size, 1), DType::F32, &dev)?,
+        privileged: None,
     };
     println!("candle {}-thread CPU, batch {batch_size}, 9x{h}x{w}, ResNet18", candle_core::utils::get_num_threads());
     lapo.train_step(&batch, false)?; // warm-up

@@ -114,6 +114,8 @@ impl ExportedPolicy {
             action_mean: vec("action_mean")?,
             action_std: vec("action_std")?,
             reward_scale: 1.0,
+            privileged_mean: Vec::new(),
+            privileged_std: Vec::new(),
         };
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let encoder = ObsEncoder::new(header.encoder, header.state_dim, header.image_hw, vb.pp("encoder"))

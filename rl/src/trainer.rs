@@ -24,11 +24,21 @@ pub struct Normalization {
     /// Per-step rewards are divided by this (the dataset's max non-terminal reward; success
     /// transitions get the absorbing value 1/(1 − γ) instead, see [`Replay::terminal_reward`]).
     pub reward_scale: f32,
+    /// z-score statistics of the privileged targets of the auxiliary state head (environment
+    /// state ++ task-frame features); empty for state-only training.
+    #[serde(default)]
+    pub privileged_mean: Vec<f32>,
+    #[serde(default)]
+    pub privileged_std: Vec<f32>,
 }
 
 impl Normalization {
     pub fn state(&self, raw: &[f32]) -> Vec<f32> {
         raw.iter().zip(&self.state_mean).zip(&self.state_std).map(|((x, m), s)| (x - m) / s).collect()
+    }
+
+    pub fn privileged(&self, raw: &[f32]) -> Vec<f32> {
+        raw.iter().zip(&self.privileged_mean).zip(&self.privileged_std).map(|((x, m), s)| (x - m) / s).collect()
     }
 
     pub fn unnormalize_action(&self, z: &[f32]) -> Vec<f32> {
@@ -76,6 +86,15 @@ pub fn task_frame_features(state: &[f32], environment_state: &[f32]) -> [f32; TA
 
 pub const TASK_FRAME_DIM: usize = 8;
 
+/// What the auxiliary state head of an image encoder regresses: the puck and goal positions and
+/// their task-frame features — the quantities the state-only model is given and an image model
+/// must find in the pixels. Recorded in every dataset; never an input to the model.
+pub fn privileged_targets(state: &[f32], environment_state: &[f32]) -> Vec<f32> {
+    let mut out = environment_state.to_vec();
+    out.extend(task_frame_features(state, environment_state));
+    out
+}
+
 /// Random-access transitions over an opened dataset (the memory maps stay where they are; a
 /// batch gathers from them).
 pub struct Replay {
@@ -111,7 +130,15 @@ impl Replay {
         let (mut s_sum, mut s_sq) = (vec![0f64; state_dim], vec![0f64; state_dim]);
         let (mut a_sum, mut a_sq) = (vec![0f64; action_dim], vec![0f64; action_dim]);
         let (mut r_min, mut r_max) = (f64::INFINITY, f64::NEG_INFINITY);
+        let privileged_dim = if uses_images(encoder) { meta.environment_state_dim + TASK_FRAME_DIM } else { 0 };
+        let (mut p_sum, mut p_sq) = (vec![0f64; privileged_dim], vec![0f64; privileged_dim]);
         for tr in dataset.transitions() {
+            if privileged_dim > 0 {
+                for (i, x) in privileged_targets(tr.state, tr.environment_state).iter().enumerate() {
+                    p_sum[i] += *x as f64;
+                    p_sq[i] += (*x as f64).powi(2);
+                }
+            }
             for (i, x) in model_state(encoder, tr.state, tr.environment_state).iter().enumerate() {
                 s_sum[i] += *x as f64;
                 s_sq[i] += (*x as f64).powi(2);
@@ -136,6 +163,7 @@ impl Replay {
         };
         let (state_mean, state_std) = stats(&s_sum, &s_sq);
         let (action_mean, action_std) = stats(&a_sum, &a_sq);
+        let (privileged_mean, privileged_std) = stats(&p_sum, &p_sq);
         anyhow::ensure!(
             r_max > 0.0,
             "dataset per-step rewards are never positive (max {r_max}): cannot scale by max r"
@@ -143,8 +171,16 @@ impl Replay {
         let reward_scale = r_max as f32;
         let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
         let terminal_reward = (1.0 / (1.0 - gamma)) as f32;
-        let dims = Dims { state_dim, action_dim, image_hw: (meta.image_height, meta.image_width) };
-        let norm = Normalization { state_mean, state_std, action_mean, action_std, reward_scale };
+        let dims = Dims { state_dim, action_dim, image_hw: (meta.image_height, meta.image_width), privileged_dim };
+        let norm = Normalization {
+            state_mean,
+            state_std,
+            action_mean,
+            action_std,
+            reward_scale,
+            privileged_mean,
+            privileged_std,
+        };
         Ok(Self { dataset, index, norm, bounds, encoder, dims, terminal_reward })
     }
 
@@ -179,6 +215,8 @@ impl Replay {
         let mut action = Vec::with_capacity(batch_size * ad);
         let mut reward = Vec::with_capacity(batch_size);
         let mut done = Vec::with_capacity(batch_size);
+        let pd = self.dims.privileged_dim;
+        let mut privileged = Vec::with_capacity(batch_size * pd);
         let frame = 3 * NUM_CAMERAS * h * w;
         let mut img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
         let mut next_img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
@@ -193,6 +231,9 @@ impl Replay {
             reward.push(if tr.terminal { self.terminal_reward } else { tr.reward / self.norm.reward_scale });
             // Bootstrap through time limits; only success is terminal.
             done.push(if tr.terminal { 1f32 } else { 0f32 });
+            if pd > 0 {
+                privileged.extend(self.norm.privileged(&privileged_targets(tr.state, tr.environment_state)));
+            }
             if images {
                 cameras_to_chw(&tr.images, h, w, &mut img[b * frame..(b + 1) * frame]);
                 cameras_to_chw(&tr.next_images, h, w, &mut next_img[b * frame..(b + 1) * frame]);
@@ -210,6 +251,7 @@ impl Replay {
             action: t2(action, ad)?,
             reward: t2(reward, 1)?,
             done: t2(done, 1)?,
+            privileged: if pd > 0 { Some(t2(privileged, pd)?) } else { None },
         })
     }
 }

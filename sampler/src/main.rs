@@ -9,13 +9,16 @@ use serde_json::{json, Map, Value};
 /// Optimise z0 (and optionally every step noise) of a differentiable denoising trajectory.
 /// With no `-i`, runs the policy stress test on the embedded world model when it and an
 /// exported image policy are present (`weights/world_model.*`, `weights/policy.safetensors` or
-/// `--policy`), and the built-in analytic demo otherwise.
+/// `--policy`), and the built-in analytic demo otherwise (or with `--demo`).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Params file (JSON); fields not given take the built-in defaults.
+    /// Params file (JSON) for the analytic setup; fields not given take the built-in defaults.
     #[arg(short = 'i', long = "input")]
     input: Option<PathBuf>,
+    /// Run the built-in analytic demo even where the stress test's weights are present.
+    #[arg(long)]
+    demo: bool,
     /// Output directory.
     #[arg(short = 'o', long = "out", default_value = "out/sampler")]
     out: PathBuf,
@@ -133,6 +136,26 @@ fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings>
     Ok(s)
 }
 
+/// Flags that only the analytic setup reads; the stress test must not silently ignore them.
+fn demo_only_flags(cli: &Cli) -> Vec<&'static str> {
+    [
+        ("--noise-mode", cli.noise_mode.is_some()),
+        ("--seed", cli.seed.is_some()),
+        ("--optimizer", cli.optimizer.is_some()),
+        ("--objective", cli.objective.is_some()),
+        ("--device", cli.device.is_some()),
+        ("--grad-mode", cli.grad_mode.is_some()),
+        ("--grad-clip", cli.grad_clip.is_some()),
+        ("--chi-reg", cli.chi_reg.is_some()),
+        ("--s-churn", cli.s_churn.is_some()),
+        ("--verify-grad", cli.verify_grad),
+        ("--no-verify-grad", cli.no_verify_grad),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect()
+}
+
 /// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
 fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
     let weights = cli.world_model.clone().unwrap_or_else(sampler::stress::weights_dir);
@@ -152,6 +175,14 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
         );
         return Ok(false);
     }
+    let ignored = demo_only_flags(cli);
+    anyhow::ensure!(
+        ignored.is_empty(),
+        "{} apply to the analytic demo, not the policy stress test (the default here); add --demo \
+         (or -i params.json) to run the demo, or drop them. The stress test takes --seeds \
+         --iterations --num-steps --lr --direction --solver --policy --world-model",
+        ignored.join(", ")
+    );
     let settings = stress_settings(cli)?;
     println!(
         "no -i params file: running the policy stress test (world model {}, policy {})",
@@ -166,7 +197,7 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if cli.input.is_none() && try_stress(&cli)? {
+    if cli.input.is_none() && !cli.demo && try_stress(&cli)? {
         return Ok(());
     }
     let text = match &cli.input {

@@ -53,6 +53,10 @@ struct Args {
     /// Which optimiser owns the encoder: critic (the design), actor-vae (the source's bug), both.
     #[arg(long, value_enum, default_value = "critic")]
     encoder_owner: EncoderOwner,
+    /// Weight of the auxiliary privileged-state head in the critic optimiser (image encoders
+    /// only; 0 = the source design, where the encoder learns from TD errors alone).
+    #[arg(long, default_value_t = 0.0)]
+    aux_state_weight: f64,
     /// ImageNet ResNet18 safetensors (path or `org/name[@rev]:file`), conv1 tiled ×3.
     #[arg(long)]
     pretrained: Option<String>,
@@ -168,6 +172,7 @@ fn main() -> Result<()> {
         noise_clip: args.noise_clip,
         encoder: args.encoder,
         encoder_owner: args.encoder_owner,
+        aux_state_weight: args.aux_state_weight,
         seed: args.seed,
     };
     let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &device)?;
@@ -254,6 +259,11 @@ fn main() -> Result<()> {
     }
     bar.finish();
     let elapsed = start.elapsed().as_secs_f64();
+    if last_eval.episodes == 0 {
+        // Resumed at (or past) the last iteration: nothing was evaluated in this process, and the
+        // summary must not report an empty evaluation as the final score.
+        last_eval = evaluate(&(&lapo, &replay.norm), &env_config, args.eval_episodes, 0, |_| {})?;
+    }
 
     rl::policy::export(&lapo, &replay.norm, &run_dir.join("policy.safetensors"))?;
     if let Some(path) = &args.export {
