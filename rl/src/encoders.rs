@@ -219,27 +219,52 @@ pub struct ObsEncoder {
     image_net: Option<ImageNet>,
     joint: Option<Mlp>,
     fuse: Option<Linear>,
+    /// Predicts the privileged puck/goal state from the fused feature; its prediction is
+    /// appended to the feature (see [`ObsEncoder::with_privileged_head`]).
+    privileged_head: Option<Mlp>,
     out_dim: usize,
 }
 
 impl ObsEncoder {
     /// `vb` is the encoder's root (e.g. `encoder` or `target.encoder`).
     pub fn new(kind: EncoderKind, state_dim: usize, image_hw: (usize, usize), vb: VarBuilder) -> Result<Self> {
+        Self::with_privileged_head(kind, state_dim, image_hw, 0, vb)
+    }
+
+    /// With `privileged_dim > 0` (image encoders only), a two-layer head on the fused feature
+    /// predicts the z-scored privileged state (puck/goal positions and their task-frame
+    /// features) and the feature becomes `[fused, prediction]`: the low-dimensional quantities
+    /// the state-only model is handed, estimated from the pixels, in front of the networks that
+    /// must use them. The prediction is trained by the auxiliary loss (and by the critic's
+    /// gradient through it); at acting time it is part of the encoder like any other layer.
+    pub fn with_privileged_head(
+        kind: EncoderKind,
+        state_dim: usize,
+        image_hw: (usize, usize),
+        privileged_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let image_net = match kind {
             EncoderKind::ResNet18 => Some(ImageNet::ResNet(Box::new(ResNet18::new(FEATURE_DIM, vb.pp("resnet"))?))),
             EncoderKind::Conv => Some(ImageNet::Conv(SmallConv::new(image_hw, FEATURE_DIM, vb.pp("conv"))?)),
             EncoderKind::None => None,
         };
         if image_net.is_none() {
-            return Ok(Self { kind, image_net, joint: None, fuse: None, out_dim: state_dim });
+            return Ok(Self { kind, image_net, joint: None, fuse: None, privileged_head: None, out_dim: state_dim });
         }
+        let privileged_head = if privileged_dim > 0 {
+            Some(Mlp::new(FEATURE_DIM, FEATURE_DIM / 2, 2, privileged_dim, vb.pp("privileged_head"))?)
+        } else {
+            None
+        };
         Ok(Self {
             kind,
             image_net,
             // Two layers with a ReLU after: the joint branch of the fused feature.
             joint: Some(Mlp::new(state_dim, FEATURE_DIM, 2, FEATURE_DIM, vb.pp("joint"))?),
             fuse: Some(candle_nn::linear(2 * FEATURE_DIM, FEATURE_DIM, vb.pp("fuse"))?),
-            out_dim: FEATURE_DIM,
+            privileged_head,
+            out_dim: FEATURE_DIM + privileged_dim,
         })
     }
 
@@ -249,6 +274,16 @@ impl ObsEncoder {
 
     pub fn out_dim(&self) -> usize {
         self.out_dim
+    }
+
+    /// Width of the appended privileged-state prediction (0 without a head); it occupies the
+    /// last columns of the feature.
+    pub fn privileged_dim(&self) -> usize {
+        if self.privileged_head.is_some() {
+            self.out_dim - FEATURE_DIM
+        } else {
+            0
+        }
     }
 
     /// Name (relative to the encoder root) of the first conv's weight: the var the audit watches.
@@ -276,7 +311,14 @@ impl ObsEncoder {
         let joint = self.joint.as_ref().expect("image encoders have a joint branch");
         let fuse = self.fuse.as_ref().expect("image encoders have a fuse layer");
         let joint_feature = joint.forward(state)?.relu()?;
-        fuse.forward(&Tensor::cat(&[image_feature, joint_feature], D::Minus1)?)
+        let fused = fuse.forward(&Tensor::cat(&[image_feature, joint_feature], D::Minus1)?)?;
+        match &self.privileged_head {
+            Some(head) => {
+                let prediction = head.forward(&fused)?;
+                Tensor::cat(&[fused, prediction], D::Minus1)
+            }
+            None => Ok(fused),
+        }
     }
 }
 

@@ -84,6 +84,10 @@ pub struct LapoConfig {
     /// errors (see `Lapo::critic_loss`).
     #[serde(default)]
     pub aux_state_weight: f64,
+    /// Put the auxiliary head inside the encoder and append its prediction to the feature every
+    /// network sees (`ObsEncoder::with_privileged_head`), instead of a linear probe beside it.
+    #[serde(default)]
+    pub aux_state_input: bool,
     pub seed: u64,
 }
 
@@ -106,6 +110,7 @@ impl Default for LapoConfig {
             encoder: EncoderKind::None,
             encoder_owner: EncoderOwner::Critic,
             aux_state_weight: 0.0,
+            aux_state_input: false,
             seed: 0,
         }
     }
@@ -121,6 +126,14 @@ pub struct Dims {
     /// Width of [`Batch::privileged`] (0 when the data has none or no image encoder is used).
     #[serde(default)]
     pub privileged_dim: usize,
+    /// Anti-aliasing factor the images were rendered with (`EnvConfig::supersample`); an
+    /// evaluation must render the same way. 1 for files from before it was recorded.
+    #[serde(default = "one")]
+    pub supersample: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Value clamp for the V target: [min r, max r] / (1 − γ) on the scaled rewards.
@@ -273,8 +286,22 @@ impl Lapo {
         let latent_dim = config.latent_dim.unwrap_or(2 * dims.action_dim);
         let m = config.max_latent_action;
 
-        let encoder = ObsEncoder::new(config.encoder, dims.state_dim, dims.image_hw, vb.pp("encoder"))?;
-        let target_encoder = ObsEncoder::new(config.encoder, dims.state_dim, dims.image_hw, vb.pp("target.encoder"))?;
+        let aux_enabled = config.aux_state_weight > 0.0 && config.encoder.uses_images() && dims.privileged_dim > 0;
+        let head_dim = if aux_enabled && config.aux_state_input { dims.privileged_dim } else { 0 };
+        let encoder = ObsEncoder::with_privileged_head(
+            config.encoder,
+            dims.state_dim,
+            dims.image_hw,
+            head_dim,
+            vb.pp("encoder"),
+        )?;
+        let target_encoder = ObsEncoder::with_privileged_head(
+            config.encoder,
+            dims.state_dim,
+            dims.image_hw,
+            head_dim,
+            vb.pp("target.encoder"),
+        )?;
         let s_dim = encoder.out_dim();
         let critic = Critic::new(s_dim, dims.action_dim, vb.pp("critic"))?;
         let target_critic = Critic::new(s_dim, dims.action_dim, vb.pp("target.critic"))?;
@@ -282,7 +309,8 @@ impl Lapo {
         let target_actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, vb.pp("target.actor_vae"))?;
         let actor = Actor::new(s_dim, latent_dim, m, vb.pp("actor"))?;
         let target_actor = Actor::new(s_dim, latent_dim, m, vb.pp("target.actor"))?;
-        let has_aux = config.aux_state_weight > 0.0 && config.encoder.uses_images() && dims.privileged_dim > 0;
+        // The linear probe beside the encoder; with `aux_state_input` the head is in the encoder.
+        let has_aux = aux_enabled && !config.aux_state_input;
         let aux_state_head =
             if has_aux { Some(candle_nn::linear(s_dim, dims.privileged_dim, vb.pp("aux_state"))?) } else { None };
 
@@ -498,6 +526,37 @@ impl Lapo {
         Ok((losses, audit_log))
     }
 
+    /// Before LAPO (optional): fit the encoder's privileged-state head — and the encoder under
+    /// it — to the recorded puck/goal state alone, with its own optimiser; then copy the encoder
+    /// to its target. An initialisation, like ImageNet weights for the ResNet: from iteration 0
+    /// on the encoder is the critic's as designed. Returns the auxiliary loss before the step.
+    pub fn pretrain_encoder_step(&mut self, batch: &Batch, opt: &mut GroupOptimizer) -> Result<f64, LapoError> {
+        let dim = self.encoder.privileged_dim();
+        if dim == 0 {
+            return Err(anyhow::anyhow!("encoder pretraining needs the in-encoder head (aux_state_input)").into());
+        }
+        let target = batch
+            .privileged
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("encoder pretraining: the batch carries no privileged state"))?;
+        let s = self.encoder.forward_t(batch.images.as_ref(), &batch.state, true)?;
+        let loss = mse(&s.narrow(1, s.dim(1)? - dim, dim)?, target)?;
+        let value = scalar(&loss)?;
+        if !value.is_finite() {
+            return Err(anyhow::anyhow!("non-finite encoder pretraining loss {value}").into());
+        }
+        opt.step(&loss.backward()?)?;
+        Ok(value)
+    }
+
+    /// Copies the online encoder into the target encoder (after pretraining).
+    pub fn sync_target_encoder(&self) -> Result<(), LapoError> {
+        if self.has_encoder() {
+            self.partitions.polyak(groups::ENCODER, groups::TARGET_ENCODER, 1.0)?;
+        }
+        Ok(())
+    }
+
     /// Step 1: target_Q = r + (1−d)·γ·V(s') (online V, target-encoded s'), and
     /// target_v = Qmix_target(s, dec_target(s, actor_target(s) + clip(σ·N(0,1), ±c))).
     pub fn targets(
@@ -530,12 +589,17 @@ impl Lapo {
         let v_loss = mse(&v, &targets.target_v.clamp(self.bounds.min_v, self.bounds.max_v)?)?;
         let mut total = ((&q1_loss + &q2_loss)? + &v_loss)?;
         let mut aux_state_loss = None;
-        if let Some(head) = &self.aux_state_head {
+        let in_encoder = self.encoder.privileged_dim();
+        if self.aux_state_head.is_some() || in_encoder > 0 {
             use candle_core::Module;
             let target = batch.privileged.as_ref().ok_or_else(|| {
                 candle_core::Error::Msg("aux_state_weight > 0 but the batch carries no privileged state".into())
             })?;
-            let aux = mse(&head.forward(s)?, target)?;
+            let prediction = match &self.aux_state_head {
+                Some(head) => head.forward(s)?,
+                None => s.narrow(1, s.dim(1)? - in_encoder, in_encoder)?,
+            };
+            let aux = mse(&prediction, target)?;
             total = (total + (&aux * self.config.aux_state_weight)?)?;
             aux_state_loss = Some(aux);
         }

@@ -32,6 +32,16 @@ pub struct PolicyHeader {
     /// `state+environment_state+task_frame` (see [`crate::trainer::model_state`]).
     pub state_layout: String,
     pub iteration: u64,
+    /// Width of the encoder's privileged-state head (0: none; files from before it existed).
+    #[serde(default)]
+    pub privileged_dim: usize,
+    /// Anti-aliasing of the training images (`EnvConfig::supersample`): evaluate with the same.
+    #[serde(default = "one")]
+    pub supersample: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Writes the policy file atomically.
@@ -69,6 +79,8 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
         state_layout: if lapo.config.encoder.uses_images() { "state" } else { "state+environment_state+task_frame" }
             .into(),
         iteration: lapo.iteration,
+        privileged_dim: lapo.encoder.privileged_dim(),
+        supersample: lapo.dims.supersample,
     };
     let metadata: HashMap<String, String> =
         HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&header)?)]);
@@ -118,8 +130,14 @@ impl ExportedPolicy {
             privileged_std: Vec::new(),
         };
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let encoder = ObsEncoder::new(header.encoder, header.state_dim, header.image_hw, vb.pp("encoder"))
-            .with_context(|| format!("{}: encoder weights", path.display()))?;
+        let encoder = ObsEncoder::with_privileged_head(
+            header.encoder,
+            header.state_dim,
+            header.image_hw,
+            header.privileged_dim,
+            vb.pp("encoder"),
+        )
+        .with_context(|| format!("{}: encoder weights", path.display()))?;
         let s_dim = encoder.out_dim();
         let actor = Actor::new(s_dim, header.latent_dim, header.max_latent_action, vb.pp("actor"))?;
         let decoder = Mlp::standard(s_dim + header.latent_dim, header.action_dim, vb.pp("decoder"))?;

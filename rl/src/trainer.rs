@@ -171,7 +171,13 @@ impl Replay {
         let reward_scale = r_max as f32;
         let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
         let terminal_reward = (1.0 / (1.0 - gamma)) as f32;
-        let dims = Dims { state_dim, action_dim, image_hw: (meta.image_height, meta.image_width), privileged_dim };
+        let dims = Dims {
+            state_dim,
+            action_dim,
+            image_hw: (meta.image_height, meta.image_width),
+            privileged_dim,
+            supersample: meta.env.supersample,
+        };
         let norm = Normalization {
             state_mean,
             state_std,

@@ -20,7 +20,7 @@ fn config(encoder: EncoderKind, owner: EncoderOwner) -> LapoConfig {
 }
 
 fn model(encoder: EncoderKind, owner: EncoderOwner, image_hw: (usize, usize), dtype: DType) -> Lapo {
-    let dims = Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 0 };
+    let dims = Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 0, supersample: 1 };
     Lapo::new(config(encoder, owner), dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, dtype, &Device::Cpu).unwrap()
 }
 
@@ -243,20 +243,42 @@ fn state_only_iterations_are_deterministic() {
 /// shown to contribute), and the built-in audit still passes: ownership is unchanged.
 #[test]
 fn auxiliary_state_head_trains_with_the_critic_only() {
+    auxiliary_state_head_case(false);
+}
+
+/// The same with the head inside the encoder and its prediction appended to the feature.
+#[test]
+fn in_encoder_state_head_trains_with_the_critic_only() {
+    auxiliary_state_head_case(true);
+}
+
+fn auxiliary_state_head_case(in_encoder: bool) {
     const PRIVILEGED_DIM: usize = 6;
     let build = |weight: f64| {
-        let dims =
-            Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw: (36, 36), privileged_dim: PRIVILEGED_DIM };
-        let config = LapoConfig { aux_state_weight: weight, ..config(EncoderKind::Conv, EncoderOwner::Critic) };
+        let dims = Dims {
+            state_dim: STATE_DIM,
+            action_dim: ACTION_DIM,
+            image_hw: (36, 36),
+            privileged_dim: PRIVILEGED_DIM,
+            supersample: 1,
+        };
+        let config = LapoConfig {
+            aux_state_weight: weight,
+            aux_state_input: in_encoder,
+            ..config(EncoderKind::Conv, EncoderOwner::Critic)
+        };
         Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F64, &Device::Cpu).unwrap()
     };
     let mut b = batch(4, Some((36, 36)), DType::F64, 17);
     b.privileged = Some(SplitMix64::new(18).normal_tensor((4, PRIVILEGED_DIM), DType::F64, &Device::Cpu).unwrap());
 
     let lapo = build(2.0);
-    assert!(lapo.aux_state_head.is_some());
+    assert_eq!(lapo.aux_state_head.is_some(), !in_encoder);
+    assert_eq!(lapo.encoder.privileged_dim(), if in_encoder { PRIVILEGED_DIM } else { 0 });
     let mut watched = vars(&lapo, groups::ENCODER);
-    watched.extend(vars(&lapo, groups::AUX_STATE));
+    if !in_encoder {
+        watched.extend(vars(&lapo, groups::AUX_STATE));
+    }
     let report = check_directional(&watched, critic_loss_fn(&lapo, &b), &opts()).unwrap();
     assert!(report.vars_without_grad.is_empty(), "vars without gradient: {:?}", report.vars_without_grad);
     report.assert_close(1e-5, "critic + auxiliary loss → encoder and head").unwrap();
@@ -274,7 +296,8 @@ fn auxiliary_state_head_trains_with_the_critic_only() {
     let (original, moved) = (grad_with(&b), grad_with(&shifted));
     let diff: f64 = original.iter().zip(&moved).map(|(a, b)| (a - b).abs()).sum();
     assert!(diff > 1e-6, "auxiliary term does not change the encoder gradient ({diff})");
-    assert!(build(0.0).aux_state_head.is_none());
+    let disabled = build(0.0);
+    assert!(disabled.aux_state_head.is_none() && disabled.encoder.privileged_dim() == 0);
 
     let mut lapo = lapo;
     let (losses, audit) = lapo.train_step(&b, true).unwrap();

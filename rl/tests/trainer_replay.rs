@@ -9,17 +9,23 @@ use rl::env::EnvConfig;
 use rl::lapo::{EncoderOwner, Lapo, LapoConfig};
 use rl::trainer::{privileged_targets, Replay};
 
-#[test]
-fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
+/// Two short mixed-tier episodes with 16×16 views, anti-aliased ×2 (as the default dataset).
+fn tiny_image_dataset(seed: u64) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let config = CollectConfig {
         tier: Tier::Mixed,
         episodes: 2,
-        seed: 5,
-        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 20, render: true, supersample: 1 },
+        seed,
+        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 20, render: true, supersample: 2 },
         threads: 1,
     };
     collect_dataset(&config, dir.path(), &|| {}).unwrap();
+    dir
+}
+
+#[test]
+fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
+    let dir = tiny_image_dataset(5);
 
     let state_only = Replay::open(dir.path(), EncoderKind::None, 0.99).unwrap();
     assert_eq!(state_only.dims.privileged_dim, 0);
@@ -60,4 +66,47 @@ fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
     assert!(losses.aux_state > 0.0 && losses.all_finite(), "{losses:?}");
     let audit = audit.unwrap();
     assert!(audit.passed(), "{}", audit.table());
+}
+
+/// With the head inside the encoder: pretraining on the privileged state lowers its loss, and
+/// the exported policy (header carries the head's width) acts exactly like the trainer's model.
+#[test]
+fn in_encoder_head_pretrains_and_exports() {
+    let dir = tiny_image_dataset(6);
+    let replay = Replay::open(dir.path(), EncoderKind::Conv, 0.99).unwrap();
+    let config = LapoConfig {
+        encoder: EncoderKind::Conv,
+        aux_state_weight: 1.0,
+        aux_state_input: true,
+        batch_size: 16,
+        ..LapoConfig::default()
+    };
+    let mut lapo = Lapo::new(config, replay.dims, replay.bounds, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(lapo.encoder.privileged_dim(), replay.dims.privileged_dim);
+    let picks: Vec<(usize, usize)> = replay.index()[..16].to_vec();
+    let batch = replay.batch(&picks, DType::F32, &Device::Cpu).unwrap();
+    let mut opt = shared::params::GroupOptimizer::new(
+        "pretraining",
+        lapo.partitions.vars(rl::lapo::groups::ENCODER).unwrap(),
+        shared::params::OptimizerConfig::adam(1e-3),
+    )
+    .unwrap();
+    let first = lapo.pretrain_encoder_step(&batch, &mut opt).unwrap();
+    let mut last = first;
+    for _ in 0..30 {
+        last = lapo.pretrain_encoder_step(&batch, &mut opt).unwrap();
+    }
+    assert!(last < 0.5 * first, "pretraining on one batch: {first} → {last}");
+    lapo.sync_target_encoder().unwrap();
+
+    let path = dir.path().join("policy.safetensors");
+    rl::policy::export(&lapo, &replay.norm, &path).unwrap();
+    let policy = rl::policy::ExportedPolicy::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(policy.header.privileged_dim, replay.dims.privileged_dim);
+    // Evaluation must render as the data was: the file records the anti-aliasing.
+    assert_eq!(policy.header.supersample, 2);
+    use rl::trainer::Actor;
+    let ours = lapo.act(batch.images.as_ref(), &batch.state).unwrap().to_vec2::<f32>().unwrap();
+    let theirs = policy.act_batch(batch.images.as_ref(), &batch.state).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(ours, theirs);
 }

@@ -19,12 +19,9 @@ use sampler::world_model::{
 };
 use shared::params::{GroupOptimizer, OptimizerConfig};
 
-fn export_untrained_conv_policy(path: &std::path::Path) -> Result<()> {
-    let config = LapoConfig { encoder: EncoderKind::Conv, seed: 3, ..LapoConfig::default() };
-    let dims =
-        Dims { state_dim: rl::env::STATE_DIM, action_dim: rl::env::ACTION_DIM, image_hw: (32, 32), privileged_dim: 0 };
-    let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu)?;
-    let norm = Normalization {
+/// Identity z-scoring: the tests' policies see the state as it is.
+fn identity_normalization() -> Normalization {
+    Normalization {
         state_mean: vec![0.0; rl::env::STATE_DIM],
         state_std: vec![1.0; rl::env::STATE_DIM],
         action_mean: vec![0.0; rl::env::ACTION_DIM],
@@ -32,8 +29,20 @@ fn export_untrained_conv_policy(path: &std::path::Path) -> Result<()> {
         reward_scale: 1.0,
         privileged_mean: Vec::new(),
         privileged_std: Vec::new(),
+    }
+}
+
+fn export_untrained_conv_policy(path: &std::path::Path) -> Result<()> {
+    let config = LapoConfig { encoder: EncoderKind::Conv, seed: 3, ..LapoConfig::default() };
+    let dims = Dims {
+        state_dim: rl::env::STATE_DIM,
+        action_dim: rl::env::ACTION_DIM,
+        image_hw: (32, 32),
+        privileged_dim: 0,
+        supersample: 1,
     };
-    rl::policy::export(&lapo, &norm, path)
+    let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu)?;
+    rl::policy::export(&lapo, &identity_normalization(), path)
 }
 
 #[test]
@@ -103,21 +112,18 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     let state_only = dir.path().join("state_only.safetensors");
     let lapo = Lapo::new(
         LapoConfig::default(),
-        Dims { state_dim: rl::env::STATE_DIM, action_dim: rl::env::ACTION_DIM, image_hw: (32, 32), privileged_dim: 0 },
+        Dims {
+            state_dim: rl::env::STATE_DIM,
+            action_dim: rl::env::ACTION_DIM,
+            image_hw: (32, 32),
+            privileged_dim: 0,
+            supersample: 1,
+        },
         ValueBounds { min_v: 0.0, max_v: 100.0 },
         DType::F32,
         &dev,
     )?;
-    let norm = Normalization {
-        state_mean: vec![0.0; rl::env::STATE_DIM],
-        state_std: vec![1.0; rl::env::STATE_DIM],
-        action_mean: vec![0.0; rl::env::ACTION_DIM],
-        action_std: vec![1.0; rl::env::ACTION_DIM],
-        reward_scale: 1.0,
-        privileged_mean: Vec::new(),
-        privileged_std: Vec::new(),
-    };
-    rl::policy::export(&lapo, &norm, &state_only)?;
+    rl::policy::export(&lapo, &identity_normalization(), &state_only)?;
     let err = match run(&frozen, &state_only, &StressSettings { seeds: vec![0], ..settings }, &out, |_| {}) {
         Ok(_) => anyhow::bail!("a state-only policy was accepted"),
         Err(e) => format!("{e:#}"),

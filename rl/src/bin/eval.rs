@@ -37,7 +37,12 @@ fn main() -> Result<()> {
     let device = shared::device::parse_device(&args.device)?;
     let policy = ExportedPolicy::load(&path, &device).with_context(|| format!("loading policy {}", path.display()))?;
     let (h, w) = if policy.header.encoder.uses_images() { policy.header.image_hw } else { (84, 84) };
-    let env_config = EnvConfig { render: true, ..EnvConfig::default().with_image_size(h, w) };
+    // Render as the training data was (size and anti-aliasing), or the policy sees other images.
+    let env_config = EnvConfig {
+        render: true,
+        supersample: policy.header.supersample,
+        ..EnvConfig::default().with_image_size(h, w)
+    };
     let mut frames: Vec<Vec<u8>> = Vec::new();
     let result = evaluate(&policy, &env_config, args.episodes, args.seed, |obs| {
         frames.push(tile_views(&obs.images, obs.height, obs.width));

@@ -57,6 +57,16 @@ struct Args {
     /// only; 0 = the source design, where the encoder learns from TD errors alone).
     #[arg(long, default_value_t = 0.0)]
     aux_state_weight: f64,
+    /// Put the auxiliary head inside the encoder and append its prediction to the feature (see
+    /// `ObsEncoder::with_privileged_head`); needs `--aux-state-weight` > 0.
+    #[arg(long)]
+    aux_state_input: bool,
+    /// Iterations fitting the encoder's privileged-state head alone before LAPO starts (needs
+    /// `--aux-state-input`); learning rate `--pretrain-lr`.
+    #[arg(long, default_value_t = 0)]
+    pretrain_encoder: u64,
+    #[arg(long, default_value_t = 1e-3)]
+    pretrain_lr: f64,
     /// ImageNet ResNet18 safetensors (path or `org/name[@rev]:file`), conv1 tiled ×3.
     #[arg(long)]
     pretrained: Option<String>,
@@ -173,6 +183,7 @@ fn main() -> Result<()> {
         encoder: args.encoder,
         encoder_owner: args.encoder_owner,
         aux_state_weight: args.aux_state_weight,
+        aux_state_input: args.aux_state_input,
         seed: args.seed,
     };
     let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &device)?;
@@ -182,6 +193,11 @@ fn main() -> Result<()> {
             load_pretrained_resnet18(&lapo.varmap, prefix, reference)?;
         }
     }
+    anyhow::ensure!(
+        !args.aux_state_input || (args.aux_state_weight > 0.0 && args.encoder.uses_images()),
+        "--aux-state-input needs an image encoder and --aux-state-weight > 0"
+    );
+    anyhow::ensure!(args.pretrain_encoder == 0 || args.aux_state_input, "--pretrain-encoder needs --aux-state-input");
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = if args.resume {
         let info = load_checkpoint(&mut lapo, &run_dir).with_context(|| format!("resuming {}", run_dir.display()))?;
@@ -196,6 +212,30 @@ fn main() -> Result<()> {
         &serde_json::json!({"args": args, "lapo": config, "dims": replay.dims, "bounds": replay.bounds,
             "normalization": replay.norm, "behaviour_score": behaviour, "dataset_meta_tier": replay.dataset.meta().tier}),
     )?;
+
+    if args.pretrain_encoder > 0 && lapo.iteration == 0 {
+        // A resumed run already holds its pretrained (and trained) encoder.
+        let encoder_vars = lapo.partitions.vars(rl::lapo::groups::ENCODER)?;
+        let mut opt = shared::params::GroupOptimizer::new(
+            "encoder_pretraining",
+            encoder_vars,
+            shared::params::OptimizerConfig::adam(args.pretrain_lr),
+        )?;
+        let bar = progress_bar(args.pretrain_encoder, "encoder pretraining");
+        for i in 0..args.pretrain_encoder {
+            // Its own sample stream (stream 2), so LAPO's batches are the same with or without it.
+            let mut rng = lapo.iteration_rng(i, 2);
+            let batch = replay.sample(args.batch_size, &mut rng, DType::F32, &device)?;
+            let loss = lapo.pretrain_encoder_step(&batch, &mut opt)?;
+            if (i + 1) % args.log_every == 0 {
+                metrics.write(&serde_json::json!({"pretrain_iteration": i + 1, "aux_state": loss}))?;
+                bar.set_message(format!("aux {loss:.4}"));
+            }
+            bar.inc(1);
+        }
+        bar.finish();
+        lapo.sync_target_encoder()?;
+    }
 
     // The audit only aborts for the design; ablations reproduce a known-bad ownership on purpose.
     let abort_on_audit = args.encoder_owner == EncoderOwner::Critic;
