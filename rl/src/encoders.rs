@@ -295,6 +295,16 @@ impl ObsEncoder {
         }
     }
 
+    /// The privileged-state prediction inside a feature this encoder produced (its last
+    /// `privileged_dim` columns); `None` without a head.
+    pub fn privileged_prediction(&self, feature: &Tensor) -> Result<Option<Tensor>> {
+        let dim = self.privileged_dim();
+        if dim == 0 {
+            return Ok(None);
+        }
+        Ok(Some(feature.narrow(1, feature.dim(1)? - dim, dim)?))
+    }
+
     /// `images`: (B, 9, H, W) in [0, 1] (cameras stacked on channels); `state`: z-scored (B, D).
     /// `train` selects batch statistics in batch norm (and updates the running ones).
     pub fn forward_t(&self, images: Option<&Tensor>, state: &Tensor, train: bool) -> Result<Tensor> {

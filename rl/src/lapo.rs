@@ -77,11 +77,10 @@ pub struct LapoConfig {
     pub noise_clip: f64,
     pub encoder: EncoderKind,
     pub encoder_owner: EncoderOwner,
-    /// Weight of an auxiliary loss in the critic optimiser: a linear head on the encoder's
-    /// feature regresses the privileged puck/goal state recorded in the dataset. 0 disables it
-    /// (the source design). The head is never used for acting, and the VAE and actor still see
-    /// the feature detached; it only gives the critic-owned encoder a denser signal than TD
-    /// errors (see `Lapo::critic_loss`).
+    /// Weight of an auxiliary loss in the critic optimiser: a head on the encoder's feature
+    /// regresses the privileged puck/goal state recorded in the dataset. 0 disables it (the
+    /// source design). The VAE and actor still see the feature detached; the loss only gives the
+    /// critic-owned encoder a denser signal than TD errors (see `Lapo::critic_loss`).
     #[serde(default)]
     pub aux_state_weight: f64,
     /// Put the auxiliary head inside the encoder and append its prediction to the feature every
@@ -132,7 +131,9 @@ pub struct Dims {
     pub supersample: usize,
 }
 
-fn one() -> usize {
+/// Serde default of [`Dims::supersample`] (and the policy header's): files from before it was
+/// recorded were rendered without anti-aliasing.
+pub(crate) fn one() -> usize {
     1
 }
 
@@ -169,7 +170,7 @@ pub struct CriticLoss {
     pub q1_loss: Tensor,
     pub q2_loss: Tensor,
     pub v_loss: Tensor,
-    /// Auxiliary state regression (unweighted); zero when disabled.
+    /// Auxiliary state regression (unweighted); `None` when disabled.
     pub aux_state_loss: Option<Tensor>,
     pub mean_q: f64,
     pub mean_v: f64,
@@ -531,16 +532,16 @@ impl Lapo {
     /// to its target. An initialisation, like ImageNet weights for the ResNet: from iteration 0
     /// on the encoder is the critic's as designed. Returns the auxiliary loss before the step.
     pub fn pretrain_encoder_step(&mut self, batch: &Batch, opt: &mut GroupOptimizer) -> Result<f64, LapoError> {
-        let dim = self.encoder.privileged_dim();
-        if dim == 0 {
-            return Err(anyhow::anyhow!("encoder pretraining needs the in-encoder head (aux_state_input)").into());
-        }
         let target = batch
             .privileged
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("encoder pretraining: the batch carries no privileged state"))?;
         let s = self.encoder.forward_t(batch.images.as_ref(), &batch.state, true)?;
-        let loss = mse(&s.narrow(1, s.dim(1)? - dim, dim)?, target)?;
+        let prediction = self
+            .encoder
+            .privileged_prediction(&s)?
+            .ok_or_else(|| anyhow::anyhow!("encoder pretraining needs the in-encoder head (aux_state_input)"))?;
+        let loss = mse(&prediction, target)?;
         let value = scalar(&loss)?;
         if !value.is_finite() {
             return Err(anyhow::anyhow!("non-finite encoder pretraining loss {value}").into());
@@ -589,16 +590,14 @@ impl Lapo {
         let v_loss = mse(&v, &targets.target_v.clamp(self.bounds.min_v, self.bounds.max_v)?)?;
         let mut total = ((&q1_loss + &q2_loss)? + &v_loss)?;
         let mut aux_state_loss = None;
-        let in_encoder = self.encoder.privileged_dim();
-        if self.aux_state_head.is_some() || in_encoder > 0 {
-            use candle_core::Module;
+        let prediction = match &self.aux_state_head {
+            Some(head) => Some(candle_core::Module::forward(head, s)?),
+            None => self.encoder.privileged_prediction(s)?,
+        };
+        if let Some(prediction) = prediction {
             let target = batch.privileged.as_ref().ok_or_else(|| {
                 candle_core::Error::Msg("aux_state_weight > 0 but the batch carries no privileged state".into())
             })?;
-            let prediction = match &self.aux_state_head {
-                Some(head) => head.forward(s)?,
-                None => s.narrow(1, s.dim(1)? - in_encoder, in_encoder)?,
-            };
             let aux = mse(&prediction, target)?;
             total = (total + (&aux * self.config.aux_state_weight)?)?;
             aux_state_loss = Some(aux);

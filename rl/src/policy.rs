@@ -36,12 +36,8 @@ pub struct PolicyHeader {
     #[serde(default)]
     pub privileged_dim: usize,
     /// Anti-aliasing of the training images (`EnvConfig::supersample`): evaluate with the same.
-    #[serde(default = "one")]
+    #[serde(default = "crate::lapo::one")]
     pub supersample: usize,
-}
-
-fn one() -> usize {
-    1
 }
 
 /// Writes the policy file atomically.

@@ -154,6 +154,12 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| format!("lapo-{:?}-{:?}-s{}", args.encoder, args.encoder_owner, args.seed).to_lowercase());
     let run_dir = args.runs_dir.join(&name);
 
+    // Option conflicts fail before the dataset is collected or opened.
+    anyhow::ensure!(
+        !args.aux_state_input || (args.aux_state_weight > 0.0 && args.encoder.uses_images()),
+        "--aux-state-input needs an image encoder and --aux-state-weight > 0"
+    );
+    anyhow::ensure!(args.pretrain_encoder == 0 || args.aux_state_input, "--pretrain-encoder needs --aux-state-input");
     ensure_dataset(&args)?;
     let replay = Replay::open(&args.dataset, args.encoder, args.gamma)?;
     let behaviour = replay.dataset.meta().mean_normalized_score as f64;
@@ -193,11 +199,6 @@ fn main() -> Result<()> {
             load_pretrained_resnet18(&lapo.varmap, prefix, reference)?;
         }
     }
-    anyhow::ensure!(
-        !args.aux_state_input || (args.aux_state_weight > 0.0 && args.encoder.uses_images()),
-        "--aux-state-input needs an image encoder and --aux-state-weight > 0"
-    );
-    anyhow::ensure!(args.pretrain_encoder == 0 || args.aux_state_input, "--pretrain-encoder needs --aux-state-input");
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = if args.resume {
         let info = load_checkpoint(&mut lapo, &run_dir).with_context(|| format!("resuming {}", run_dir.display()))?;
