@@ -206,6 +206,25 @@ impl SmallConv {
     }
 }
 
+/// What an image encoder hands the networks. Every layout is built from the same fused
+/// image/joint feature; the encoder's privileged-state prediction (if it has a head) is always
+/// appended last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureLayout {
+    /// `[fused]`: the source design.
+    #[default]
+    Fused,
+    /// `[fused, state]`: the z-scored joint state is also passed through as it is, so the
+    /// networks read the arms' exact configuration rather than only its image through the fused
+    /// layer, which moves with every critic step.
+    FusedState,
+    /// `[state]`: with the head, `[state, prediction]` — the state-only model's input, with the
+    /// puck/goal part estimated from the pixels. The networks see the images only through the
+    /// head's 16 numbers (whose gradient still reaches the whole encoder).
+    State,
+}
+
 #[derive(Clone, Debug)]
 enum ImageNet {
     ResNet(Box<ResNet18>),
@@ -222,13 +241,14 @@ pub struct ObsEncoder {
     /// Predicts the privileged puck/goal state from the fused feature; its prediction is
     /// appended to the feature (see [`ObsEncoder::with_privileged_head`]).
     privileged_head: Option<Mlp>,
+    layout: FeatureLayout,
     out_dim: usize,
 }
 
 impl ObsEncoder {
     /// `vb` is the encoder's root (e.g. `encoder` or `target.encoder`).
     pub fn new(kind: EncoderKind, state_dim: usize, image_hw: (usize, usize), vb: VarBuilder) -> Result<Self> {
-        Self::with_privileged_head(kind, state_dim, image_hw, 0, vb)
+        Self::with_privileged_head(kind, state_dim, image_hw, 0, FeatureLayout::Fused, vb)
     }
 
     /// With `privileged_dim > 0` (image encoders only), a two-layer head on the fused feature
@@ -237,11 +257,13 @@ impl ObsEncoder {
     /// the state-only model is handed, estimated from the pixels, in front of the networks that
     /// must use them. The prediction is trained by the auxiliary loss (and by the critic's
     /// gradient through it); at acting time it is part of the encoder like any other layer.
+    /// `layout` chooses what else the feature holds ([`FeatureLayout`]).
     pub fn with_privileged_head(
         kind: EncoderKind,
         state_dim: usize,
         image_hw: (usize, usize),
         privileged_dim: usize,
+        layout: FeatureLayout,
         vb: VarBuilder,
     ) -> Result<Self> {
         let image_net = match kind {
@@ -250,7 +272,15 @@ impl ObsEncoder {
             EncoderKind::None => None,
         };
         if image_net.is_none() {
-            return Ok(Self { kind, image_net, joint: None, fuse: None, privileged_head: None, out_dim: state_dim });
+            return Ok(Self {
+                kind,
+                image_net,
+                joint: None,
+                fuse: None,
+                privileged_head: None,
+                layout: FeatureLayout::Fused,
+                out_dim: state_dim,
+            });
         }
         let privileged_head = if privileged_dim > 0 {
             Some(Mlp::new(FEATURE_DIM, FEATURE_DIM / 2, 2, privileged_dim, vb.pp("privileged_head"))?)
@@ -264,7 +294,12 @@ impl ObsEncoder {
             joint: Some(Mlp::new(state_dim, FEATURE_DIM, 2, FEATURE_DIM, vb.pp("joint"))?),
             fuse: Some(candle_nn::linear(2 * FEATURE_DIM, FEATURE_DIM, vb.pp("fuse"))?),
             privileged_head,
-            out_dim: FEATURE_DIM + privileged_dim,
+            layout,
+            out_dim: match layout {
+                FeatureLayout::Fused => FEATURE_DIM,
+                FeatureLayout::FusedState => FEATURE_DIM + state_dim,
+                FeatureLayout::State => state_dim,
+            } + privileged_dim,
         })
     }
 
@@ -279,11 +314,11 @@ impl ObsEncoder {
     /// Width of the appended privileged-state prediction (0 without a head); it occupies the
     /// last columns of the feature.
     pub fn privileged_dim(&self) -> usize {
-        if self.privileged_head.is_some() {
-            self.out_dim - FEATURE_DIM
-        } else {
-            0
-        }
+        self.privileged_head.as_ref().map_or(0, |head| head.out_dim())
+    }
+
+    pub fn layout(&self) -> FeatureLayout {
+        self.layout
     }
 
     /// Name (relative to the encoder root) of the first conv's weight: the var the audit watches.
@@ -322,12 +357,18 @@ impl ObsEncoder {
         let fuse = self.fuse.as_ref().expect("image encoders have a fuse layer");
         let joint_feature = joint.forward(state)?.relu()?;
         let fused = fuse.forward(&Tensor::cat(&[image_feature, joint_feature], D::Minus1)?)?;
-        match &self.privileged_head {
-            Some(head) => {
-                let prediction = head.forward(&fused)?;
-                Tensor::cat(&[fused, prediction], D::Minus1)
-            }
-            None => Ok(fused),
+        let mut parts = match self.layout {
+            FeatureLayout::Fused => vec![fused.clone()],
+            FeatureLayout::FusedState => vec![fused.clone(), state.clone()],
+            FeatureLayout::State => vec![state.clone()],
+        };
+        if let Some(head) = &self.privileged_head {
+            parts.push(head.forward(&fused)?);
+        }
+        if parts.len() == 1 {
+            Ok(parts.remove(0))
+        } else {
+            Tensor::cat(&parts, D::Minus1)
         }
     }
 }

@@ -26,7 +26,7 @@ use shared::gradflow::{audit, AuditReport, Expectation};
 use shared::params::{GroupOptimizer, OptimizerConfig, Partitions};
 use shared::rng::SplitMix64;
 
-use crate::encoders::{EncoderKind, ObsEncoder};
+use crate::encoders::{EncoderKind, FeatureLayout, ObsEncoder};
 use crate::nets::{init_deterministic, Actor, ActorVae, Critic};
 
 // ---------------------------------------------------------------------------------------------
@@ -87,6 +87,9 @@ pub struct LapoConfig {
     /// network sees (`ObsEncoder::with_privileged_head`), instead of a linear probe beside it.
     #[serde(default)]
     pub aux_state_input: bool,
+    /// What the image encoder's feature holds besides the head's prediction.
+    #[serde(default)]
+    pub feature_layout: FeatureLayout,
     pub seed: u64,
 }
 
@@ -110,6 +113,7 @@ impl Default for LapoConfig {
             encoder_owner: EncoderOwner::Critic,
             aux_state_weight: 0.0,
             aux_state_input: false,
+            feature_layout: FeatureLayout::Fused,
             seed: 0,
         }
     }
@@ -294,6 +298,7 @@ impl Lapo {
             dims.state_dim,
             dims.image_hw,
             head_dim,
+            config.feature_layout,
             vb.pp("encoder"),
         )?;
         let target_encoder = ObsEncoder::with_privileged_head(
@@ -301,6 +306,7 @@ impl Lapo {
             dims.state_dim,
             dims.image_hw,
             head_dim,
+            config.feature_layout,
             vb.pp("target.encoder"),
         )?;
         let s_dim = encoder.out_dim();

@@ -38,6 +38,10 @@ impl Mlp {
     pub fn standard(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
         Self::new(input, HIDDEN, MLP_LAYERS, output, vb)
     }
+
+    pub fn out_dim(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.weight().dim(0).unwrap_or(0))
+    }
 }
 
 impl Module for Mlp {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::encoders::{EncoderKind, ObsEncoder};
+use crate::encoders::{EncoderKind, FeatureLayout, ObsEncoder};
 use crate::lapo::Lapo;
 use crate::nets::{Actor, Mlp};
 use crate::trainer::Normalization;
@@ -38,6 +38,9 @@ pub struct PolicyHeader {
     /// Anti-aliasing of the training images (`EnvConfig::supersample`): evaluate with the same.
     #[serde(default = "crate::lapo::one")]
     pub supersample: usize,
+    /// What the encoder's feature holds (`fused` for files from before it was recorded).
+    #[serde(default)]
+    pub feature_layout: FeatureLayout,
 }
 
 /// Writes the policy file atomically.
@@ -77,6 +80,7 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
         iteration: lapo.iteration,
         privileged_dim: lapo.encoder.privileged_dim(),
         supersample: lapo.dims.supersample,
+        feature_layout: lapo.encoder.layout(),
     };
     let metadata: HashMap<String, String> =
         HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&header)?)]);
@@ -131,6 +135,7 @@ impl ExportedPolicy {
             header.state_dim,
             header.image_hw,
             header.privileged_dim,
+            header.feature_layout,
             vb.pp("encoder"),
         )
         .with_context(|| format!("{}: encoder weights", path.display()))?;

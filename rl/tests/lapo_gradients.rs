@@ -7,7 +7,7 @@
 //! * the built-in audit passes for the design and catches the source's original bug.
 
 use candle_core::{DType, Device, Tensor, Var};
-use rl::encoders::{max_pool_3x3_s2, EncoderKind};
+use rl::encoders::{max_pool_3x3_s2, EncoderKind, FeatureLayout, FEATURE_DIM};
 use rl::lapo::{groups, Batch, Dims, EncoderOwner, Lapo, LapoConfig, ValueBounds};
 use shared::gradcheck::{check_directional, GradCheckOptions};
 use shared::rng::SplitMix64;
@@ -243,16 +243,29 @@ fn state_only_iterations_are_deterministic() {
 /// shown to contribute), and the built-in audit still passes: ownership is unchanged.
 #[test]
 fn auxiliary_state_head_trains_with_the_critic_only() {
-    auxiliary_state_head_case(false);
+    auxiliary_state_head_case(false, FeatureLayout::Fused);
 }
 
 /// The same with the head inside the encoder and its prediction appended to the feature.
 #[test]
 fn in_encoder_state_head_trains_with_the_critic_only() {
-    auxiliary_state_head_case(true);
+    auxiliary_state_head_case(true, FeatureLayout::Fused);
 }
 
-fn auxiliary_state_head_case(in_encoder: bool) {
+/// And with the joint state passed through into the feature beside the head's prediction.
+#[test]
+fn in_encoder_state_head_with_fused_state_layout_trains_with_the_critic_only() {
+    auxiliary_state_head_case(true, FeatureLayout::FusedState);
+}
+
+/// And with only the joint state and the head's prediction in the feature: the critic's
+/// gradient must still reach the first conv, through the head.
+#[test]
+fn in_encoder_state_head_with_state_layout_trains_with_the_critic_only() {
+    auxiliary_state_head_case(true, FeatureLayout::State);
+}
+
+fn auxiliary_state_head_case(in_encoder: bool, layout: FeatureLayout) {
     const PRIVILEGED_DIM: usize = 6;
     let build = |weight: f64| {
         let dims = Dims {
@@ -265,6 +278,7 @@ fn auxiliary_state_head_case(in_encoder: bool) {
         let config = LapoConfig {
             aux_state_weight: weight,
             aux_state_input: in_encoder,
+            feature_layout: layout,
             ..config(EncoderKind::Conv, EncoderOwner::Critic)
         };
         Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F64, &Device::Cpu).unwrap()
@@ -275,6 +289,18 @@ fn auxiliary_state_head_case(in_encoder: bool) {
     let lapo = build(2.0);
     assert_eq!(lapo.aux_state_head.is_some(), !in_encoder);
     assert_eq!(lapo.encoder.privileged_dim(), if in_encoder { PRIVILEGED_DIM } else { 0 });
+    // The state columns of the feature are the input itself, and the prediction comes last.
+    let state_at = match layout {
+        FeatureLayout::Fused => None,
+        FeatureLayout::FusedState => Some(FEATURE_DIM),
+        FeatureLayout::State => Some(0),
+    };
+    if let Some(start) = state_at {
+        let feature = lapo.encoder.forward_t(b.images.as_ref(), &b.state, true).unwrap();
+        assert_eq!(feature.dims(), [4, start + STATE_DIM + PRIVILEGED_DIM]);
+        let passed = feature.narrow(1, start, STATE_DIM).unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(passed, b.state.to_vec2::<f64>().unwrap());
+    }
     let mut watched = vars(&lapo, groups::ENCODER);
     if !in_encoder {
         watched.extend(vars(&lapo, groups::AUX_STATE));

@@ -68,8 +68,9 @@ fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
     assert!(audit.passed(), "{}", audit.table());
 }
 
-/// With the head inside the encoder: pretraining on the privileged state lowers its loss, and
-/// the exported policy (header carries the head's width) acts exactly like the trainer's model.
+/// With the head inside the encoder (and the joint state passed through): pretraining on the
+/// privileged state lowers its loss, and the exported policy (header carries the head's width
+/// and the skip) acts exactly like the trainer's model.
 #[test]
 fn in_encoder_head_pretrains_and_exports() {
     let dir = tiny_image_dataset(6);
@@ -78,6 +79,7 @@ fn in_encoder_head_pretrains_and_exports() {
         encoder: EncoderKind::Conv,
         aux_state_weight: 1.0,
         aux_state_input: true,
+        feature_layout: rl::encoders::FeatureLayout::FusedState,
         batch_size: 16,
         ..LapoConfig::default()
     };
@@ -103,6 +105,7 @@ fn in_encoder_head_pretrains_and_exports() {
     rl::policy::export(&lapo, &replay.norm, &path).unwrap();
     let policy = rl::policy::ExportedPolicy::load(&path, &Device::Cpu).unwrap();
     assert_eq!(policy.header.privileged_dim, replay.dims.privileged_dim);
+    assert_eq!(policy.header.feature_layout, rl::encoders::FeatureLayout::FusedState);
     // Evaluation must render as the data was: the file records the anti-aliasing.
     assert_eq!(policy.header.supersample, 2);
     use rl::trainer::Actor;

@@ -15,7 +15,7 @@ use candle_core::DType;
 use clap::Parser;
 use rl::dataset::writer::{collect_dataset, CollectConfig};
 use rl::dataset::Tier;
-use rl::encoders::{load_pretrained_resnet18, EncoderKind};
+use rl::encoders::{load_pretrained_resnet18, EncoderKind, FeatureLayout};
 use rl::env::EnvConfig;
 use rl::lapo::{EncoderOwner, Lapo, LapoConfig};
 use rl::plot::{line_charts, Series, PALETTE};
@@ -61,6 +61,11 @@ struct Args {
     /// `ObsEncoder::with_privileged_head`); needs `--aux-state-weight` > 0.
     #[arg(long)]
     aux_state_input: bool,
+    /// What the image encoder's feature holds besides the head's prediction: `fused` (the
+    /// source design), `fused-state` (+ the joint state as it is), `state` (the joint state and
+    /// the head's prediction only; needs `--aux-state-input`).
+    #[arg(long, value_enum, default_value = "fused")]
+    feature_layout: FeatureLayout,
     /// Iterations fitting the encoder's privileged-state head alone before LAPO starts (needs
     /// `--aux-state-input`); learning rate `--pretrain-lr`.
     #[arg(long, default_value_t = 0)]
@@ -160,6 +165,14 @@ fn main() -> Result<()> {
         "--aux-state-input needs an image encoder and --aux-state-weight > 0"
     );
     anyhow::ensure!(args.pretrain_encoder == 0 || args.aux_state_input, "--pretrain-encoder needs --aux-state-input");
+    anyhow::ensure!(
+        args.feature_layout == FeatureLayout::Fused || args.encoder.uses_images(),
+        "--feature-layout needs an image encoder"
+    );
+    anyhow::ensure!(
+        args.feature_layout != FeatureLayout::State || args.aux_state_input,
+        "--feature-layout state needs --aux-state-input (the images reach the networks only through the head)"
+    );
     ensure_dataset(&args)?;
     let replay = Replay::open(&args.dataset, args.encoder, args.gamma)?;
     let behaviour = replay.dataset.meta().mean_normalized_score as f64;
@@ -190,6 +203,7 @@ fn main() -> Result<()> {
         encoder_owner: args.encoder_owner,
         aux_state_weight: args.aux_state_weight,
         aux_state_input: args.aux_state_input,
+        feature_layout: args.feature_layout,
         seed: args.seed,
     };
     let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &device)?;
