@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use shared::rng::SplitMix64;
 
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, Tier};
 use crate::encoders::EncoderKind;
+use crate::env::policy::rollout;
 use crate::env::{normalized_score, Env, EnvConfig, NUM_CAMERAS};
 use crate::lapo::{Batch, Dims, Lapo, ValueBounds};
 
@@ -284,6 +285,67 @@ pub struct Evaluation {
     pub normalized_score: f64,
     pub normalized_score_std: f64,
     pub success_rate: f64,
+    /// Per-episode normalised scores, in seed order (for paired comparisons; not serialised).
+    #[serde(skip)]
+    pub episode_scores: Vec<f64>,
+}
+
+impl Evaluation {
+    fn from_episodes(returns: &[f64], success: &[bool]) -> Self {
+        let episodes = returns.len();
+        let scores: Vec<f64> = returns.iter().map(|r| normalized_score(*r as f32) as f64).collect();
+        let mean = scores.iter().sum::<f64>() / episodes as f64;
+        let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / episodes as f64).sqrt();
+        Evaluation {
+            episodes,
+            mean_return: returns.iter().sum::<f64>() / episodes as f64,
+            normalized_score: mean,
+            normalized_score_std: std,
+            success_rate: success.iter().filter(|s| **s).count() as f64 / episodes as f64,
+            episode_scores: scores,
+        }
+    }
+}
+
+/// Mean and standard error of the per-episode score difference `a − b` of two evaluations on the
+/// same seeds. Pairing removes the spread between layouts (some are harder for every policy),
+/// which dominates an unpaired comparison.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PairedDifference {
+    pub mean: f64,
+    pub standard_error: f64,
+    pub episodes: usize,
+}
+
+pub fn paired_difference(a: &Evaluation, b: &Evaluation) -> Result<PairedDifference> {
+    let n = a.episode_scores.len();
+    anyhow::ensure!(
+        n >= 2 && n == b.episode_scores.len(),
+        "a paired comparison needs the same seeds (at least two) on both sides: {} vs {} episodes",
+        n,
+        b.episode_scores.len()
+    );
+    let diffs: Vec<f64> = a.episode_scores.iter().zip(&b.episode_scores).map(|(x, y)| x - y).collect();
+    let mean = diffs.iter().sum::<f64>() / n as f64;
+    let variance = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    Ok(PairedDifference { mean, standard_error: (variance / n as f64).sqrt(), episodes: n })
+}
+
+/// Scores the scripted policy that generates a dataset `tier` on env seeds `seed..seed+episodes`
+/// (episode i acts as the tier's i-th dataset episode would): the behaviour policy on exactly the
+/// layouts a policy evaluation used. The scripted policies read the simulator, so nothing is rendered.
+pub fn evaluate_behaviour(tier: Tier, env_config: &EnvConfig, episodes: usize, seed: u64) -> Result<Evaluation> {
+    anyhow::ensure!(episodes > 0, "evaluating the behaviour policy needs at least one episode");
+    let mut env = Env::new(EnvConfig { render: false, ..env_config.clone() })?;
+    let (mut returns, mut success) = (Vec::with_capacity(episodes), Vec::with_capacity(episodes));
+    for i in 0..episodes {
+        let env_seed = seed + i as u64;
+        let mut policy = tier.policy_for_episode(i).build(env_seed);
+        let outcome = rollout(&mut env, policy.as_mut(), env_seed);
+        returns.push(outcome.episode_return as f64);
+        success.push(outcome.success);
+    }
+    Ok(Evaluation::from_episodes(&returns, &success))
 }
 
 /// Acting interface shared by the trainer's model and an exported policy.
@@ -367,16 +429,7 @@ pub fn evaluate(
             }
         }
     }
-    let scores: Vec<f64> = returns.iter().map(|r| normalized_score(*r as f32) as f64).collect();
-    let mean = scores.iter().sum::<f64>() / episodes as f64;
-    let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / episodes as f64).sqrt();
-    Ok(Evaluation {
-        episodes,
-        mean_return: returns.iter().sum::<f64>() / episodes as f64,
-        normalized_score: mean,
-        normalized_score_std: std,
-        success_rate: success.iter().filter(|s| **s).count() as f64 / episodes as f64,
-    })
+    Ok(Evaluation::from_episodes(&returns, &success))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ use rl::dataset::{collect_dataset, CollectConfig, Tier};
 use rl::encoders::EncoderKind;
 use rl::env::EnvConfig;
 use rl::lapo::{EncoderOwner, Lapo, LapoConfig};
-use rl::trainer::{privileged_targets, Replay};
+use rl::trainer::{evaluate_behaviour, paired_difference, privileged_targets, Replay};
 
 /// Two short mixed-tier episodes with 16×16 views, anti-aliased ×2 (as the default dataset).
 fn tiny_image_dataset(seed: u64) -> tempfile::TempDir {
@@ -112,4 +112,35 @@ fn in_encoder_head_pretrains_and_exports() {
     let ours = lapo.act(batch.images.as_ref(), &batch.state).unwrap().to_vec2::<f32>().unwrap();
     let theirs = policy.act_batch(batch.images.as_ref(), &batch.state).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(ours, theirs);
+}
+
+#[test]
+fn behaviour_evaluation_replays_the_dataset_episodes_of_the_same_seeds() {
+    // A mixed dataset's episode i is the tier's i-th policy on seed `seed + i`; evaluating the
+    // behaviour from the same seed must reproduce each episode's recorded score (without rendering:
+    // the scripted policies read the simulator, so the images must not change what they do).
+    let seed = 41;
+    let dir = tiny_image_dataset(seed);
+    let dataset = rl::dataset::Dataset::open(dir.path()).unwrap();
+    let episodes = &dataset.meta().episodes;
+    let env = EnvConfig { image_height: 16, image_width: 16, max_steps: 20, render: true, supersample: 2 };
+    let behaviour = evaluate_behaviour(Tier::Mixed, &env, episodes.len(), seed).unwrap();
+    assert_eq!(behaviour.episode_scores.len(), episodes.len());
+    for (score, meta) in behaviour.episode_scores.iter().zip(episodes) {
+        assert!((score - meta.normalized_score as f64).abs() < 1e-4, "{score} vs {}", meta.normalized_score);
+    }
+    // Paired difference of two evaluations: per-episode differences, their mean and its
+    // standard error (sample std / √n), computed here from the definition.
+    let shifted = rl::trainer::Evaluation {
+        episode_scores: behaviour.episode_scores.iter().enumerate().map(|(i, s)| s + 3.0 + i as f64).collect(),
+        ..behaviour.clone()
+    };
+    let difference = paired_difference(&shifted, &behaviour).unwrap();
+    let diffs: Vec<f64> = (0..episodes.len()).map(|i| 3.0 + i as f64).collect();
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let sample_var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (diffs.len() - 1) as f64;
+    assert!((difference.mean - mean).abs() < 1e-9);
+    assert!((difference.standard_error - (sample_var / diffs.len() as f64).sqrt()).abs() < 1e-9);
+    let one_episode = rl::trainer::Evaluation { episode_scores: vec![1.0], ..behaviour.clone() };
+    assert!(paired_difference(&one_episode, &behaviour).is_err(), "different seed counts must be refused");
 }

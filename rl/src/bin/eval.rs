@@ -1,6 +1,7 @@
 //! `cargo run -p rl --release --bin eval -- --checkpoint PATH` — score an exported policy (or a
 //! run directory's `policy.safetensors`) in the environment and write a GIF of one episode with
-//! the three cameras side by side.
+//! the three cameras side by side. `--behaviour medium` also scores the dataset's scripted
+//! behaviour policy on the same seeds and prints the paired difference.
 
 use std::path::PathBuf;
 
@@ -8,9 +9,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, Frame, RgbaImage};
+use rl::dataset::Tier;
 use rl::env::{tile_views, EnvConfig, NUM_CAMERAS};
 use rl::policy::ExportedPolicy;
-use rl::trainer::evaluate;
+use rl::trainer::{evaluate, evaluate_behaviour, paired_difference};
 
 #[derive(Parser, Debug)]
 #[command(about = "Evaluate an exported LAPO policy and record a GIF")]
@@ -28,10 +30,20 @@ struct Args {
     gif: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also score the scripted policy of this dataset tier (random, medium, expert, mixed) on the
+    /// same seeds, and print the per-episode paired difference (policy − behaviour). The dataset's
+    /// behaviour score averages other layouts (the training data's seeds), so this is the fairer
+    /// comparison on few episodes. Use seeds the dataset did not use (it starts at 1000).
+    #[arg(long)]
+    behaviour: Option<Tier>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.behaviour.is_none() || args.episodes >= 2,
+        "--behaviour needs --episodes of at least 2 (the paired difference has a standard error)"
+    );
     let path =
         if args.checkpoint.is_dir() { args.checkpoint.join("policy.safetensors") } else { args.checkpoint.clone() };
     let device = shared::device::parse_device(&args.device)?;
@@ -47,7 +59,19 @@ fn main() -> Result<()> {
     let result = evaluate(&policy, &env_config, args.episodes, args.seed, |obs| {
         frames.push(tile_views(&obs.images, obs.height, obs.width));
     })?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
+    match args.behaviour {
+        None => println!("{}", serde_json::to_string_pretty(&result)?),
+        Some(tier) => {
+            let behaviour = evaluate_behaviour(tier, &env_config, args.episodes, args.seed)?;
+            let difference = paired_difference(&result, &behaviour)?;
+            let report = serde_json::json!({
+                "policy": result,
+                "behaviour": { "tier": tier.name(), "evaluation": behaviour },
+                "policy_minus_behaviour": difference,
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
 
     let gif_path = args.gif.unwrap_or_else(|| path.with_file_name("episode.gif"));
     let mut bytes = Vec::new();
