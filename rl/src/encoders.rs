@@ -365,11 +365,7 @@ impl ObsEncoder {
         if let Some(head) = &self.privileged_head {
             parts.push(head.forward(&fused)?);
         }
-        if parts.len() == 1 {
-            Ok(parts.remove(0))
-        } else {
-            Tensor::cat(&parts, D::Minus1)
-        }
+        Tensor::cat(&parts, D::Minus1)
     }
 }
 
