@@ -114,8 +114,9 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
         };
         let check = verify_gradient(&traj, &noise, setup.objective.as_ref(), params.grad_mode, &opts)?;
         log(&format!(
-            "verify-grad: directional finite differences over {} directions (eps {:.0e}, {} learned tensors): max relative error {:.3e}",
-            check.checks.len(),
+            "verify-grad: directional finite differences, {} directions per learned tensor and {} joint (eps {:.0e}, {} learned tensors): max relative error {:.3e}",
+            opts.directions,
+            check.joint.len(),
             check.eps,
             noise.learnable().len(),
             check.max_rel_error()

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Result, Tensor, Var};
-use shared::gradcheck::{check_directional, GradCheckOptions, GradCheckReport};
+use shared::gradcheck::{check_gradients, GradCheckOptions, GradCheckReport};
 use shared::params::{GroupOptimizer, OptimizerConfig};
 
 use crate::noise::NoiseState;
@@ -197,8 +197,8 @@ pub fn optimize(
 }
 
 /// Finite-difference check of the gradient that `mode` computes (the recomputation backward
-/// by default), along random directions over every learnable tensor, via
-/// [`shared::gradcheck::check_directional`]. The function handed to it has the loss's value
+/// by default), along random directions of each learnable tensor on its own (by name: `z0`,
+/// `xi_3`, …) and of all together, via [`shared::gradcheck::check_gradients`]. The function handed to it has the loss's value
 /// and `mode`'s gradient: loss + Σ⟨v − stopgrad(v), g(v)⟩.
 pub fn verify_gradient(
     traj: &Trajectory,
@@ -207,7 +207,7 @@ pub fn verify_gradient(
     mode: GradMode,
     opts: &GradCheckOptions,
 ) -> Result<GradCheckReport> {
-    let vars: Vec<Var> = noise.learnable().into_iter().map(|(_, v)| v).collect();
+    let vars = noise.learnable();
     let f = || -> Result<Tensor> {
         let (z0, steps) = noise.tensors();
         let vg = traj.value_and_grad(&z0, &steps, objective, mode)?;
@@ -219,7 +219,7 @@ pub fn verify_gradient(
         }
         Ok(out)
     };
-    check_directional(&vars, f, opts)
+    check_gradients(&vars, f, opts)
 }
 
 /// The finite-difference step that suits a dtype.

@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use sampler::cosmos_dit::{Config, CosmosTransformer3DModel, ForwardOptions};
-use shared::gradcheck::{check_directional, GradCheckOptions, GradCheckReport};
+use shared::gradcheck::{check_gradients, GradCheckOptions, GradCheckReport};
 use shared::rng::SplitMix64;
 
 const GRAD_TOL: f64 = 1e-4;
@@ -48,9 +48,7 @@ fn readout(shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 fn print_report(what: &str, report: &GradCheckReport) {
-    for c in &report.checks {
-        println!("{what}: analytic {:+.10e}  numeric {:+.10e}  rel {:.3e}", c.analytic, c.numeric, c.rel_error);
-    }
+    println!("{what}:\n{}", report.table());
 }
 
 /// ∂/∂(latent) through the whole model: per-frame timesteps, condition and padding masks.
@@ -63,10 +61,10 @@ fn latent_gradient_matches_finite_differences() -> Result<()> {
     let r = readout(latent.dims(), 11)?;
     let loss = || (s.model.forward(latent.as_tensor(), &t, &ctx, Some(&cm), Some(&pm))? * &r)?.sum_all();
     let report =
-        check_directional(std::slice::from_ref(&latent), loss, &GradCheckOptions { seed: 5, ..Default::default() })?;
+        check_gradients(&[("latent", latent.clone())], loss, &GradCheckOptions { seed: 5, ..Default::default() })?;
     print_report("latent", &report);
-    assert!(report.vars_without_grad.is_empty(), "the latent got no gradient");
-    assert!(report.checks.iter().all(|c| c.analytic.abs() > 1e-6), "degenerate directional derivatives");
+    assert!(report.vars_without_grad().is_empty(), "the latent got no gradient");
+    report.assert_nondegenerate(1e-6, "cosmos DiT, d loss / d latent")?;
     report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d latent")?;
     Ok(())
 }
@@ -83,14 +81,14 @@ fn latent_and_context_gradients_match_finite_differences() -> Result<()> {
     let opts = ForwardOptions { fps: Some(30.0), context_mask: Some(s.input("case_b.context_mask")?) };
     let r = readout(latent.dims(), 12)?;
     // Var clones share storage: the check's `set` moves the values the closure reads.
-    let vars = [latent.clone(), context.clone()];
+    let vars = [("latent", latent.clone()), ("context", context.clone())];
     let loss = || {
         let out = s.model.forward_with(latent.as_tensor(), &t, context.as_tensor(), Some(&cm), Some(&pm), &opts)?;
         (out * &r)?.sum_all()
     };
-    let report = check_directional(&vars, loss, &GradCheckOptions { seed: 6, ..Default::default() })?;
+    let report = check_gradients(&vars, loss, &GradCheckOptions { seed: 6, ..Default::default() })?;
     print_report("latent+context", &report);
-    assert!(report.vars_without_grad.is_empty(), "vars without gradient: {:?}", report.vars_without_grad);
+    assert!(report.vars_without_grad().is_empty(), "vars without gradient: {:?}", report.vars_without_grad());
     report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d (latent, context)")?;
     Ok(())
 }
@@ -136,13 +134,13 @@ fn trainable_weights_get_correct_gradients() -> Result<()> {
     ];
     let vars = names
         .iter()
-        .map(|n| data.get(*n).cloned().ok_or_else(|| anyhow!("model has no var '{n}'")))
+        .map(|n| Ok((*n, data.get(*n).cloned().ok_or_else(|| anyhow!("model has no var '{n}'"))?)))
         .collect::<Result<Vec<_>>>()?;
     drop(data);
     let loss = || (model.forward(&x, &t, &ctx, Some(&cm), Some(&pm))? * &r)?.sum_all();
-    let report = check_directional(&vars, loss, &GradCheckOptions { seed: 7, ..Default::default() })?;
+    let report = check_gradients(&vars, loss, &GradCheckOptions { seed: 7, ..Default::default() })?;
     print_report("weights", &report);
-    let missing: Vec<_> = report.vars_without_grad.iter().map(|&i| names[i]).collect();
+    let missing = report.vars_without_grad();
     assert!(missing.is_empty(), "trainable weights without gradient: {missing:?}");
     report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d weights")?;
     Ok(())

@@ -13,7 +13,7 @@ use sampler::param::Parameterization;
 use sampler::schedule::Schedule;
 use sampler::solver::SolverKind;
 use sampler::trajectory::{GradMode, Trajectory};
-use shared::gradcheck::{check_directional, GradCheckOptions};
+use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::params::OptimizerConfig;
 use shared::rng::SplitMix64;
 
@@ -179,10 +179,10 @@ fn gradients_match_finite_differences() {
         let noise = NoiseState::draw(5, &SHAPE, &plan, case.mode, true, DType::F64, &dev).unwrap();
         let traj = Trajectory { denoiser: &den, solver: solver.as_ref(), cond: &cond, schedule, plan };
         let report = verify_gradient(&traj, &noise, &obj, GradMode::Recompute, &opts).unwrap();
-        assert!(report.vars_without_grad.is_empty());
+        assert!(report.vars_without_grad().is_empty());
         // The full graph, checked directly.
-        let vars: Vec<Var> = noise.learnable().into_iter().map(|(_, v)| v).collect();
-        let full = check_directional(
+        let vars = noise.learnable();
+        let full = check_gradients(
             &vars,
             || {
                 let (z0, steps) = noise.tensors();
@@ -371,8 +371,8 @@ fn optimisation_moves_the_loss_in_the_asked_direction_and_chi_reg_is_exact() {
     }
     // The χ regulariser's closed-form gradient against finite differences.
     let z = Var::from_tensor(&SplitMix64::new(1).normal_tensor(50, DType::F64, &Device::Cpu).unwrap()).unwrap();
-    let report = check_directional(
-        std::slice::from_ref(&z),
+    let report = check_gradients(
+        &[("z", z.clone())],
         || {
             let (v, g) = sampler::optimize::chi_regulariser(z.as_tensor())?;
             let t = z.as_tensor();
