@@ -93,9 +93,9 @@ fn critic_loss_reaches_conv_encoder_exactly() {
 /// | worst | 1.2e-1 | 3.7e-2 | 3.0e-2 | **3.3e-7** | 4.2e-6 | 8.6e-5 | 2.7e-4 |
 ///
 /// Above 1e-8 the steps cross ReLU/max-pool kinks (errors of 1e-3..1e-1 on conv weights); below
-/// it round-off grows as 1/ε. At 1e-8 the worst over direction seeds 3..8 was 9.8e-7 (bn1.weight
-/// and layer4.1.bn2.bias, the smallest gradients, are the worst; joint checks included), so the tolerance 1e-5 has a
-/// 10× margin and still fails a gradient wrong by 0.01 %.
+/// it round-off grows as 1/ε. At 1e-8 the worst over direction seeds 3..8 was 9.8e-7 (joint
+/// checks included; bn1.weight and layer4.1.bn2.bias, the smallest gradients, are the worst), so
+/// the tolerance 1e-5 has a 10× margin and still fails a gradient wrong by 0.01 %.
 const RESNET_EPS: f64 = 1e-8;
 const RESNET_TOL: f64 = 1e-5;
 
