@@ -633,7 +633,8 @@ impl CosmosTransformer3DModel {
     /// [`Self::forward_with`] that also records intermediate activations into `trace` (when
     /// given) in diffusers' layouts: `patch_embed` (B, T', H', W', D), `time_embed.0` (temb) and
     /// `time_embed.1` (embedded timestep) as (B·F, ·), `rope.0`/`rope.1` (cos/sin, (N, hd)),
-    /// `learnable_pos_embed` (B, N, D), `block0` (B, N, D), `norm_out` (B, N, D).
+    /// `learnable_pos_embed` (B, N, D), `crossattn_proj` (the projected context, (B, L, C), with
+    /// `use_crossattn_projection`), `block0` (B, N, D), `norm_out` (B, N, D).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_traced(
         &self,
@@ -745,6 +746,7 @@ impl CosmosTransformer3DModel {
         let mut context = encoder_hidden_states.to_dtype(dtype)?;
         if let Some((proj, bias)) = &self.crossattn_proj {
             context = ops::gelu_erf(&proj.forward(&context)?.broadcast_add(bias)?)?;
+            record("crossattn_proj", &|| Ok(context.clone()))?;
         }
         let context_mask = match &opts.context_mask {
             Some(m) => {

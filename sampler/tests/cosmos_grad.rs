@@ -2,7 +2,9 @@
 //! fixture's weights: what the sampler backpropagates to z0 goes through exactly this model.
 //!
 //! The weights are plain tensors (not Vars), as a frozen denoiser's are; only the inputs under
-//! test are Vars.
+//! test are Vars — except in the tests of trainable weights, which load them into a `VarMap`.
+//! `cosmos_tiny` is the Predict2 layout; `cosmos_tiny_p25` the Predict2.5 branches (context
+//! projection, no masks, NTK-scaled RoPE).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -93,14 +95,15 @@ fn latent_and_context_gradients_match_finite_differences() -> Result<()> {
     Ok(())
 }
 
-/// The fixture weights as Vars of a `VarMap` (a model being fine-tuned), in f64.
-fn trainable_model() -> Result<(CosmosTransformer3DModel, candle_nn::VarMap)> {
+/// The weights of fixture `stem` (`cosmos_tiny` / `cosmos_tiny_p25`) as Vars of a `VarMap` (a
+/// model being fine-tuned), in f64.
+fn trainable_model(stem: &str) -> Result<(CosmosTransformer3DModel, candle_nn::VarMap)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
+    let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
     let varmap = candle_nn::VarMap::new();
     let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu))?;
     let opts = shared::weights::LoadOptions { allow_unexpected: true, allow_dtype_cast: true, ..Default::default() };
-    let report = shared::weights::load_into_varmap(&varmap, &dir.join("cosmos_tiny.safetensors"), &opts)?;
+    let report = shared::weights::load_into_varmap(&varmap, &dir.join(format!("{stem}.safetensors")), &opts)?;
     anyhow::ensure!(report.unexpected.iter().all(|k| k.starts_with("case_")), "unexpected: {:?}", report.unexpected);
     Ok((model, varmap))
 }
@@ -114,7 +117,7 @@ fn stored_grad_elements(grads: &candle_core::backprop::GradStore) -> usize {
 /// for weights that cannot have one.
 #[test]
 fn trainable_weights_get_correct_gradients() -> Result<()> {
-    let (model, varmap) = trainable_model()?;
+    let (model, varmap) = trainable_model("cosmos_tiny")?;
     let s = setup()?;
     let (x, t, ctx) =
         (s.input("case_a.hidden_states")?, s.input("case_a.timestep")?, s.input("case_a.encoder_hidden_states")?);
@@ -143,6 +146,48 @@ fn trainable_weights_get_correct_gradients() -> Result<()> {
     let missing = report.vars_without_grad();
     assert!(missing.is_empty(), "trainable weights without gradient: {missing:?}");
     report.assert_close(GRAD_TOL, "cosmos DiT, d loss / d weights")?;
+    Ok(())
+}
+
+/// Predict2.5 branches, all trainable: ∂/∂(latent, context fed to the context projection, and
+/// weights — the context projection's weight and bias, the RMS-norm gains of a cross-attention
+/// key and a self-attention query and of the timestep embedding, a cross-attention value
+/// projection), each on its own and jointly. The context reaches the blocks only through the
+/// projection (Linear + exact GELU) and the cross-attention keys and values; the NTK-scaled RoPE
+/// and the absent masks are on the latent's path.
+#[test]
+fn p25_input_and_weight_gradients_match_finite_differences() -> Result<()> {
+    let (model, varmap) = trainable_model("cosmos_tiny_p25")?;
+    anyhow::ensure!(model.config().use_crossattn_projection, "the p25 fixture has no context projection");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tensors = shared::weights::read_safetensors(&dir.join("cosmos_tiny_p25.safetensors"), &Device::Cpu)?;
+    let input = |k: &str| -> Result<Tensor> {
+        Ok(tensors.get(k).ok_or_else(|| anyhow!("fixture has no tensor '{k}'"))?.to_dtype(DType::F64)?)
+    };
+    let latent = Var::from_tensor(&input("case_c.hidden_states")?)?;
+    let context = Var::from_tensor(&input("case_c.encoder_hidden_states")?)?;
+    let t = input("case_c.timestep")?;
+    let r = readout(latent.dims(), 15)?;
+    let weight_names = [
+        "crossattn_proj.0.weight",
+        "crossattn_proj.0.bias",
+        "transformer_blocks.0.attn2.norm_k.weight",
+        "transformer_blocks.1.attn1.norm_q.weight",
+        "time_embed.norm.weight",
+        "transformer_blocks.1.attn2.to_v.weight",
+    ];
+    let data = varmap.data().lock().map_err(|_| anyhow!("varmap lock poisoned"))?;
+    let mut vars = vec![("latent", latent.clone()), ("context", context.clone())];
+    for n in weight_names {
+        vars.push((n, data.get(n).cloned().ok_or_else(|| anyhow!("model has no var '{n}'"))?));
+    }
+    drop(data);
+    let loss = || (model.forward(latent.as_tensor(), &t, context.as_tensor(), None, None)? * &r)?.sum_all();
+    let report = check_gradients(&vars, loss, &GradCheckOptions { seed: 8, ..Default::default() })?;
+    print_report("p25 inputs+weights", &report);
+    assert!(report.vars_without_grad().is_empty(), "vars without gradient: {:?}", report.vars_without_grad());
+    report.assert_nondegenerate(1e-6, "cosmos DiT p25, d loss / d (inputs, weights)")?;
+    report.assert_close(GRAD_TOL, "cosmos DiT p25, d loss / d (inputs, weights)")?;
     Ok(())
 }
 

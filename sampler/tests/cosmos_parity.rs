@@ -4,7 +4,7 @@
 //! diffusers parameter names with diffusers' config.json, input cases and diffusers' outputs:
 //! `cosmos_tiny` (Predict2 Video2World layout; cases A, B, and intermediate activations of case
 //! A that localise a mismatch) and `cosmos_tiny_p25` (Predict2.5 context projection, no masks,
-//! no learnable positional embedding; case C).
+//! no learnable positional embedding; case C and its intermediate activations).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -101,6 +101,31 @@ fn errors(actual: &Tensor, reference: &Tensor) -> Result<(f64, f64)> {
     Ok((max_abs, max_abs / scale.max(1e-30)))
 }
 
+/// Compares every traced activation of `case` with diffusers' (`{case}.trace.*`) in the order
+/// the model computes them, so a mismatch is reported at the earliest stage that differs; the
+/// traced names must be exactly `expected` and exactly the fixture's, so none goes unchecked.
+fn compare_trace(fx: &Fixture, case: &str, trace: &Trace, expected: &[&str], report: &mut Vec<String>) -> Result<()> {
+    let traced: BTreeSet<&str> = trace.iter().map(|(name, _)| name.as_str()).collect();
+    let prefix = format!("{case}.trace.");
+    let in_fixture: BTreeSet<&str> = fx.tensors.keys().filter_map(|k| k.strip_prefix(prefix.as_str())).collect();
+    let expected: BTreeSet<&str> = expected.iter().copied().collect();
+    anyhow::ensure!(
+        traced == expected && in_fixture == expected,
+        "{case}: traced {traced:?}, fixture has {in_fixture:?}, expected {expected:?}"
+    );
+    for (name, actual) in trace {
+        let (abs, rel) =
+            errors(actual, fx.get(&format!("{prefix}{name}"))?).with_context(|| format!("{case}.{name}"))?;
+        report.push(format!("  {case}.{name:<22} max abs {abs:.3e}  rel {rel:.3e}"));
+        anyhow::ensure!(
+            rel < F32_TOL,
+            "intermediate '{name}' of {case} differs from diffusers: rel {rel:.3e}\n{}",
+            report.join("\n")
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn config_json_from_diffusers_deserialises() -> Result<()> {
     let fx = Fixture::load("cosmos_tiny")?;
@@ -166,16 +191,17 @@ fn f32_output_matches_diffusers() -> Result<()> {
     let mut trace = Trace::new();
     let out_a = fx.run(&model, "case_a", DType::F32, Some(&mut trace))?;
     let mut report = Vec::new();
-    for (name, actual) in &trace {
-        let (abs, rel) = errors(actual, fx.get(&format!("case_a.trace.{name}"))?).with_context(|| name.clone())?;
-        report.push(format!("  case_a.{name:<22} max abs {abs:.3e}  rel {rel:.3e}"));
-        anyhow::ensure!(
-            rel < F32_TOL,
-            "intermediate '{name}' differs from diffusers: rel {rel:.3e}\n{}",
-            report.join("\n")
-        );
-    }
-    anyhow::ensure!(trace.len() == 8, "expected 8 traced activations, got {}", trace.len());
+    let expected = [
+        "patch_embed",
+        "rope.0",
+        "rope.1",
+        "learnable_pos_embed",
+        "time_embed.0",
+        "time_embed.1",
+        "block0",
+        "norm_out",
+    ];
+    compare_trace(&fx, "case_a", &trace, &expected, &mut report)?;
     let (abs, rel) = errors(&out_a, fx.get("case_a.output")?)?;
     report.push(format!("  case_a.output                 max abs {abs:.3e}  rel {rel:.3e}"));
     anyhow::ensure!(rel < F32_TOL, "case A output differs from diffusers\n{}", report.join("\n"));
@@ -190,15 +216,23 @@ fn f32_output_matches_diffusers() -> Result<()> {
 }
 
 /// Predict2.5 branches: context projection (Linear + GELU), no condition mask, no padding mask,
-/// no learnable positional embedding, NTK-scaled h/w RoPE; in f32 and f64.
+/// no learnable positional embedding, NTK-scaled h/w RoPE; in f32 and f64, with the
+/// intermediate activations compared first (the same points as case A, less the learnable
+/// positional embedding this model has not, plus the projected context), at the same tolerance.
 #[test]
 fn p25_branches_match_diffusers() -> Result<()> {
     let fx = Fixture::load("cosmos_tiny_p25")?;
     assert!(fx.cfg.use_crossattn_projection && !fx.cfg.concat_padding_mask && fx.cfg.extra_pos_embed_type.is_none());
+    let expected =
+        ["patch_embed", "rope.0", "rope.1", "time_embed.0", "time_embed.1", "crossattn_proj", "block0", "norm_out"];
     for dtype in [DType::F32, DType::F64] {
-        let out = fx.run(&fx.model(dtype)?, "case_c", dtype, None)?;
+        let mut trace = Trace::new();
+        let out = fx.run(&fx.model(dtype)?, "case_c", dtype, Some(&mut trace))?;
+        let mut report = Vec::new();
+        compare_trace(&fx, "case_c", &trace, &expected, &mut report).with_context(|| format!("case_c in {dtype:?}"))?;
         let (abs, rel) = errors(&out, fx.get("case_c.output")?)?;
-        println!("{dtype:?} case_c.output: max abs {abs:.3e}  rel {rel:.3e}");
+        report.push(format!("  case_c.output                 max abs {abs:.3e}  rel {rel:.3e}"));
+        println!("{dtype:?} parity with diffusers:\n{}", report.join("\n"));
         anyhow::ensure!(rel < F32_TOL, "case C ({dtype:?}) differs from diffusers: rel {rel:.3e}");
     }
     Ok(())

@@ -202,6 +202,28 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// gathered with `index_select`, whose backward Candle provides. Forward values equal
 /// `Tensor::conv2d` (test); gradients are checked by finite differences.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_with_columns(x, weight, bias, stride, padding, ColumnsPath::ByDevice)
+}
+
+/// How [`conv2d`] builds its columns. Only tests pick [`ColumnsPath::Gather`] on the CPU, to
+/// check the CUDA/Metal path's gradients where there is no GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ColumnsPath {
+    /// The CPU im2col kernel on the CPU, [`gathered_columns`] elsewhere.
+    ByDevice,
+    /// [`gathered_columns`] on every device.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Gather,
+}
+
+fn conv2d_with_columns(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    path: ColumnsPath,
+) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
     if wc != c {
@@ -212,8 +234,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
     }
     let geometry = Im2Col { n, c, h, w, kh, kw, stride, padding };
     let (ho, wo) = geometry.output_hw();
-    let columns =
-        if x.device().is_cpu() { x.contiguous()?.apply_op1(geometry)? } else { gathered_columns(x, &geometry)? };
+    let columns = if x.device().is_cpu() && path == ColumnsPath::ByDevice {
+        x.contiguous()?.apply_op1(geometry)?
+    } else {
+        gathered_columns(x, &geometry)?
+    };
     // One GEMM over the whole batch, (O, K) · (K, N·L), so the backward is two large GEMMs
     // too (per-image matmuls were 2× slower); then back to N×O×Ho×Wo.
     let kernel = weight.reshape((o, c * kh * kw))?;

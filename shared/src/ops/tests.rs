@@ -317,3 +317,133 @@ fn conv2d_cpu_columns_equal_the_device_generic_gather() {
         assert_close(&cpu, &gathered, 0.0);
     }
 }
+
+/// The gather path (CUDA/Metal) run on the CPU: its forward equals `Tensor::conv2d`, its
+/// gradients match finite differences for each of input, weight and bias, and equal the CPU
+/// im2col path's gradients.
+#[test]
+fn conv2d_gather_path_gradients_match_finite_differences_and_the_cpu_path() {
+    let cases = [(3, 4, 7, 2, 3, 11), (2, 3, 3, 2, 1, 9), (2, 3, 3, 1, 1, 6), (3, 2, 1, 2, 0, 7), (2, 2, 3, 2, 0, 8)];
+    for (k, &(cin, cout, kernel, stride, padding, side)) in cases.iter().enumerate() {
+        let seed = 200 + 10 * k as u64;
+        let x = var(&[2, cin, side, side], seed);
+        let w = var(&[cout, cin, kernel, kernel], seed + 1);
+        let b = var(&[cout], seed + 2);
+        let run = |path: ColumnsPath| {
+            conv2d_with_columns(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding, path)
+        };
+        let gathered = run(ColumnsPath::Gather).unwrap();
+        let reference = x
+            .as_tensor()
+            .conv2d(w.as_tensor(), padding, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        assert_close(&gathered, &reference, 1e-12);
+        let probe = weights(gathered.dims(), seed + 3);
+        check(&format!("conv2d gather path case {k}"), &[("x", &x), ("weight", &w), ("bias", &b)], || {
+            contract(&run(ColumnsPath::Gather)?, &probe)
+        });
+        // The columns are bit-identical (test above), so the weight and bias gradients (GEMMs of
+        // the same operands) must be too. The input gradient is summed over overlapping taps in
+        // another order (col2im vs index_select's backward): f64 round-off, measured ≤ 4.4e-15.
+        let cpu_grads = contract(&run(ColumnsPath::ByDevice).unwrap(), &probe).unwrap().backward().unwrap();
+        let gather_grads = contract(&run(ColumnsPath::Gather).unwrap(), &probe).unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let cpu = cpu_grads.get(v.as_tensor()).unwrap_or_else(|| panic!("case {k}: CPU path, no {name} gradient"));
+            let gather =
+                gather_grads.get(v.as_tensor()).unwrap_or_else(|| panic!("case {k}: gather path, no {name} gradient"));
+            assert_eq!(cpu.dims(), gather.dims(), "case {k}: {name} gradient shape");
+            assert_close(gather, cpu, if name == "x" { 1e-13 } else { 0.0 });
+        }
+    }
+}
+
+/// x / sqrt(mean(x²) + eps) · w over the last axis, written out on plain floats.
+fn rms_norm_by_hand(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    x.chunks(w.len())
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64;
+            let inv = 1.0 / (ms + eps).sqrt();
+            row.iter().zip(w).map(move |(v, g)| v * inv * g).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// (x − mean) / sqrt(var + eps) · w + b over the last axis (biased variance), on plain floats.
+fn layer_norm_by_hand(x: &[f64], w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
+    x.chunks(w.len())
+        .flat_map(|row| {
+            let n = row.len() as f64;
+            let mean = row.iter().sum::<f64>() / n;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            row.iter().zip(w.iter().zip(b)).map(move |(v, (g, c))| (v - mean) * inv * g + c).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// Puts random values into a VarMap's Var (the modules initialise weights to 1 and biases to 0,
+/// under which a swapped or ignored parameter would go unnoticed) and returns that Var.
+fn randomise(varmap: &candle_nn::VarMap, name: &str, seed: u64) -> Var {
+    let data = varmap.data().lock().unwrap();
+    let v = data.get(name).unwrap_or_else(|| panic!("varmap has no '{name}'")).clone();
+    let noise = SplitMix64::new(seed).normal_tensor(v.dims(), DType::F64, &Device::Cpu).unwrap();
+    v.set(&noise.affine(0.5, 1.0).unwrap()).unwrap();
+    v
+}
+
+/// The `RmsNorm` module: output by value against the formula written out by hand and against
+/// the functional `rms_norm`; gradients with respect to the input and to the VarMap weight.
+#[test]
+fn rms_norm_module_matches_formula_and_finite_differences() {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    // eps = 0.1 and a batch of rows scaled ×0.2 (mean x² ≈ 0.04): eps carries weight in the
+    // denominator, so eps outside the square root or a missing eps changes the output by ≫ 1e-12.
+    let eps = 0.1;
+    let norm = RmsNorm::new(8, eps, vb.pp("q_norm")).unwrap();
+    let weight = randomise(&varmap, "q_norm.weight", 30);
+    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &Device::Cpu).unwrap().reshape((1, 3, 1)).unwrap();
+    let x = Var::from_tensor(&var(&[2, 3, 8], 31).as_tensor().broadcast_mul(&scale).unwrap()).unwrap();
+
+    let y = norm.forward(x.as_tensor()).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 8]);
+    let by_hand = rms_norm_by_hand(&values(x.as_tensor()), &values(weight.as_tensor()), eps);
+    let by_hand = Tensor::from_vec(by_hand, (2, 3, 8), &Device::Cpu).unwrap();
+    // The same arithmetic in another order: f64 round-off only (measured 2.2e-16).
+    assert_close(&y, &by_hand, 1e-14);
+    assert_close(&y, &rms_norm(x.as_tensor(), Some(weight.as_tensor()), eps).unwrap(), 0.0);
+
+    let w = weights(&[2, 3, 8], 31);
+    check("RmsNorm module", &[("x", &x), ("weight", &weight)], || contract(&norm.forward(x.as_tensor())?, &w));
+}
+
+/// The `LayerNorm` module: output by value against the formula written out by hand; gradients
+/// with respect to the input and to its VarMap weight and bias, each on its own.
+#[test]
+fn layer_norm_module_matches_formula_and_finite_differences() {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let eps = 0.1;
+    let norm = LayerNorm::new(8, eps, vb.pp("norm")).unwrap();
+    let weight = randomise(&varmap, "norm.weight", 32);
+    let bias = randomise(&varmap, "norm.bias", 33);
+    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &Device::Cpu).unwrap().reshape((1, 3, 1)).unwrap();
+    let x = Var::from_tensor(&var(&[2, 3, 8], 34).as_tensor().broadcast_mul(&scale).unwrap()).unwrap();
+
+    let y = norm.forward(x.as_tensor()).unwrap();
+    let by_hand =
+        layer_norm_by_hand(&values(x.as_tensor()), &values(weight.as_tensor()), &values(bias.as_tensor()), eps);
+    // f64 round-off only (measured 4.4e-16).
+    assert_close(&y, &Tensor::from_vec(by_hand, (2, 3, 8), &Device::Cpu).unwrap(), 1e-14);
+
+    let w = weights(&[2, 3, 8], 34);
+    check("LayerNorm module", &[("x", &x), ("weight", &weight), ("bias", &bias)], || {
+        contract(&norm.forward(x.as_tensor())?, &w)
+    });
+}
