@@ -286,3 +286,125 @@ pub fn sample_dim(x: &Tensor) -> usize {
 pub fn to_vec_f64(x: &Tensor) -> Result<Vec<f64>> {
     x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    /// What a denoiser call saw: the context tag (None without context), frames, mask, x, σ.
+    struct Seen {
+        context: Option<Vec<f64>>,
+        frames: Option<Vec<f64>>,
+        mask: Option<Vec<f64>>,
+        x: Vec<f64>,
+        sigma: Vec<f64>,
+    }
+
+    /// A denoiser whose output is a known tensor chosen by the context: `cond_out` when the
+    /// context is [+1], `uncond_out` otherwise (context [−1] or none). Records every call.
+    struct Scripted {
+        cond_out: Tensor,
+        uncond_out: Tensor,
+        calls: RefCell<Vec<Seen>>,
+    }
+
+    impl Denoiser for Scripted {
+        fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+            let opt = |t: &Option<Tensor>| t.as_ref().map(to_vec_f64).transpose();
+            let context = opt(&cond.context)?;
+            let conditional = context.as_deref() == Some(&[1.0][..]);
+            self.calls.borrow_mut().push(Seen {
+                context,
+                frames: opt(&cond.frames)?,
+                mask: opt(&cond.mask)?,
+                x: to_vec_f64(x)?,
+                sigma: to_vec_f64(sigma)?,
+            });
+            Ok(if conditional { self.cond_out.clone() } else { self.uncond_out.clone() })
+        }
+
+        fn describe(&self) -> String {
+            "scripted outputs".into()
+        }
+    }
+
+    const SHAPE: (usize, usize, usize, usize, usize) = (1, 1, 2, 1, 2);
+
+    fn t5(v: [f64; 4]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), SHAPE, &Device::Cpu).unwrap()
+    }
+
+    /// D_c = [1, 2, −3, 0.5], D_u = [0.5, 4, −3, 2]: dyadic, so the expected values below are
+    /// exact in f64 and are compared with ==.
+    fn scripted() -> Scripted {
+        Scripted {
+            cond_out: t5([1.0, 2.0, -3.0, 0.5]),
+            uncond_out: t5([0.5, 4.0, -3.0, 2.0]),
+            calls: RefCell::new(vec![]),
+        }
+    }
+
+    fn inputs() -> (Tensor, Tensor, Conditioning) {
+        let x = t5([0.25, -1.0, 3.0, 7.5]);
+        let sigma = Tensor::new(&[[0.7f64, 0.7]], &Device::Cpu).unwrap();
+        let frames = t5([9.0, 8.0, 7.0, 6.0]);
+        let mut cond = Conditioning::frame_replace(&frames, 1).unwrap();
+        cond.context = Some(Tensor::new(&[1.0f64], &Device::Cpu).unwrap());
+        (x, sigma, cond)
+    }
+
+    fn uncond_tag() -> Option<Tensor> {
+        Some(Tensor::new(&[-1.0f64], &Device::Cpu).unwrap())
+    }
+
+    /// D = D_c + g·(D_c − D_u) elementwise (upstream Cosmos' form), with the values worked out
+    /// by hand: g = 2.5 → [2.25, −3, −3, −3.25]; g = 1 → [1.5, 0, −3, −1] (diffusers' Cosmos
+    /// pipelines skip guidance for g ≤ 1; here only g = 0 means "conditional only"). The
+    /// unconditional call sees the uncond context and everything else unchanged: the same x,
+    /// σ, conditioning frames and mask (upstream keeps the conditioning frames in both branches).
+    #[test]
+    fn cfg_combines_known_outputs_elementwise() {
+        for (scale, expected) in [(2.5, [2.25, -3.0, -3.0, -3.25]), (1.0, [1.5, 0.0, -3.0, -1.0])] {
+            let cfg = ClassifierFreeGuidance { inner: scripted(), scale, uncond_context: uncond_tag() };
+            let (x, sigma, cond) = inputs();
+            let d = to_vec_f64(&cfg.denoise(&x, &sigma, &cond).unwrap()).unwrap();
+            assert_eq!(d, expected.to_vec(), "g = {scale}");
+            let calls = cfg.inner.calls.borrow();
+            assert_eq!(calls.len(), 2);
+            let (c, u) = (&calls[0], &calls[1]);
+            assert_eq!(c.context, Some(vec![1.0]));
+            assert_eq!(u.context, Some(vec![-1.0]), "the unconditional branch sees the uncond context");
+            assert_eq!(u.frames, Some(vec![9.0, 8.0, 7.0, 6.0]), "it keeps the conditioning frames");
+            assert_eq!(u.mask, Some(vec![1.0, 0.0]), "and the mask");
+            assert!(c.frames == u.frames && c.mask == u.mask && c.x == u.x && c.sigma == u.sigma);
+            assert_eq!(u.x, vec![0.25, -1.0, 3.0, 7.5]);
+        }
+    }
+
+    /// g = 0: the conditional prediction itself, and the unconditional branch is not run.
+    #[test]
+    fn cfg_scale_zero_is_conditional_only() {
+        let cfg = ClassifierFreeGuidance { inner: scripted(), scale: 0.0, uncond_context: uncond_tag() };
+        let (x, sigma, cond) = inputs();
+        let d = to_vec_f64(&cfg.denoise(&x, &sigma, &cond).unwrap()).unwrap();
+        assert_eq!(d, vec![1.0, 2.0, -3.0, 0.5]);
+        assert_eq!(cfg.inner.calls.borrow().len(), 1);
+    }
+
+    /// Without an uncond context the unconditional branch runs with no context at all (the
+    /// conditioning frames still kept): g = 2 → D_c + 2·(D_c − D_u) = [2, −2, −3, −2.5].
+    #[test]
+    fn cfg_without_uncond_context_drops_the_context() {
+        let cfg = ClassifierFreeGuidance { inner: scripted(), scale: 2.0, uncond_context: None };
+        let (x, sigma, cond) = inputs();
+        let d = to_vec_f64(&cfg.denoise(&x, &sigma, &cond).unwrap()).unwrap();
+        assert_eq!(d, vec![2.0, -2.0, -3.0, -2.5]);
+        let calls = cfg.inner.calls.borrow();
+        assert_eq!(calls[1].context, None);
+        assert_eq!(calls[1].frames, Some(vec![9.0, 8.0, 7.0, 6.0]));
+    }
+}

@@ -87,3 +87,43 @@ impl Parameterization {
         t / (1.0 - t)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn coefficients(param: Parameterization, sigma: f64) -> [f64; 4] {
+        let s = Tensor::new(&[[sigma]], &Device::Cpu).unwrap();
+        let c = param.coefficients(&s).unwrap();
+        let one = |t: &Tensor| {
+            assert_eq!(t.dims(), &[1, 1], "coefficients keep the σ tensor's shape");
+            t.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
+        };
+        [one(&c.c_skip), one(&c.c_out), one(&c.c_in), one(&c.c_noise)]
+    }
+
+    fn close(a: [f64; 4], b: [f64; 4]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-15 * y.abs().max(1.0))
+    }
+
+    /// Values worked out by hand (library and pipeline references: tests/reference_values.rs).
+    /// EDM, σ = σ_data = 0.5: σ² + σ_d² = ½, so c_skip = ½, c_out = ¼/√½ = √2/4, c_in = √2,
+    /// c_noise = ¼ ln ½. Rectified flow, σ = 1: t = ½, so c_skip = c_in = ½, c_out = −½,
+    /// c_noise = ½; σ = 3: t = ¾. ε and x0 at σ = √3: c_in = ½.
+    #[test]
+    fn coefficients_by_hand() {
+        let sqrt2 = std::f64::consts::SQRT_2;
+        let edm = coefficients(Parameterization::Edm { sigma_data: 0.5 }, 0.5);
+        assert!(close(edm, [0.5, sqrt2 / 4.0, sqrt2, 0.25 * 0.5f64.ln()]), "{edm:?}");
+        assert_eq!(coefficients(Parameterization::RectifiedFlow, 1.0), [0.5, -0.5, 0.5, 0.5]);
+        assert_eq!(coefficients(Parameterization::RectifiedFlow, 3.0), [0.25, -0.75, 0.25, 0.75]);
+        let s3 = 3.0f64.sqrt();
+        let eps = coefficients(Parameterization::Epsilon, s3);
+        assert!(close(eps, [1.0, -s3, 0.5, 0.25 * s3.ln()]), "{eps:?}");
+        let x0 = coefficients(Parameterization::X0, s3);
+        assert!(close(x0, [0.0, 1.0, 0.5, 0.25 * s3.ln()]), "{x0:?}");
+        assert_eq!((Parameterization::flow_t(3.0), Parameterization::sigma_from_flow_t(0.75)), (0.75, 3.0));
+    }
+}

@@ -84,6 +84,31 @@ mod tests {
         assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
     }
 
+    /// Interior values worked out by hand (the outside references are in
+    /// tests/reference_values.rs): ρ = 2 over 16 → 1 gives σ_1 = ((√16 + √1)/2)² = 6.25 and
+    /// ρ = 1 is linear spacing. A swapped ρ ↔ 1/ρ or a shifted ramp gives other numbers.
+    #[test]
+    fn karras_interior_values_by_hand() {
+        let close =
+            |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-14 * y);
+        let rho2 = Schedule::karras(2, 1.0, 16.0, 2.0).unwrap().sigmas;
+        assert!(close(&rho2, &[16.0, 6.25, 1.0]), "{rho2:?}");
+        let linear = Schedule::karras(4, 1.0, 9.0, 1.0).unwrap().sigmas;
+        assert!(close(&linear, &[9.0, 7.0, 5.0, 3.0, 1.0]), "{linear:?}");
+        assert!(Schedule::karras(3, 0.1, 1.0, 0.0).is_err());
+    }
+
+    /// shift = 1 leaves t = s: s = 0.999·(1 − i/N), σ = s/(1 − s), then 0.
+    #[test]
+    fn flow_shift_without_shift_is_the_linear_flow_time() {
+        let s = Schedule::flow_shift(2, 1.0).unwrap().sigmas;
+        let expected = [0.999 / 0.001, 0.4995 / 0.5005, 0.0];
+        for (a, b) in s.iter().zip(expected) {
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
+        }
+        assert!(Schedule::flow_shift(2, 0.0).is_err());
+    }
+
     #[test]
     fn flow_shift_matches_formula_and_ends_at_zero() {
         let s = Schedule::flow_shift(4, 5.0).unwrap();
