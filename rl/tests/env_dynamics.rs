@@ -69,9 +69,9 @@ fn actions_are_clamped_and_nan_is_ignored() {
     const DOCUMENTED_MAX_SPEED: [f32; 3] = [1.5, 1.5, 3.0];
     let signs = [[1.0f32, -1.0, 1.0], [-1.0, 1.0, -1.0]];
     let mut action = [0.0f32; ACTION_DIM];
-    for arm in 0..2 {
-        for j in 0..3 {
-            action[arm * 4 + j] = 100.0 * signs[arm][j];
+    for (arm, arm_signs) in signs.iter().enumerate() {
+        for (j, sign) in arm_signs.iter().enumerate() {
+            action[arm * 4 + j] = 100.0 * sign;
         }
     }
     let before = step.obs.state;
@@ -84,9 +84,9 @@ fn actions_are_clamped_and_nan_is_ignored() {
         }
     }
     let after = env.step(&action).obs.state;
-    for arm in 0..2 {
-        for j in 0..3 {
-            let expected_speed = signs[arm][j] * DOCUMENTED_MAX_SPEED[j];
+    for (arm, arm_signs) in signs.iter().enumerate() {
+        for (j, sign) in arm_signs.iter().enumerate() {
+            let expected_speed = sign * DOCUMENTED_MAX_SPEED[j];
             let (q, qd) = (arm * ARM_STATE + j, arm * ARM_STATE + 3 + j);
             // ±1 × the maximum is exact in f32.
             assert_eq!(after[qd], expected_speed, "arm {arm} joint {j}: {after:?}");
