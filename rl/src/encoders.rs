@@ -396,9 +396,27 @@ pub fn load_pretrained_resnet18_file(varmap: &VarMap, prefix: &str, path: &Path)
             problems.push(format!("missing '{key}'"));
             continue;
         };
-        let t = if key == "conv1.weight" { Tensor::cat(&[t, t, t], 1)? } else { t.clone() };
+        // The file's first conv is one RGB image's kernel [out, 3, kh, kw]; anything else is
+        // reported with the shape the file really has (tiling it first would misstate it, and
+        // `cat` would fail on a tensor of another rank with no file or key in the message).
+        let t = if key == "conv1.weight" {
+            match t.dims() {
+                [_, 3, _, _] => Tensor::cat(&[t, t, t], 1)?,
+                other => {
+                    problems.push(format!(
+                        "'{key}': shape {other:?} in the file, expected one RGB image's kernel [out, 3, kh, kw] \
+                         (tiled ×3 over the cameras for the model's {:?})",
+                        var.dims()
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            t.clone()
+        };
         if t.shape() != var.shape() {
-            problems.push(format!("'{key}': shape {:?} in the file, the model expects {:?}", t.dims(), var.dims()));
+            let file_dims = file[key].dims();
+            problems.push(format!("'{key}': shape {file_dims:?} in the file, the model expects {:?}", var.dims()));
             continue;
         }
         updates.push((var.clone(), t.to_dtype(var.dtype())?));
