@@ -2,22 +2,33 @@
 //! of a tiny pixel-space Cosmos-DiT world model → saved and re-loaded as frozen weights → the
 //! policy stress test against an exported (untrained, conv-encoder) LAPO policy: z0 optimised
 //! by gradient ascent through the whole trajectory and the policy, and the outputs written.
+//! Training must change every saved tensor, and the reloaded model must compute bitwise what the
+//! trained one does.
 //!
 //! The policy is untrained because training one takes minutes; what is tested is the plumbing
 //! and that ascent increases the measured policy error, not the policy's quality.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, Var};
 use rl::encoders::EncoderKind;
 use rl::lapo::{Dims, Lapo, LapoConfig, ValueBounds};
 use rl::trainer::Normalization;
+use sampler::denoiser::Denoiser;
 use sampler::optimize::Direction;
 use sampler::solver::SolverKind;
 use sampler::stress::{run, StressSettings};
 use sampler::world_model::{
-    batch_indices, collect_clips, edm_loss, trainable_vars, DataSpec, TrainSettings, WorldModel, WorldModelConfig,
+    batch_indices, collect_clips, edm_loss, predict, trainable_vars, DataSpec, TrainSettings, WorldModel,
+    WorldModelConfig,
 };
 use shared::params::{GroupOptimizer, OptimizerConfig};
+
+/// The f32 bit patterns of a tensor (exact comparison; NaN-safe).
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+}
 
 /// Identity z-scoring: the tests' policies see the state as it is.
 fn identity_normalization() -> Normalization {
@@ -57,6 +68,9 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     assert!(clips.len() >= 20, "only {} clips", clips.len());
     let varmap = candle_nn::VarMap::new();
     let model = WorldModel::new_trainable(&cfg, &varmap, 0, &dev)?;
+    // Deep copies: the optimiser updates the vars' storage in place.
+    let initial: HashMap<String, Tensor> =
+        trainable_vars(&varmap)?.into_iter().map(|(n, v)| Ok((n, v.as_tensor().copy()?))).collect::<Result<_>>()?;
     let settings = TrainSettings { steps: 5, batch_size: 4, ..TrainSettings::default() };
     let mut opt = GroupOptimizer::new("world_model", trainable_vars(&varmap)?, OptimizerConfig::adam(1e-3))?;
     let mut rng = shared::rng::SplitMix64::new(1);
@@ -67,9 +81,41 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
         assert!(value.is_finite() && value > 0.0, "EDM loss {value}");
         opt.step(&loss.backward()?)?;
     }
-    shared::weights::save_varmap_atomic(&varmap, &dir.path().join("world_model.safetensors"))?;
+    let weights_path = dir.path().join("world_model.safetensors");
+    shared::weights::save_varmap_atomic(&varmap, &weights_path)?;
     shared::io::write_json_atomic(&dir.path().join("world_model.json"), &cfg)?;
+
+    // What was saved is the trained weights, and training changed every tensor (Adam moves every
+    // element whose gradient is non-zero by ~lr; a tensor left at its initial value would be one
+    // the loss does not reach, or a save of the wrong varmap).
+    let saved = shared::weights::read_safetensors(&weights_path, &dev)?;
+    let mut names: Vec<&String> = initial.keys().collect();
+    names.sort();
+    assert_eq!(saved.len(), initial.len(), "saved {} tensors, the model has {}", saved.len(), initial.len());
+    let trained: HashMap<String, Var> = trainable_vars(&varmap)?.into_iter().collect();
+    for name in names {
+        let s = saved.get(name).ok_or_else(|| anyhow::anyhow!("{name} was not saved"))?;
+        assert_eq!(bits(s)?, bits(trained[name].as_tensor())?, "{name}: saved ≠ trained");
+        assert_ne!(bits(s)?, bits(&initial[name])?, "{name}: training did not change it");
+    }
+
+    // Reloaded as frozen weights, the model computes exactly what the trained one does: the file
+    // holds the f32 bits as they were, and the same CPU ops on the same bits in the same order
+    // give the same bits (plain tensors or vars make no difference to the values), so bitwise.
     let frozen = WorldModel::load_dir(dir.path(), DType::F32, &dev)?;
+    let probe = clips.select(&[0, 7, 13])?;
+    let x = shared::rng::SplitMix64::new(2).normal_tensor(probe.frames.dims(), DType::F32, &dev)?;
+    for sigma in [0.05, 1.0, 20.0] {
+        let sigma_bt = sampler::denoiser::uniform_sigma(&x, sigma)?;
+        let noisy = (&probe.frames + (&x * sigma)?)?;
+        let d_trained =
+            model.denoiser().denoise(&noisy, &sigma_bt, &model.conditioning(&probe.frames, &probe.actions)?)?;
+        let d_frozen =
+            frozen.denoiser().denoise(&noisy, &sigma_bt, &frozen.conditioning(&probe.frames, &probe.actions)?)?;
+        assert_eq!(bits(&d_frozen)?, bits(&d_trained)?, "σ = {sigma}: the reloaded model's prediction differs");
+    }
+    let sample = |m: &WorldModel| predict(m, &probe, SolverKind::Res, 2, 3.0, 80.0, 5);
+    assert_eq!(bits(&sample(&frozen)?)?, bits(&sample(&model)?)?, "the reloaded model samples differently");
 
     let policy_path = dir.path().join("policy.safetensors");
     export_untrained_conv_policy(&policy_path)?;
