@@ -8,13 +8,14 @@
 //! * [`trajectory`]: forward, per-step recomputation backward, full-graph backward.
 //! * [`objective`], [`optimize`]: what is optimised and the loop that does it.
 //! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.
+//! * [`cosmos`]: the Cosmos models (DiT, Wan VAE) with upstream names and configs.
 //! * [`world_model`]: the embedded pixel-space Cosmos-DiT world model of the environment
 //!   (data, EDM training, evaluation); [`stress`]: the LAPO policy objective and the default
 //!   policy stress test.
 
 pub mod app;
 pub mod config;
-pub mod cosmos_dit;
+pub mod cosmos;
 pub mod demo;
 pub mod denoiser;
 pub mod noise;

@@ -1,5 +1,5 @@
 //! An action-conditioned video world model of the `BimanualPucks` environment: a small Cosmos
-//! DiT ([`crate::cosmos_dit`]) trained with the EDM denoising loss **directly in pixel space**
+//! DiT ([`crate::cosmos::transformer`]) trained with the EDM denoising loss **directly in pixel space**
 //! (no VAE: the frames are tiny, so the "latent" is the RGB image itself, scaled to [−1, 1]).
 //!
 //! * A frame is the three camera views tiled side by side (left wrist | right wrist | global),
@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rl::env::{Env, EnvConfig, Observation, ACTION_DIM, STATE_DIM};
 
-use crate::cosmos_dit::{Config as DitConfig, CosmosTransformer3DModel};
+use crate::cosmos::transformer::{Config as DitConfig, CosmosTransformer3DModel};
 use crate::denoiser::{Conditioning, Denoiser, FrameReplace, Network, Preconditioned};
 use crate::param::Parameterization;
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sampler::cosmos_dit::{Config, CosmosTransformer3DModel, ForwardOptions};
+use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel, ForwardOptions};
 use shared::gradcheck::{check_gradients, GradCheckOptions, GradCheckReport};
 use shared::rng::SplitMix64;
 

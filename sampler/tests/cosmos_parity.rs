@@ -1,4 +1,4 @@
-//! Parity of `sampler::cosmos_dit` with diffusers' `CosmosTransformer3DModel`.
+//! Parity of `sampler::cosmos::transformer` with diffusers' `CosmosTransformer3DModel`.
 //!
 //! The fixtures (made by `fixtures/make_cosmos_fixture.py`) hold tiny random models under their
 //! diffusers parameter names with diffusers' config.json, input cases and diffusers' outputs:
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sampler::cosmos_dit::{Config, CosmosTransformer3DModel, ForwardOptions, Trace};
+use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel, ForwardOptions, Trace};
 
 /// Required agreement with diffusers (max |Δ| / max |reference|; the reference is f32). Measured
 /// ~6e-7. The issue asks for < 1e-4, but at 1e-4 a tanh-approximated GELU in place of the exact

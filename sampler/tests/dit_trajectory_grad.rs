@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sampler::cosmos_dit::{Config, CosmosTransformer3DModel};
+use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel};
 use sampler::denoiser::{Conditioning, FrameReplace, Network, Preconditioned};
 use sampler::noise::{Churn, NoiseMode, NoiseState};
 use sampler::objective::TargetMse;

@@ -1,0 +1,7 @@
+//! NVIDIA Cosmos world models, one model per file as diffusers lays them out, each with a serde
+//! `Config` read from the upstream `config.json` and upstream parameter names so real weights
+//! load as they are.
+//!
+//! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
+
+pub mod transformer;
