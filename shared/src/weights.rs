@@ -337,5 +337,67 @@ pub fn save_varmap_atomic(varmap: &VarMap, path: &Path) -> anyhow::Result<()> {
     save_tensors_atomic(&tensors, path)
 }
 
+/// A `VarBuilder` backend that records the name and shape of every weight a model asks for,
+/// and hands back a broadcast zero — a stride-0 view of one element, so building even a
+/// multi-billion-parameter model allocates nothing of its weights. Tests use it to show that a
+/// model built from a real `config.json` expects exactly a real checkpoint's keys and shapes
+/// (lists made from upstream on PyTorch's meta device).
+#[derive(Clone, Debug, Default)]
+pub struct ShapeRecorder {
+    requested: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>,
+}
+
+impl ShapeRecorder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A `VarBuilder` over this recorder.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Every name asked for, with its shape, sorted by name.
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.requested.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Σ over the recorded weights of their element counts.
+    pub fn parameter_count(&self) -> usize {
+        self.shapes().values().map(|s| s.iter().product::<usize>()).sum()
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut requested =
+            self.requested.lock().map_err(|_| candle_core::Error::Msg("shape recorder: lock poisoned".into()))?;
+        match requested.get(name) {
+            Some(prev) if prev.as_slice() != shape.dims() => {
+                candle_core::bail!("shape recorder: '{name}' asked for as {:?} and as {:?}", prev, shape.dims())
+            }
+            _ => {
+                requested.insert(name.to_string(), shape.dims().to_vec());
+            }
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder: '{name}' asked for without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -3,5 +3,7 @@
 //! load as they are.
 //!
 //! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
+//! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
 
 pub mod transformer;
+pub mod vae;

@@ -186,3 +186,23 @@ fn hub_reference_not_in_cache_says_where_it_looked_and_how_to_fix() {
     let err = resolve_with(&WeightRef::parse("other/model@v2:x.bin").unwrap(), &hub).unwrap_err().to_string();
     assert!(err.contains("--revision v2") && err.contains("refs"), "{err}");
 }
+
+#[test]
+fn shape_recorder_lists_what_a_model_asks_for_without_allocating() {
+    let recorder = ShapeRecorder::new();
+    let vb = recorder.var_builder(DType::F32, &Device::Cpu);
+    let big = vb.pp("layer").get((4096, 4096), "weight").unwrap();
+    let bias = vb.pp("layer").get(4096, "bias").unwrap();
+    assert_eq!(big.dims(), &[4096, 4096]);
+    // A stride-0 view of one element: no 64 MB buffer behind it.
+    assert_eq!(big.stride(), &[0, 0]);
+    assert_eq!(bias.elem_count(), 4096);
+    let shapes = recorder.shapes();
+    assert_eq!(shapes.len(), 2);
+    assert_eq!(shapes["layer.weight"], vec![4096, 4096]);
+    assert_eq!(recorder.parameter_count(), 4096 * 4096 + 4096);
+    // Asked again with the same shape is fine; with another shape it is an error naming the key.
+    vb.pp("layer").get(4096, "bias").unwrap();
+    let err = vb.pp("layer").get(17, "bias").unwrap_err().to_string();
+    assert!(err.contains("layer.bias"), "{err}");
+}
