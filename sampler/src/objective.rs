@@ -5,12 +5,26 @@
 //! data — so the policy objective of the next issue is just another implementation (see
 //! [`PolicyObjective`] and [`FramePolicy`]).
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 
 /// A differentiable scalar function of the generated frames (B, C, T, H, W).
 pub trait Objective {
     /// A one-element tensor, differentiable with respect to `frames`.
     fn loss(&self, frames: &Tensor) -> Result<Tensor>;
+
+    /// The loss's value and its gradient with respect to `frames` (detached). The default is one
+    /// backward through [`Self::loss`]; an objective over a memory-heavy differentiable map (the
+    /// VAE decode: [`crate::cosmos::vae::DecodedObjective`]) overrides it with a recomputing VJP.
+    /// The recomputing trajectory backward calls this; the full-graph one calls `loss`.
+    fn value_and_grad(&self, frames: &Tensor) -> Result<(f64, Tensor)> {
+        let frames = Var::from_tensor(&frames.detach())?;
+        let loss = self.loss(frames.as_tensor())?;
+        let grad = match loss.backward()?.get(frames.as_tensor()) {
+            Some(g) => g.detach(),
+            None => frames.as_tensor().zeros_like()?,
+        };
+        Ok((shared::gradcheck::scalar_f64(&loss)?, grad))
+    }
 
     /// One line for logs and reports.
     fn describe(&self) -> String;
@@ -19,6 +33,9 @@ pub trait Objective {
 impl<T: Objective + ?Sized> Objective for Box<T> {
     fn loss(&self, frames: &Tensor) -> Result<Tensor> {
         (**self).loss(frames)
+    }
+    fn value_and_grad(&self, frames: &Tensor) -> Result<(f64, Tensor)> {
+        (**self).value_and_grad(frames)
     }
     fn describe(&self) -> String {
         (**self).describe()

@@ -201,14 +201,13 @@ impl Trajectory<'_> {
         let checkpoint_bytes =
             ck.bytes() + noises.iter().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
 
-        // The final clean pass and the objective.
+        // The final clean pass, and the objective's value and gradient at its output (its own
+        // VJP: the VAE decode recomputes chunk by chunk in there).
         let x_last = Var::from_tensor(&ck.xs.pop().expect("x_N stored"))?;
         let output = self.finish(x_last.as_tensor())?;
-        let loss_t = objective.loss(&output)?;
-        let loss = shared::gradcheck::scalar_f64(&loss_t)?;
-        let mut adj_x = adjoint(&loss_t.backward()?, &x_last)?;
+        let (loss, grad_output) = objective.value_and_grad(&output)?;
+        let mut adj_x = adjoint(&(&output * grad_output)?.sum_all()?.backward()?, &x_last)?;
         let output = output.detach();
-        drop(loss_t);
         // The final pass reads only x_N, so no adjoint flows into the state after the last step.
         let mut adj_state: Vec<Option<Tensor>> = Vec::new();
         let mut grad_steps: Vec<Option<Tensor>> = vec![None; noises.len()];

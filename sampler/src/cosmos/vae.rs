@@ -918,6 +918,43 @@ impl DecodeTape {
     }
 }
 
+/// An objective on the video decoded from normalised latents: `inner((decode(z·std + mean) + 1)/2)`,
+/// the inner objective seeing frames in [0, 1]. Its [`Objective::value_and_grad`] decodes with
+/// [`AutoencoderKLWan::decode_taped`] and backpropagates with [`DecodeTape::vjp`] (one chunk's
+/// graph at a time), so z0 → trajectory → decode → objective runs in bounded memory; its
+/// [`Objective::loss`] is the full graph (the reference the recomputation is tested against).
+pub struct DecodedObjective<'a, O> {
+    pub vae: &'a AutoencoderKLWan,
+    pub inner: O,
+}
+
+impl<O: crate::objective::Objective> DecodedObjective<'_, O> {
+    fn to_unit_range(video: &Tensor) -> Result<Tensor> {
+        video.affine(0.5, 0.5)
+    }
+}
+
+impl<O: crate::objective::Objective> crate::objective::Objective for DecodedObjective<'_, O> {
+    fn loss(&self, latents: &Tensor) -> Result<Tensor> {
+        let video = self.vae.decode(&self.vae.denormalize_latents(latents)?)?;
+        self.inner.loss(&Self::to_unit_range(&video)?)
+    }
+
+    fn value_and_grad(&self, latents: &Tensor) -> Result<(f64, Tensor)> {
+        let raw = self.vae.denormalize_latents(&latents.detach())?;
+        let (video, tape) = self.vae.decode_taped(&raw)?;
+        let (value, grad_frames) = self.inner.value_and_grad(&Self::to_unit_range(&video)?)?;
+        let grad_raw = tape.vjp(self.vae, &(grad_frames * 0.5)?)?;
+        // d raw / d z = std, per channel.
+        let std = self.vae.per_channel(&self.vae.cfg.latents_std, &grad_raw)?;
+        Ok((value, grad_raw.broadcast_mul(&std)?.to_dtype(latents.dtype())?))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} on the Wan VAE's decoded video", self.inner.describe())
+    }
+}
+
 /// Temporary stand-ins until `shared::ops` has them (same signatures).
 mod ops_fallback {
     use super::{batch_to_frames, frames_to_batch};
