@@ -10,6 +10,11 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+mod conv;
+pub use conv::{conv2d, conv3d, Conv2d};
+#[cfg(test)]
+use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
+
 /// Numerically stable softmax along `dim` (max-subtracted; the max is detached because the
 /// result does not depend on it).
 pub fn softmax<Dm: candle_core::shape::Dim>(x: &Tensor, dim: Dm) -> Result<Tensor> {
@@ -191,267 +196,32 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
-/// 2-D convolution (x: N×C×H×W, weight: O×C×kh×kw, optional bias O) as im2col and one batched
-/// GEMM, so the kernel gradient is a GEMM too and the input gradient (col2im) is computed only
-/// when the input needs one.
+/// PyTorch's `F.normalize(x, p=2, dim, eps)`: x / max(‖x‖₂ along `dim`, eps).
 ///
-/// Why not `Tensor::conv2d`: on the CPU its backward runs a naive `conv_transpose2d` for the
-/// input gradient (even for raw images, which need none) and a kernel gradient through an
-/// im2col as large as the output map: 4× slower for the 9-channel ResNet18. On the CPU,
-/// im2col/col2im are our own kernels (each the other's adjoint); elsewhere the columns are
-/// gathered with `index_select`, whose backward Candle provides. Forward values equal
-/// `Tensor::conv2d` (test); gradients are checked by finite differences.
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    conv2d_with_columns(x, weight, bias, stride, padding, ColumnsPath::ByDevice)
+/// The norm is taken as √max(Σx², eps²) — the same value, since √ is increasing — so that a zero
+/// vector (or any with ‖x‖ < eps) has the finite gradient of x / eps instead of the 0·∞ = NaN
+/// that √ of an exact 0 gives in backward. Half-precision inputs are normalised in f32 (eps² of
+/// 1e-12 underflows f16).
+pub fn l2_normalize(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
+    if dim >= x.rank() {
+        candle_core::bail!("l2_normalize: dim {dim} of a rank-{} tensor", x.rank());
+    }
+    let internal = internal_dtype(x.dtype());
+    let xf = x.to_dtype(internal)?;
+    let norm = xf.sqr()?.sum_keepdim(dim)?.maximum(eps * eps)?.sqrt()?;
+    xf.broadcast_div(&norm)?.to_dtype(x.dtype())
 }
 
-/// How [`conv2d`] builds its columns. Only tests pick [`ColumnsPath::Gather`] on the CPU, to
-/// check the CUDA/Metal path's gradients where there is no GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ColumnsPath {
-    /// The CPU im2col kernel on the CPU, [`gathered_columns`] elsewhere.
-    ByDevice,
-    /// [`gathered_columns`] on every device.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Gather,
-}
-
-fn conv2d_with_columns(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-    path: ColumnsPath,
-) -> Result<Tensor> {
+/// Nearest-neighbour 2× upsampling, (N, C, H, W) → (N, C, 2H, 2W), each pixel repeated 2×2 —
+/// PyTorch's `interpolate(scale_factor=2, mode="nearest-exact")`, which equals `mode="nearest"`
+/// at factor 2 (test against torch numbers).
+///
+/// Built as a broadcast (whose backward sums each 2×2 block and accumulates like any other
+/// op) instead of Candle's `upsample_nearest2d`, whose backward overwrites the input's gradient
+/// when the input is used elsewhere too.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {wc}");
-    }
-    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
-        candle_core::bail!("conv2d: {h}x{w} input, {kh}x{kw} kernel, padding {padding}, stride {stride}");
-    }
-    let geometry = Im2Col { n, c, h, w, kh, kw, stride, padding };
-    let (ho, wo) = geometry.output_hw();
-    let columns = if x.device().is_cpu() && path == ColumnsPath::ByDevice {
-        x.contiguous()?.apply_op1(geometry)?
-    } else {
-        gathered_columns(x, &geometry)?
-    };
-    // One GEMM over the whole batch, (O, K) · (K, N·L), so the backward is two large GEMMs
-    // too (per-image matmuls were 2× slower); then back to N×O×Ho×Wo.
-    let kernel = weight.reshape((o, c * kh * kw))?;
-    let mut out = kernel.matmul(&columns)?;
-    if let Some(bias) = bias {
-        out = out.broadcast_add(&bias.reshape((o, 1))?)?;
-    }
-    out.reshape((o, n, ho, wo))?.permute((1, 0, 2, 3))?.contiguous()
-}
-
-/// Geometry of one convolution; as a custom op, x (N, C, H, W) → columns (C·kh·kw, N·Ho·Wo).
-#[derive(Clone, Copy, Debug)]
-struct Im2Col {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Im2Col {
-    fn output_hw(&self) -> (usize, usize) {
-        (
-            (self.h + 2 * self.padding - self.kh) / self.stride + 1,
-            (self.w + 2 * self.padding - self.kw) / self.stride + 1,
-        )
-    }
-
-    /// Calls `f(column_index, source_index)` for every column entry that reads the input
-    /// (padding reads none), per image: the shared walk of im2col and its adjoint.
-    fn walk(&self, mut f: impl FnMut(usize, usize)) {
-        let (ho, wo) = self.output_hw();
-        let l = ho * wo;
-        for b in 0..self.n {
-            for ch in 0..self.c {
-                for i in 0..self.kh {
-                    for j in 0..self.kw {
-                        let row = ((ch * self.kh + i) * self.kw + j) * self.n + b;
-                        for oy in 0..ho {
-                            let y = (oy * self.stride + i) as isize - self.padding as isize;
-                            if y < 0 || y >= self.h as isize {
-                                continue;
-                            }
-                            let src_row = ((b * self.c + ch) * self.h + y as usize) * self.w;
-                            for ox in 0..wo {
-                                let x = (ox * self.stride + j) as isize - self.padding as isize;
-                                if x >= 0 && x < self.w as isize {
-                                    f(row * l + oy * wo + ox, src_row + x as usize);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// im2col: columns[dst] = x[src] (padding stays zero).
-    fn gather<T: Copy + Default>(&self, x: &[T], len: usize) -> Vec<T> {
-        let mut out = vec![T::default(); len];
-        self.walk(|dst, from| out[dst] = x[from]);
-        out
-    }
-
-    /// col2im, the adjoint: x[src] += columns[dst].
-    fn scatter_add<T: Copy + Default + std::ops::AddAssign>(&self, columns: &[T], len: usize) -> Vec<T> {
-        let mut out = vec![T::default(); len];
-        self.walk(|from, dst| out[dst] += columns[from]);
-        out
-    }
-
-    fn columns_shape(&self) -> (usize, usize) {
-        let (ho, wo) = self.output_hw();
-        (self.c * self.kh * self.kw, self.n * ho * wo)
-    }
-}
-
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &candle_core::Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: im2col expects a contiguous tensor"),
-    }
-}
-
-impl candle_core::CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (k, nl) = self.columns_shape();
-        let storage = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(self.gather(contiguous_slice(data, layout)?, k * nl)),
-            CpuStorage::F64(data) => CpuStorage::F64(self.gather(contiguous_slice(data, layout)?, k * nl)),
-            _ => candle_core::bail!("conv2d: im2col supports f32 and f64 on the CPU"),
-        };
-        Ok((storage, (k, nl).into()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // Raw images have no gradient to receive: skip the scatter entirely.
-        if !arg.track_op() {
-            return Ok(None);
-        }
-        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(*self))?))
-    }
-}
-
-/// The adjoint of [`Im2Col`]: columns (K, N·L) → x (N, C, H, W), summing overlapping taps.
-#[derive(Clone, Copy, Debug)]
-struct Col2Im(Im2Col);
-
-impl candle_core::CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let g = self.0;
-        let size = g.n * g.c * g.h * g.w;
-        let storage = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(g.scatter_add(contiguous_slice(data, layout)?, size)),
-            CpuStorage::F64(data) => CpuStorage::F64(g.scatter_add(contiguous_slice(data, layout)?, size)),
-            _ => candle_core::bail!("conv2d: col2im supports f32 and f64 on the CPU"),
-        };
-        Ok((storage, (g.n, g.c, g.h, g.w).into()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        if !arg.track_op() {
-            return Ok(None);
-        }
-        Ok(Some(grad_res.contiguous()?.apply_op1(self.0)?))
-    }
-}
-
-/// Device-generic im2col from padding and gathers (Candle differentiates every step).
-fn gathered_columns(x: &Tensor, g: &Im2Col) -> Result<Tensor> {
-    let (ho, wo) = g.output_hw();
-    let x = if g.padding > 0 {
-        x.pad_with_zeros(2, g.padding, g.padding)?.pad_with_zeros(3, g.padding, g.padding)?
-    } else {
-        x.clone()
-    };
-    let taps = |offset: usize, count: usize| -> Result<Tensor> {
-        let index: Vec<u32> = (0..count).map(|k| (offset + k * g.stride) as u32).collect();
-        Tensor::from_vec(index, count, x.device())
-    };
-    let mut columns = Vec::with_capacity(g.kh * g.kw);
-    for i in 0..g.kh {
-        let rows = x.index_select(&taps(i, ho)?, 2)?;
-        for j in 0..g.kw {
-            columns.push(rows.index_select(&taps(j, wo)?, 3)?);
-        }
-    }
-    // (N, C, kh·kw, Ho, Wo) → (C·kh·kw, N·Ho·Wo), weight order (c, i, j).
-    let (k, _) = g.columns_shape();
-    Tensor::stack(&columns, 2)?.reshape((g.n, k, ho * wo))?.transpose(0, 1)?.reshape(g.columns_shape())
-}
-
-/// Differentiable 2-D convolution module over [`conv2d`], a drop-in for `candle_nn::Conv2d`
-/// (same var names `weight`, `bias` and the same default initialisation).
-#[derive(Clone, Debug)]
-pub struct Conv2d {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl Conv2d {
-    /// Kaiming-uniform weights (and bias) like `candle_nn::conv2d`.
-    pub fn new(
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        with_bias: bool,
-        vb: candle_nn::VarBuilder,
-    ) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (out_channels, in_channels, kernel, kernel),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
-        let bias = if with_bias {
-            let bound = 1.0 / (in_channels as f64).sqrt();
-            Some(vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias, stride, padding })
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
-    }
+    x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
 }
 
 /// Differentiable layer norm module, a drop-in for `candle_nn::LayerNorm` (same weight names:

@@ -329,8 +329,9 @@ fn conv2d_gather_path_gradients_match_finite_differences_and_the_cpu_path() {
         let x = var(&[2, cin, side, side], seed);
         let w = var(&[cout, cin, kernel, kernel], seed + 1);
         let b = var(&[cout], seed + 2);
-        let run = |path: ColumnsPath| {
-            conv2d_with_columns(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding, path)
+        let run = |columns: ColumnsPath| {
+            let paths = ConvPaths { columns, ..Default::default() };
+            conv2d_with(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding, paths)
         };
         let gathered = run(ColumnsPath::Gather).unwrap();
         let reference = x
@@ -446,4 +447,367 @@ fn layer_norm_module_matches_formula_and_finite_differences() {
     check("LayerNorm module", &[("x", &x), ("weight", &weight), ("bias", &bias)], || {
         contract(&norm.forward(x.as_tensor())?, &w)
     });
+}
+
+// ---- conv3d, the frozen-weight path, half precision, l2_normalize, upsampling, padding ----
+
+/// PyTorch numbers made by `fixtures/make_torch_reference.py` (its header has the versions).
+const TORCH_REFERENCE: &str = include_str!("fixtures/torch_reference.json");
+
+fn torch_reference() -> serde_json::Value {
+    serde_json::from_str(TORCH_REFERENCE).expect("fixtures/torch_reference.json parses")
+}
+
+/// `{"shape": [...], "data": [...]}` → an f64 tensor.
+fn fixture_tensor(v: &serde_json::Value) -> Tensor {
+    let shape: Vec<usize> =
+        v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
+    let data: Vec<f64> = v["data"].as_array().expect("data").iter().map(|d| d.as_f64().expect("number")).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+struct Conv3dCase {
+    name: String,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    out: Tensor,
+    stride: (usize, usize),
+    padding: usize,
+}
+
+fn conv3d_cases() -> Vec<Conv3dCase> {
+    let reference = torch_reference();
+    let cases = reference["conv3d"].as_array().expect("conv3d cases").clone();
+    cases
+        .iter()
+        .map(|c| Conv3dCase {
+            name: c["name"].as_str().expect("name").to_string(),
+            x: fixture_tensor(&c["x"]),
+            weight: fixture_tensor(&c["weight"]),
+            bias: fixture_tensor(&c["bias"]),
+            out: fixture_tensor(&c["out"]),
+            stride: (c["stride"][0].as_u64().unwrap() as usize, c["stride"][1].as_u64().unwrap() as usize),
+            padding: c["padding"].as_u64().unwrap() as usize,
+        })
+        .collect()
+}
+
+fn as_var(t: &Tensor) -> Var {
+    Var::from_tensor(t).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// conv3d against PyTorch's `F.conv3d` (kt ∈ {1, 2, 3}, temporal stride 1 and 2, spatial stride
+/// 1 and 2, 1×1, 1×3 and 3×3 kernels, padding 0 and 1, H ≠ W, batch 1 and 2), on both ways of
+/// building the columns, and its gradients for x, weight and bias each by finite differences.
+#[test]
+fn conv3d_matches_torch_and_finite_differences_per_variable() {
+    let cases = conv3d_cases();
+    assert_eq!(cases.len(), 8);
+    for (k, case) in cases.iter().enumerate() {
+        let Conv3dCase { name, x, weight, bias, out, stride, padding } = case;
+        let ours = conv3d(x, weight, Some(bias), *stride, *padding).unwrap();
+        assert_eq!(ours.dims(), out.dims(), "{name}");
+        // Sums of at most C·kt·kh·kw = 54 products of O(1) numbers in another order than torch:
+        // f64 round-off (measured ≤ 3.6e-15 on the CPU columns, ≤ 8.9e-15 gathered).
+        assert_close(&ours, out, 1e-13);
+        let gather = ConvPaths { columns: ColumnsPath::Gather, ..Default::default() };
+        assert_close(&conv3d_with(x, weight, Some(bias), *stride, *padding, gather).unwrap(), out, 1e-13);
+
+        let (xv, wv, bv) = (as_var(x), as_var(weight), as_var(bias));
+        let probe = weights(out.dims(), 300 + k as u64);
+        check(&format!("conv3d {name}"), &[("x", &xv), ("weight", &wv), ("bias", &bv)], || {
+            contract(&conv3d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), *stride, *padding)?, &probe)
+        });
+    }
+}
+
+/// The gradient of x alone under a conv with a trainable weight (weight and bias Vars).
+fn trainable_input_grad(
+    conv: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    x: &Var,
+    weight: &Tensor,
+    bias: &Tensor,
+    probe: &Tensor,
+) -> (Tensor, Tensor) {
+    let (wv, bv) = (as_var(weight), as_var(bias));
+    let y = conv(x.as_tensor(), wv.as_tensor(), bv.as_tensor()).unwrap();
+    let grads = contract(&y, probe).unwrap().backward().unwrap();
+    assert!(grads.get(wv.as_tensor()).is_some(), "the trainable path gives the weight a gradient");
+    (y, grads.get(x.as_tensor()).expect("trainable path: x gradient").clone())
+}
+
+/// With the weight and bias frozen (plain tensors) and x a Var, conv3d takes the frozen path:
+/// the same forward value bit for bit, the trainable path's input gradient, and finite
+/// differences on x — for the CPU's col2im and for `conv_transpose2d` (the CUDA/Metal backward).
+#[test]
+fn conv3d_frozen_weight_path_equals_trainable_path_and_finite_differences() {
+    for (k, case) in conv3d_cases().iter().enumerate() {
+        let Conv3dCase { name, x, weight, bias, stride, padding, .. } = case;
+        let (stride, padding) = (*stride, *padding);
+        let xv = as_var(x);
+        let probe = weights(case.out.dims(), 400 + k as u64);
+        let (trainable_y, trainable_gx) =
+            trainable_input_grad(|x, w, b| conv3d(x, w, Some(b), stride, padding), &xv, weight, bias, &probe);
+        for input_grad in [InputGradPath::ByDevice, InputGradPath::ConvTranspose] {
+            let paths = ConvPaths { frozen_input_grad: input_grad, ..Default::default() };
+            let run = || conv3d_with(xv.as_tensor(), weight, Some(bias), stride, padding, paths);
+            let y = run().unwrap();
+            assert_close(&y, &trainable_y, 0.0);
+            let grads = contract(&y, &probe).unwrap().backward().unwrap();
+            let gx = grads.get(xv.as_tensor()).unwrap_or_else(|| panic!("{name} {input_grad:?}: no x gradient"));
+            // Same products, summed over taps and overlapping windows in another order: f64
+            // round-off (measured ≤ 3.6e-15 on gradients of magnitude ~10).
+            assert_close(gx, &trainable_gx, 1e-13);
+            check(&format!("frozen conv3d {name} {input_grad:?}"), &[("x", &xv)], || contract(&run()?, &probe));
+        }
+    }
+}
+
+/// The same for conv2d: bit-identical forward, the trainable path's input gradient, finite
+/// differences on x; with and without bias, odd and non-square sides whose remainders under
+/// stride 2 differ between H and W (where a single `output_padding` cannot serve both axes).
+#[test]
+fn conv2d_frozen_weight_path_equals_trainable_path_and_finite_differences() {
+    // (in, out, kernel (kh, kw), stride, padding, (h, w), bias)
+    let cases = [
+        (3, 4, (7, 7), 2, 3, (11, 11), true),
+        (2, 3, (3, 3), 2, 1, (9, 8), true),
+        (2, 3, (3, 3), 1, 1, (6, 5), false),
+        (3, 2, (1, 1), 2, 0, (7, 6), true),
+        (2, 2, (3, 3), 2, 0, (8, 7), true),
+        (2, 3, (1, 3), 1, 1, (4, 6), false),
+    ];
+    for (k, &(cin, cout, (kh, kw), stride, padding, (h, w), with_bias)) in cases.iter().enumerate() {
+        let seed = 500 + 10 * k as u64;
+        let xv = var(&[2, cin, h, w], seed);
+        let weight = weights(&[cout, cin, kh, kw], seed + 1);
+        let bias = weights(&[cout], seed + 2);
+        let bias_arg = |b: &Tensor| if with_bias { Some(b.clone()) } else { None };
+        let y0 = conv2d(xv.as_tensor(), &weight, bias_arg(&bias).as_ref(), stride, padding).unwrap();
+        let probe = weights(y0.dims(), seed + 3);
+        let (trainable_y, trainable_gx) = trainable_input_grad(
+            |x, w, b| conv2d(x, w, bias_arg(b).as_ref(), stride, padding),
+            &xv,
+            &weight,
+            &bias,
+            &probe,
+        );
+        // Against Candle's own conv2d as an outside reference for the value (measured ≤ 2.2e-15).
+        let mut reference = xv.as_tensor().conv2d(&weight, padding, stride, 1, 1).unwrap();
+        if with_bias {
+            reference = reference.broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+        }
+        assert_close(&y0, &reference, 1e-12);
+        for input_grad in [InputGradPath::ByDevice, InputGradPath::ConvTranspose] {
+            let paths = ConvPaths { frozen_input_grad: input_grad, ..Default::default() };
+            let run = || conv2d_with(xv.as_tensor(), &weight, bias_arg(&bias).as_ref(), stride, padding, paths);
+            let y = run().unwrap();
+            assert_close(&y, &trainable_y, 0.0);
+            let grads = contract(&y, &probe).unwrap().backward().unwrap();
+            let gx = grads.get(xv.as_tensor()).unwrap_or_else(|| panic!("case {k} {input_grad:?}: no x gradient"));
+            // Round-off of sums in another order (measured ≤ 3.6e-15).
+            assert_close(gx, &trainable_gx, 1e-13);
+            check(&format!("frozen conv2d case {k} {input_grad:?}"), &[("x", &xv)], || contract(&run()?, &probe));
+        }
+    }
+}
+
+/// bf16 and f16 on the CPU: conv2d and conv3d forwards (untracked, trainable-weight and frozen
+/// paths) and backwards against the same computation in f32 on the same half-rounded inputs, so
+/// only the arithmetic's precision differs.
+#[test]
+fn conv2d_and_conv3d_run_in_bf16_and_f16_on_the_cpu() {
+    let x2 = weights(&[2, 4, 9, 8], 600);
+    let w2 = weights(&[5, 4, 3, 3], 601).affine(1.0 / 6.0, 0.0).unwrap();
+    let x3 = weights(&[1, 4, 5, 7, 6], 602);
+    let w3 = weights(&[3, 4, 3, 3, 3], 603).affine(1.0 / 10.0, 0.0).unwrap();
+    let bias5 = weights(&[5], 604);
+    let bias3 = weights(&[3], 605);
+    type Conv = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let conv2: Conv = |x, w, b| conv2d(x, w, Some(b), 2, 1);
+    let conv3: Conv = |x, w, b| conv3d(x, w, Some(b), (1, 1), 1);
+    // Relative to the output's (or gradient's) largest magnitude: bf16 keeps 8 significant bits
+    // (half an ulp is 2⁻⁹ ≈ 2e-3 relative), f16 11 (2⁻¹² ≈ 2.4e-4). The GEMM sums in f32 and
+    // rounds once, the bias add and (conv3d) the f32 sum over taps round once more, col2im sums
+    // in f32: ~2 roundings, so the tolerance is 3 half-ulps. Measured: bf16 forward ≤ 3.7e-3,
+    // gradients ≤ 5.3e-3; f16 forward ≤ 4.7e-4, gradients ≤ 4.9e-4. A wrong tap, frame or
+    // channel, or sums in bf16 (conv3d's x gradient was 1.2e-2 so), fail.
+    for (dtype, tol) in [(DType::BF16, 6e-3), (DType::F16, 1e-3)] {
+        for (what, conv, x, w, b) in [("conv2d", conv2, &x2, &w2, &bias5), ("conv3d", conv3, &x3, &w3, &bias3)] {
+            let half = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let full = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let (xh, wh, bh) = (half(x), half(w), half(b));
+            let (xf, wf, bf) = (full(x), full(w), full(b));
+            let reference = conv(&xf, &wf, &bf).unwrap();
+            let scale = max_abs(&reference);
+            let y = conv(&xh, &wh, &bh).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let forward_error = max_abs(&(y.to_dtype(DType::F32).unwrap() - &reference).unwrap()) / scale;
+            assert!(forward_error <= tol, "{what} {dtype:?}: forward relative error {forward_error:.2e} > {tol:.0e}");
+
+            // Backward, frozen weight (x a Var) and trainable weight (weight a Var).
+            let probe = weights(reference.dims(), 606);
+            let grad_of = |x: &Tensor, w: &Tensor, b: &Tensor, of_weight: bool| {
+                let (xv, wv) = (as_var(x), as_var(w));
+                let y = if of_weight { conv(x, wv.as_tensor(), b) } else { conv(xv.as_tensor(), w, b) }.unwrap();
+                let loss = (y.to_dtype(DType::F32).unwrap() * probe.to_dtype(DType::F32).unwrap()).unwrap().sum_all();
+                let grads = loss.unwrap().backward().unwrap();
+                let g = grads.get(if of_weight { wv.as_tensor() } else { xv.as_tensor() }).expect("gradient");
+                (y, g.to_dtype(DType::F32).unwrap())
+            };
+            for of_weight in [false, true] {
+                let (yh, gh) = grad_of(&xh, &wh, &bh, of_weight);
+                let (_, gf) = grad_of(&xf, &wf, &bf, of_weight);
+                assert_close(&yh, &y, 0.0);
+                let grad_error = max_abs(&(&gh - &gf).unwrap()) / max_abs(&gf);
+                let which = if of_weight { "weight" } else { "x (frozen path)" };
+                eprintln!("{what} {dtype:?}: forward {forward_error:.2e}, {which} gradient {grad_error:.2e}");
+                assert!(grad_error <= tol, "{what} {dtype:?} {which} gradient: {grad_error:.2e} > {tol:.0e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv3d_rejects_bad_shapes() {
+    let x = weights(&[1, 2, 2, 5, 5], 700);
+    let w = weights(&[3, 2, 3, 3, 3], 701);
+    let err = conv3d(&x, &w, None, (1, 1), 1).unwrap_err().to_string();
+    assert!(err.contains("2 frames, 3 temporal taps"), "{err}");
+    let w1 = weights(&[3, 4, 1, 3, 3], 702);
+    let err = conv3d(&x, &w1, None, (1, 1), 1).unwrap_err().to_string();
+    assert!(err.contains("2 channels, weight expects 4"), "{err}");
+    let w2 = weights(&[3, 2, 1, 3, 3], 703);
+    let err = conv3d(&x, &w2, Some(&weights(&[2], 704)), (1, 1), 1).unwrap_err().to_string();
+    assert!(err.contains("bias of shape [2], expected [3]"), "{err}");
+    let err = conv3d(&x, &w2, None, (0, 1), 1).unwrap_err().to_string();
+    assert!(err.contains("temporal stride 0"), "{err}");
+}
+
+/// x / max(‖x‖, eps) along `dim`, written out on plain floats for a contiguous tensor.
+fn l2_normalize_by_hand(x: &[f64], dims: &[usize], dim: usize, eps: f64) -> Vec<f64> {
+    let len = dims[dim];
+    let inner: usize = dims[dim + 1..].iter().product();
+    let outer: usize = dims[..dim].iter().product();
+    let mut out = vec![0.0; x.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * len + k) * inner + i;
+            let norm = (0..len).map(|k| x[at(k)] * x[at(k)]).sum::<f64>().sqrt();
+            for k in 0..len {
+                out[at(k)] = x[at(k)] / norm.max(eps);
+            }
+        }
+    }
+    out
+}
+
+/// l2_normalize against PyTorch's `F.normalize` (values and the gradient of ⟨y, probe⟩), the
+/// formula by hand, and finite differences — including a zero row and a row with ‖x‖ < eps.
+#[test]
+fn l2_normalize_matches_torch_formula_and_finite_differences() {
+    let reference = torch_reference();
+    for case in reference["l2_normalize"].as_array().expect("l2 cases") {
+        let name = case["name"].as_str().unwrap();
+        let dim = case["dim"].as_u64().unwrap() as usize;
+        let eps = case["eps"].as_f64().unwrap();
+        let x = fixture_tensor(&case["x"]);
+        let (torch_out, probe, torch_grad) =
+            (fixture_tensor(&case["out"]), fixture_tensor(&case["probe"]), fixture_tensor(&case["x_grad"]));
+        let xv = as_var(&x);
+        let y = l2_normalize(xv.as_tensor(), dim, eps).unwrap();
+        // One division by a norm of ≤ 6 terms in f64: round-off (measured ≤ 1.1e-16).
+        assert_close(&y, &torch_out, 1e-15);
+        let by_hand = l2_normalize_by_hand(&values(&x), x.dims(), dim, eps);
+        assert_close(&y, &Tensor::from_vec(by_hand, x.dims(), &Device::Cpu).unwrap(), 1e-15);
+        let grads = contract(&y, &probe).unwrap().backward().unwrap();
+        // Gradients of size ~1–5: round-off (measured ≤ 2.2e-16).
+        assert_close(grads.get(xv.as_tensor()).expect("x gradient"), &torch_grad, 1e-14);
+        check(&format!("l2_normalize {name}"), &[("x", &xv)], || {
+            contract(&l2_normalize(xv.as_tensor(), dim, eps)?, &probe)
+        });
+    }
+    // The zero row's gradient is finite: probe / eps (torch agrees above); in f16 too.
+    let zeros = Tensor::zeros((2, 3), DType::F16, &Device::Cpu).unwrap();
+    let y = l2_normalize(&zeros, 1, 1e-12).unwrap();
+    assert_eq!(y.dtype(), DType::F16);
+    assert_eq!(max_abs(&y), 0.0);
+    assert!(l2_normalize(&zeros, 2, 1e-12).is_err());
+}
+
+/// upsample_nearest2x equals PyTorch's `nearest-exact` and `nearest` at factor 2 (exactly: it
+/// copies), and its gradient sums each 2×2 block even when x is also used elsewhere.
+#[test]
+fn upsample_nearest2x_matches_torch_and_accumulates_its_gradient() {
+    let reference = torch_reference();
+    let case = &reference["upsample_nearest2x"];
+    let x = fixture_tensor(&case["x"]);
+    let y = upsample_nearest2x(&x).unwrap();
+    assert_close(&y, &fixture_tensor(&case["nearest_exact"]), 0.0);
+    assert_close(&y, &fixture_tensor(&case["nearest"]), 0.0);
+
+    let xv = as_var(&x);
+    let (w_same, w_up) = (weights(x.dims(), 800), weights(y.dims(), 801));
+    // ⟨3x, w_same⟩ + ⟨up(x), w_up⟩, summed in either order: the order decides whether the
+    // upsampling's backward runs before or after x already holds the other term's gradient.
+    let used_twice = |up: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>, up_first: bool| {
+        let x = xv.as_tensor();
+        let (same, upsampled) = (contract(&(x * 3.0)?, &w_same)?, contract(&up(x)?, &w_up)?);
+        if up_first {
+            upsampled + same
+        } else {
+            same + upsampled
+        }
+    };
+    check("upsample_nearest2x", &[("x", &xv)], || contract(&upsample_nearest2x(xv.as_tensor())?, &w_up));
+    // The block sums by hand: grad = 3·w_same + Σ over each 2×2 block of w_up.
+    let (n, c, h, w) = x.dims4().unwrap();
+    let blocks = w_up.reshape((n, c, h, 2, w, 2)).unwrap().sum(5).unwrap().sum(3).unwrap();
+    let by_hand = ((&w_same * 3.0).unwrap() + blocks).unwrap();
+    let mut candle_errors = Vec::new();
+    for up_first in [false, true] {
+        check(&format!("3x + upsample_nearest2x(x), up first: {up_first}"), &[("x", &xv)], || {
+            used_twice(&|x| upsample_nearest2x(x), up_first)
+        });
+        let grads = used_twice(&|x| upsample_nearest2x(x), up_first).unwrap().backward().unwrap();
+        // Five terms summed in another order: round-off (measured ≤ 8.9e-16).
+        assert_close(grads.get(xv.as_tensor()).unwrap(), &by_hand, 1e-14);
+        let candle = used_twice(&|x| x.upsample_nearest2d(2 * h, 2 * w), up_first).unwrap().backward().unwrap();
+        candle_errors.push(max_abs(&(candle.get(xv.as_tensor()).unwrap() - &by_hand).unwrap()));
+    }
+    // Candle's own nearest upsampling overwrites x's gradient in one of the two orders (if this
+    // fails, Candle fixed it).
+    eprintln!("Candle upsample_nearest2d gradient errors (up last, up first): {candle_errors:?}");
+    assert!(candle_errors.iter().any(|&e| e > 0.1), "Candle's upsample_nearest2d gradient is now right");
+}
+
+/// Candle's `pad_with_zeros` has a correct gradient for asymmetric padding, 0 on either side,
+/// and an input also used elsewhere: so no `pad_zeros` of ours is needed.
+#[test]
+fn pad_with_zeros_asymmetric_matches_finite_differences() {
+    let xv = var(&[2, 3, 4, 5], 900);
+    for (k, &(dim, before, after)) in [(3, 0, 1), (2, 0, 1), (3, 2, 0), (1, 1, 2), (0, 0, 3)].iter().enumerate() {
+        let padded = xv.as_tensor().pad_with_zeros(dim, before, after).unwrap();
+        let mut expected = xv.dims().to_vec();
+        expected[dim] += before + after;
+        assert_eq!(padded.dims(), expected.as_slice());
+        // The original values sit at offset `before`, zeros around them.
+        assert_close(&padded.narrow(dim, before, xv.dims()[dim]).unwrap(), xv.as_tensor(), 0.0);
+        let kept = xv.dims()[dim];
+        for (start, len) in [(0, before), (before + kept, after)] {
+            if len > 0 {
+                assert_eq!(max_abs(&padded.narrow(dim, start, len).unwrap()), 0.0);
+            }
+        }
+        let (w_pad, w_same) = (weights(padded.dims(), 910 + k as u64), weights(xv.dims(), 920 + k as u64));
+        check(&format!("pad_with_zeros dim {dim} ({before}, {after})"), &[("x", &xv)], || {
+            let x = xv.as_tensor();
+            contract(&x.pad_with_zeros(dim, before, after)?, &w_pad)? + contract(&(x * 3.0)?, &w_same)?
+        });
+    }
 }
