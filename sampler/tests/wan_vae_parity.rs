@@ -54,10 +54,16 @@ impl Fixture {
     }
 }
 
-/// max |a − b| / max |b|.
+/// max |a − b| / max |b| (f32, f64), or for bf16 the root-mean-square error over the reference's
+/// root mean square: bf16 rounds every activation to 8 bits, and the max over all elements of a
+/// deep net's rounding is a tail statistic, not a property of the port.
 fn rel_error(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     anyhow::ensure!(ours.dims() == reference.dims(), "shape {:?} vs {:?}", ours.dims(), reference.dims());
     let (a, b) = (ours.to_dtype(DType::F64)?, reference.to_dtype(DType::F64)?);
+    if ours.dtype() == DType::BF16 {
+        let rms = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.mean_all()?.to_scalar::<f64>()?.sqrt()) };
+        return Ok(rms(&(&a - &b)?)? / rms(&b)?.max(1e-30));
+    }
     let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
     Ok(diff / scale.max(1e-30))
@@ -106,13 +112,15 @@ fn diffusers_test_config_vae_matches_diffusers_in_f32_and_f64() -> Result<()> {
     Ok(())
 }
 
-/// bf16 weights and activations, as a user runs the real model on a GPU, with the RMS
-/// normalisation in f32 as upstream: within bf16's precision (8 bits of mantissa, 2⁻⁸ ≈ 4e-3
-/// per rounding; measured errors are listed by the test).
+/// bf16 weights and activations, as a user runs the real model on a GPU (the RMS normalisation in
+/// f32 as upstream: tested in `shared::ops`), against diffusers' f32 outputs: root-mean-square
+/// relative error 1.1–1.5e-2 measured (bf16 keeps 8 bits, ~4e-3 per rounding, through ~40
+/// layers); the tolerance 2.5e-2 bounds it, while a wrong layer (a swapped gamma, a misplaced
+/// frame) is off by 0.2–1.6 (the fixture script's own mutation checks).
 #[test]
 fn real_shaped_vae_in_bf16_stays_within_bf16_precision() -> Result<()> {
-    let worst = check_cases("wan_vae_real_shaped", &[5], DType::BF16, 0.1)?;
-    println!("bf16 worst relative error {worst:.2e}");
+    let worst = check_cases("wan_vae_real_shaped", &[5], DType::BF16, 2.5e-2)?;
+    println!("bf16 worst root-mean-square relative error {worst:.2e}");
     Ok(())
 }
 

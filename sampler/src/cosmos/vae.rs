@@ -32,7 +32,7 @@
 
 use candle_core::{bail, DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
-use ops_fallback as ops;
+use shared::ops;
 
 /// diffusers' `AutoencoderKLWan` config (`vae/config.json`). Fields and defaults match diffusers
 /// 0.42.1 (the defaults *are* the Wan2.1 VAE); other keys of a real config (`_class_name`,
@@ -341,12 +341,8 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let normalized = match dtype {
-            DType::F16 | DType::BF16 => ops::l2_normalize(&x.to_dtype(DType::F32)?, 1, 1e-12)?.to_dtype(dtype)?,
-            _ => ops::l2_normalize(x, 1, 1e-12)?,
-        };
-        (normalized * self.scale)?.broadcast_mul(&self.gamma)
+        // `l2_normalize` computes half-precision inputs in f32 and rounds once, as upstream.
+        (ops::l2_normalize(x, 1, 1e-12)? * self.scale)?.broadcast_mul(&self.gamma)
     }
 }
 
@@ -953,51 +949,4 @@ impl<O: crate::objective::Objective> crate::objective::Objective for DecodedObje
     fn describe(&self) -> String {
         format!("{} on the Wan VAE's decoded video", self.inner.describe())
     }
-}
-
-/// Temporary stand-ins until `shared::ops` has them (same signatures).
-mod ops_fallback {
-    use super::{batch_to_frames, frames_to_batch};
-    use candle_core::{Result, Tensor};
-
-    pub fn conv3d(
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        stride: (usize, usize),
-        padding: usize,
-    ) -> Result<Tensor> {
-        let (b, _c, t, _h, _w) = x.dims5()?;
-        let (o, _wc, kt, _kh, _kw) = weight.dims5()?;
-        let t_out = (t - kt) / stride.0 + 1;
-        let mut acc: Option<Tensor> = None;
-        for tau in 0..kt {
-            let idx: Vec<u32> = (0..t_out).map(|i| (tau + i * stride.0) as u32).collect();
-            let idx = Tensor::from_vec(idx, t_out, x.device())?;
-            let xs = frames_to_batch(&x.contiguous()?.index_select(&idx, 2)?)?;
-            let wk = weight.narrow(2, tau, 1)?.squeeze(2)?.contiguous()?;
-            let y = shared::ops::conv2d(&xs, &wk, None, stride.1, padding)?;
-            acc = Some(match acc {
-                None => y,
-                Some(a) => (a + y)?,
-            });
-        }
-        let y = batch_to_frames(&acc.expect("kt > 0"), b)?;
-        match bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1, 1))?),
-            None => Ok(y),
-        }
-    }
-
-    pub fn l2_normalize(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(dim)?.sqrt()?;
-        x.broadcast_div(&norm.maximum(eps)?)
-    }
-
-    pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.contiguous()?.reshape((n, c, 2 * h, 2 * w))
-    }
-
-    pub use shared::ops::{conv2d, sdpa, silu};
 }

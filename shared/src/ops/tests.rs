@@ -811,3 +811,29 @@ fn pad_with_zeros_asymmetric_matches_finite_differences() {
         });
     }
 }
+
+/// Half-precision inputs are normalised in f32 and rounded once (as upstream's Wan RMS norm and
+/// PyTorch's fused norms do): exactly the f32 result of the same (rounded) inputs, rounded.
+#[test]
+fn l2_normalize_computes_half_precision_in_f32() {
+    for dtype in [DType::BF16, DType::F16] {
+        let x = (var(&[2, 6, 3, 4], 40).as_tensor() * 3.0).unwrap().to_dtype(dtype).unwrap();
+        let ours = l2_normalize(&x, 1, 1e-12).unwrap();
+        assert_eq!(ours.dtype(), dtype);
+        let reference = l2_normalize(&x.to_dtype(DType::F32).unwrap(), 1, 1e-12).unwrap().to_dtype(dtype).unwrap();
+        assert_close(&ours, &reference, 0.0);
+        // Not what normalising in the half type itself gives.
+        let naive = x.broadcast_div(&x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap()).unwrap();
+        let differs = (naive.to_dtype(DType::F64).unwrap() - ours.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(differs > 0.0, "{dtype:?}: the half-precision computation should round differently");
+    }
+}
