@@ -168,3 +168,36 @@ fn config_errors_name_the_field_and_unsupported_variants() -> Result<()> {
     assert!(err.contains("latents_std"), "{err}");
     Ok(())
 }
+
+/// A diffusers `vae/` folder loads through `from_dir` and decodes as the fixture's model; a
+/// missing, unexpected, mis-shaped or non-finite weight is refused with the key named.
+#[test]
+fn vae_folder_loads_and_bad_weights_are_named() -> Result<()> {
+    let fx = Fixture::load("wan_vae_diffusers_test")?;
+    let weights: HashMap<String, Tensor> =
+        fx.tensors.iter().filter(|(k, _)| !k.starts_with("case_")).map(|(k, t)| (k.clone(), t.clone())).collect();
+    let write = |weights: &HashMap<String, Tensor>| -> Result<tempfile::TempDir> {
+        let dir = tempfile::tempdir()?;
+        std::fs::copy(fixtures().join("wan_vae_diffusers_test_config.json"), dir.path().join("config.json"))?;
+        candle_core::safetensors::save(weights, dir.path().join("diffusion_pytorch_model.safetensors"))?;
+        Ok(dir)
+    };
+    let dir = write(&weights)?;
+    let vae = AutoencoderKLWan::from_dir(dir.path(), DType::F32, &Device::Cpu)?;
+    let decoded = vae.decode(&fx.get("case_f5.latents")?)?;
+    assert!(rel_error(&decoded, &fx.get("case_f5.decoded")?)? < TOL);
+
+    let key = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight";
+    let mut broken = weights.clone();
+    let original = broken.remove(key).ok_or_else(|| anyhow!("fixture lacks {key}"))?;
+    broken.insert("decoder.extra.weight".into(), original.clone());
+    broken.insert("encoder.conv_in.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu)?);
+    let nan = Tensor::full(f32::NAN, fx.get("quant_conv.bias")?.shape(), &Device::Cpu)?;
+    broken.insert("quant_conv.bias".into(), nan);
+    let err =
+        format!("{:#}", AutoencoderKLWan::from_dir(write(&broken)?.path(), DType::F32, &Device::Cpu).unwrap_err());
+    for needle in [key, "decoder.extra.weight", "encoder.conv_in.bias", "quant_conv.bias", "NaN"] {
+        assert!(err.contains(needle), "the error should name {needle}: {err}");
+    }
+    Ok(())
+}

@@ -320,6 +320,41 @@ pub fn varbuilder_from_file(path: &Path, dtype: DType, device: &Device) -> Resul
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
+/// A `VarBuilder` over a file's tensors for a model whose every weight name and shape is known
+/// (from a [`ShapeRecorder`]): the file must hold exactly those keys with those shapes, finite.
+/// Every problem (missing, unexpected, wrong shape, NaN/Inf) is listed at once, naming the file
+/// and key, before any weight is used.
+pub fn varbuilder_for_model(
+    path: &Path,
+    expected: &std::collections::BTreeMap<String, Vec<usize>>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let tensors = read_safetensors(path, device)?;
+    let mut problems = Vec::new();
+    for (key, shape) in expected {
+        match tensors.get(key) {
+            None => problems.push(format!("missing '{key}' {shape:?}")),
+            Some(t) if t.dims() != shape.as_slice() => {
+                problems.push(format!("'{key}': shape {:?} in the file, the model expects {shape:?}", t.dims()))
+            }
+            Some(t) => {
+                let bad = non_finite_count(t)?;
+                if bad > 0 {
+                    problems.push(format!("'{key}': {bad} NaN/Inf values"));
+                }
+            }
+        }
+    }
+    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k)).collect();
+    unexpected.sort();
+    problems.extend(unexpected.into_iter().map(|k| format!("unexpected '{k}' (the model has no such weight)")));
+    if !problems.is_empty() {
+        return Err(WeightsError::Mismatch { path: path.into(), problems });
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
 /// Saves named tensors as safetensors atomically (temp file + rename).
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
     crate::io::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(tensors, tmp)?))

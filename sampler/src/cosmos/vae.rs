@@ -729,6 +729,20 @@ impl AutoencoderKLWan {
         })
     }
 
+    /// Loads a diffusers `vae/` folder (`config.json` + `diffusion_pytorch_model.safetensors`),
+    /// checking that the file holds exactly the weights the config's model has (names, shapes,
+    /// finite values), every problem named at once.
+    pub fn from_dir(dir: &std::path::Path, dtype: DType, device: &candle_core::Device) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let cfg = Config::from_json_file(&dir.join("config.json"))?;
+        let recorder = shared::weights::ShapeRecorder::new();
+        Self::new(&cfg, recorder.var_builder(dtype, device))?;
+        let path = dir.join("diffusion_pytorch_model.safetensors");
+        let vb = shared::weights::varbuilder_for_model(&path, &recorder.shapes(), dtype, device)
+            .with_context(|| format!("loading the Wan VAE from {}", dir.display()))?;
+        Self::new(&cfg, vb)
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
