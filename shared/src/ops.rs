@@ -11,9 +11,11 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 mod conv;
+mod pad;
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
+pub use pad::causal_pad;
 
 /// Numerically stable softmax along `dim` (max-subtracted; the max is detached because the
 /// result does not depend on it).

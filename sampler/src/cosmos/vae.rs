@@ -216,19 +216,38 @@ pub type FeatureCache = Vec<CacheSlot>;
 
 /// Reads the incoming cache slot by slot and collects the outgoing one: a chunk is a pure
 /// function of (input, cache in).
+///
+/// In the recomputing backward the outgoing cache is not needed (the tape has it) but its
+/// adjoint is known: `adjoints[k]` is added to the gradient of slot k's frames where the causal
+/// padding is built ([`shared::ops::causal_pad`]), and no outgoing cache is computed.
 struct CacheCursor<'a> {
     input: &'a [CacheSlot],
     output: FeatureCache,
+    adjoints: Option<&'a [Option<Tensor>]>,
 }
 
 impl<'a> CacheCursor<'a> {
     fn new(input: &'a [CacheSlot]) -> Self {
-        Self { input, output: Vec::with_capacity(input.len()) }
+        Self { input, output: Vec::with_capacity(input.len()), adjoints: None }
+    }
+
+    fn with_adjoints(input: &'a [CacheSlot], adjoints: &'a [Option<Tensor>]) -> Self {
+        Self { adjoints: Some(adjoints), ..Self::new(input) }
     }
 
     /// The slot the next layer reads (Empty when the incoming cache is empty: first chunk).
     fn current(&self) -> &'a CacheSlot {
         self.input.get(self.output.len()).unwrap_or(&CacheSlot::Empty)
+    }
+
+    /// The adjoint of the slot the next layer writes, in the backward.
+    fn adjoint(&self) -> Option<&'a Tensor> {
+        self.adjoints.and_then(|a| a.get(self.output.len())).and_then(Option::as_ref)
+    }
+
+    /// Whether the outgoing cache is wanted (not in the backward).
+    fn records(&self) -> bool {
+        self.adjoints.is_none()
     }
 
     fn push(&mut self, slot: CacheSlot) {
@@ -245,7 +264,14 @@ fn next_cache(x: &Tensor, previous: &CacheSlot) -> Result<CacheSlot> {
         (1, Some(prev)) => Tensor::cat(&[&prev.narrow(2, prev.dim(2)? - 1, 1)?, &tail], 2)?,
         _ => tail,
     };
-    Ok(CacheSlot::Frames(tail))
+    Ok(CacheSlot::Frames(owned(&tail)?))
+}
+
+/// A compact copy that owns just its elements, as upstream's `.clone()`: a narrowed view (and
+/// Candle's `copy`, which clones the whole storage) would keep the chunk's whole activation alive
+/// in the cache — measured: a decode tape held 2× its counted bytes.
+fn owned(t: &Tensor) -> Result<Tensor> {
+    t.force_contiguous()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,26 +325,32 @@ impl CausalConv3d {
         Self::new(in_dim, out_dim, (k, k, k), 1, (k / 2, k / 2), vb)
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        let (x, front) = match cache {
-            Some(c) if self.time_pad > 0 => {
-                let n = c.dim(2)?;
-                if n > self.time_pad {
-                    bail!("causal conv: {n} cached frames for a temporal padding of {}", self.time_pad)
-                }
-                (Tensor::cat(&[&c.to_dtype(x.dtype())?, x], 2)?, self.time_pad - n)
+    /// `cache`: frames that replace the front padding; `adjoint`: the adjoint of the outgoing
+    /// cache (the last frames of the padded input), injected into the backward.
+    fn forward(&self, x: &Tensor, cache: Option<&Tensor>, adjoint: Option<&Tensor>) -> Result<Tensor> {
+        let x = if self.time_pad > 0 {
+            let cached = match cache {
+                Some(c) => c.dim(2)?,
+                None => 0,
+            };
+            if cached > self.time_pad {
+                bail!("causal conv: {cached} cached frames for a temporal padding of {}", self.time_pad)
             }
-            _ => (x.clone(), self.time_pad),
+            ops::causal_pad(x, cache, self.time_pad - cached, 2, adjoint)?
+        } else {
+            if adjoint.is_some() {
+                bail!("causal conv: an adjoint for a conv that keeps no cache")
+            }
+            x.clone()
         };
-        let x = if front > 0 { x.pad_with_zeros(2, front, 0)? } else { x };
         ops::conv3d(&x, &self.weight, Some(&self.bias), (self.time_stride, 1), self.spatial_pad)
     }
 
     /// The cached form used by every conv that keeps a cache: reads the slot, writes the next.
     fn forward_cached(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
         let previous = cache.current();
-        let next = next_cache(x, previous)?;
-        let y = self.forward(x, previous.frames())?;
+        let next = if cache.records() { next_cache(x, previous)? } else { CacheSlot::Empty };
+        let y = self.forward(x, previous.frames(), cache.adjoint())?;
         cache.push(next);
         Ok(y)
     }
@@ -373,7 +405,7 @@ impl ResidualBlock {
 
     fn forward(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x, None)?,
+            Some(conv) => conv.forward(x, None, None)?,
             None => x.clone(),
         };
         let h = ops::silu(&self.norm1.forward(x)?)?;
@@ -466,15 +498,20 @@ impl Resample {
                 // First chunk: no temporal up-sampling, one frame stays one frame.
                 cache.push(CacheSlot::Replicate);
             } else {
-                let next = match (previous, next_cache(&x, previous)?) {
-                    // After the first chunk's "Rep", a one-frame tail is completed with zeros.
-                    (CacheSlot::Replicate, CacheSlot::Frames(tail)) if tail.dim(2)? == 1 => {
-                        CacheSlot::Frames(Tensor::cat(&[&tail.zeros_like()?, &tail], 2)?)
+                let next = if !cache.records() {
+                    CacheSlot::Empty
+                } else {
+                    match (previous, next_cache(&x, previous)?) {
+                        // After the first chunk's "Rep", a one-frame tail is completed with zeros
+                        // (= the last two frames of the zero-padded input).
+                        (CacheSlot::Replicate, CacheSlot::Frames(tail)) if tail.dim(2)? == 1 => {
+                            CacheSlot::Frames(Tensor::cat(&[&tail.zeros_like()?, &tail], 2)?)
+                        }
+                        (_, next) => next,
                     }
-                    (_, next) => next,
                 };
                 // "Rep" pads with zeros, exactly what an absent cache does.
-                let y = time_conv.forward(&x, previous.frames())?;
+                let y = time_conv.forward(&x, previous.frames(), cache.adjoint())?;
                 cache.push(next);
                 // (B, 2C, T, H, W) → (B, 2, C, T, H, W) → frames interleaved: (B, C, 2T, H, W).
                 x = y.reshape((b, 2, c, t, h, w))?.permute((0, 2, 3, 1, 4, 5))?.reshape((b, c, 2 * t, h, w))?;
@@ -496,9 +533,9 @@ impl Resample {
             match cache.current() {
                 CacheSlot::Frames(prev) => {
                     let last = x.dim(2)? - 1;
-                    let next = CacheSlot::Frames(x.narrow(2, last, 1)?);
+                    let next = CacheSlot::Frames(owned(&x.narrow(2, last, 1)?)?);
                     let prev_last = prev.narrow(2, prev.dim(2)? - 1, 1)?.to_dtype(x.dtype())?;
-                    x = time_conv.forward(&Tensor::cat(&[&prev_last, &x], 2)?, None)?;
+                    x = time_conv.forward(&Tensor::cat(&[&prev_last, &x], 2)?, None, None)?;
                     cache.push(next);
                 }
                 // First chunk: remembered whole, no temporal down-sampling.
@@ -788,7 +825,7 @@ impl AutoencoderKLWan {
             cache = cursor.output;
             start += len;
         }
-        let h = self.quant_conv.forward(&Tensor::cat(&outputs, 2)?, None)?;
+        let h = self.quant_conv.forward(&Tensor::cat(&outputs, 2)?, None, None)?;
         let z = self.cfg.z_dim;
         Ok(DiagonalGaussian { mean: h.narrow(1, 0, z)?, logvar: h.narrow(1, z, z)?.clamp(-30.0, 20.0)? })
     }
@@ -799,10 +836,25 @@ impl AutoencoderKLWan {
     /// the first): 1 frame for the first chunk, 4 after, clamped to [−1, 1]. A pure function of
     /// its inputs — the unit of the recomputing backward.
     pub fn decode_chunk(&self, latent_frame: &Tensor, cache: &[CacheSlot]) -> Result<DecodedChunk> {
-        let x = self.post_quant_conv.forward(&latent_frame.to_dtype(self.dtype())?, None)?;
         let mut cursor = CacheCursor::new(cache);
-        let frames = self.decoder.forward(&x, &mut cursor)?.clamp(-1.0, 1.0)?;
+        let frames = self.decode_chunk_with(latent_frame, &mut cursor)?;
         Ok(DecodedChunk { frames, cache: cursor.output })
+    }
+
+    /// One chunk's frames in the backward: the outgoing cache is not built, its adjoint
+    /// (`cache_adjoint[k]` for slot k, from the next chunk) is injected instead.
+    fn decode_chunk_adjoint(
+        &self,
+        latent_frame: &Tensor,
+        cache: &[CacheSlot],
+        cache_adjoint: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        self.decode_chunk_with(latent_frame, &mut CacheCursor::with_adjoints(cache, cache_adjoint))
+    }
+
+    fn decode_chunk_with(&self, latent_frame: &Tensor, cursor: &mut CacheCursor) -> Result<Tensor> {
+        let x = self.post_quant_conv.forward(&latent_frame.to_dtype(self.dtype())?, None, None)?;
+        self.decoder.forward(&x, cursor)?.clamp(-1.0, 1.0)
     }
 
     /// Decodes latents (B, z, n, h, w) (un-normalised: see [`Self::denormalize_latents`]) to a
@@ -830,7 +882,7 @@ impl AutoencoderKLWan {
         let mut cache: FeatureCache = Vec::new();
         let mut chunks = Vec::with_capacity(z.dim(2)?);
         for i in 0..z.dim(2)? {
-            let frame = z.narrow(2, i, 1)?.contiguous()?;
+            let frame = owned(&z.narrow(2, i, 1)?)?;
             let chunk = self.decode_chunk(&frame, &cache)?;
             tape.latent_frames.push(frame);
             tape.caches.push(std::mem::replace(&mut cache, chunk.cache));
@@ -905,15 +957,10 @@ impl DecodeTape {
                     None => slot.clone(),
                 })
                 .collect();
-            let chunk = vae.decode_chunk(frame.as_tensor(), &cache_in)?;
-            let g = grad_video.narrow(2, end, len)?.to_dtype(chunk.frames.dtype())?;
-            let mut surrogate = (chunk.frames * g)?.sum_all()?;
-            for (slot, adj) in chunk.cache.iter().zip(&cache_adjoint) {
-                if let (Some(t), Some(a)) = (slot.frames(), adj) {
-                    surrogate = (surrogate + (t * a)?.sum_all()?)?;
-                }
-            }
-            let grads = surrogate.backward()?;
+            // ⟨frames, g⟩; the outgoing cache's adjoint enters inside (see `causal_pad`).
+            let frames = vae.decode_chunk_adjoint(frame.as_tensor(), &cache_in, &cache_adjoint)?;
+            let g = grad_video.narrow(2, end, len)?.to_dtype(frames.dtype())?;
+            let grads = (frames * g)?.sum_all()?.backward()?;
             grad_frames[i] = Some(match grads.get(frame.as_tensor()) {
                 Some(g) => g.detach(),
                 None => frame.as_tensor().zeros_like()?,

@@ -837,3 +837,44 @@ fn l2_normalize_computes_half_precision_in_f32() {
         assert!(differs > 0.0, "{dtype:?}: the half-precision computation should round differently");
     }
 }
+
+/// `causal_pad` is `cat([zeros, prefix, x])`, and its injected adjoint gives exactly the gradient
+/// of the extra loss term ⟨out[−n:], adjoint⟩ — for a prefix or none, front zeros or none, and an
+/// adjoint that reaches back into the prefix (n > frames of x) or into the zeros (dropped).
+#[test]
+fn causal_pad_injects_the_tail_adjoint_exactly() {
+    let cases =
+        [(Some(2), 0, 2, 4), (Some(2), 0, 2, 1), (None, 2, 2, 1), (None, 2, 1, 1), (Some(1), 1, 2, 4), (None, 0, 2, 3)];
+    for (k, &(prefix_len, front, n, x_len)) in cases.iter().enumerate() {
+        let seed = 300 + 10 * k as u64;
+        let x = var(&[2, 3, x_len, 2, 2], seed);
+        let prefix = prefix_len.map(|p| var(&[2, 3, p, 2, 2], seed + 1));
+        let total = front + prefix_len.unwrap_or(0) + x_len;
+        let g = weights(&[2, 3, total, 2, 2], seed + 2);
+        let adjoint = weights(&[2, 3, n, 2, 2], seed + 3);
+        let injected =
+            causal_pad(x.as_tensor(), prefix.as_ref().map(|p| p.as_tensor()), front, 2, Some(&adjoint)).unwrap();
+        let plain = causal_pad(x.as_tensor(), prefix.as_ref().map(|p| p.as_tensor()), front, 2, None).unwrap();
+        assert_eq!(injected.dims(), &[2, 3, total, 2, 2]);
+        assert_close(&injected, &plain, 0.0);
+        if front > 0 {
+            assert_close(
+                &plain.narrow(2, 0, front).unwrap(),
+                &plain.narrow(2, 0, front).unwrap().zeros_like().unwrap(),
+                0.0,
+            );
+        }
+        let grads_injected = contract(&injected, &g).unwrap().backward().unwrap();
+        let reference_loss = (contract(&plain, &g).unwrap()
+            + contract(&plain.narrow(2, total - n, n).unwrap(), &adjoint).unwrap())
+        .unwrap();
+        let grads_reference = reference_loss.backward().unwrap();
+        let mut vars = vec![&x];
+        vars.extend(prefix.iter());
+        for v in vars {
+            let a = grads_injected.get(v.as_tensor()).expect("gradient reached");
+            let b = grads_reference.get(v.as_tensor()).expect("gradient reached");
+            assert_close(a, b, 1e-15);
+        }
+    }
+}
