@@ -8,8 +8,6 @@
 //! Memory is counted by a global allocator that tracks current and peak heap bytes; the peak
 //! is reset to the current level before each configuration and reported as the excess over it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -23,48 +21,8 @@ use sampler::trajectory::{GradMode, Trajectory};
 use shared::ops;
 use shared::rng::SplitMix64;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn reset_peak() -> usize {
-    let now = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static ALLOCATOR: shared::memory::CountingAllocator = shared::memory::CountingAllocator;
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -173,7 +131,7 @@ fn main() -> anyhow::Result<()> {
             let noise = NoiseState::draw(0, &shape, &plan, NoiseMode::Ode, true, DType::F32, &dev)?;
             let traj = Trajectory { denoiser: &den, solver: solver.as_ref(), cond: &cond, schedule, plan };
             let (z0, xi) = noise.tensors();
-            let base = reset_peak();
+            let base = shared::memory::reset_peak();
             let started = Instant::now();
             let mut stored = 0;
             for _ in 0..iterations {
@@ -182,7 +140,7 @@ fn main() -> anyhow::Result<()> {
                 std::hint::black_box(vg.grad_z0);
             }
             let seconds = started.elapsed().as_secs_f64() / iterations as f64;
-            let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+            let peak = shared::memory::peak_bytes().saturating_sub(base);
             println!(
                 "  steps {steps:>2} {mode:?}: {seconds:.3} s/iter, peak +{:.1} MB (stored x_i/state {:.2} MB)",
                 peak as f64 / MB,

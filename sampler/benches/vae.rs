@@ -24,66 +24,21 @@
 //! latent frames (the conv backward keeps im2col columns), and the bench would take ~20 min.
 //! The per-chunk structure — what the flatness criterion is about — is the same at any size.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 use sampler::cosmos::vae::{AutoencoderKLWan, Config};
 use shared::rng::SplitMix64;
-use shared::weights::ShapeRecorder;
-
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: shared::memory::CountingAllocator = shared::memory::CountingAllocator;
 
 const MB: f64 = 1024.0 * 1024.0;
 const CASE_ENV: &str = "WAN_VAE_BENCH_CASE";
 /// The criterion: recompute peak beyond the stored tensors grows ≤ 15 % from 2 to 8.
 const FLATNESS_LIMIT: f64 = 0.15;
-
-fn reset_heap_peak() -> usize {
-    let now = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
 
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn proc_status_bytes(field: &str) -> Option<usize> {
@@ -105,28 +60,9 @@ fn bytes_of(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-/// The random-weight scheme of `tests/wan_vae_grad.rs` (and of `vae_torch.py`): convs
-/// N(0, 1/fan_in), biases N(0, 0.1²), RMS gains 1 + N(0, 0.2²), `decoder.conv_out` × 0.15 so
-/// the video is mostly inside the clamp (a clamped pixel has no gradient).
+/// `AutoencoderKLWan::random`'s weights (the scheme `vae_torch.py` draws too).
 fn random_model(cfg: &Config, seed: u64) -> anyhow::Result<AutoencoderKLWan> {
-    let recorder = ShapeRecorder::new();
-    AutoencoderKLWan::new(cfg, recorder.var_builder(DType::F32, &Device::Cpu))?;
-    let mut rng = SplitMix64::new(seed);
-    let mut tensors = HashMap::new();
-    for (name, shape) in recorder.shapes() {
-        let t = rng.normal_tensor(shape.as_slice(), DType::F32, &Device::Cpu)?;
-        let t = if name.ends_with("gamma") {
-            ((t * 0.2)? + 1.0)?
-        } else if name.ends_with("bias") {
-            (t * 0.1)?
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            let gain = if name == "decoder.conv_out.weight" { 0.15 } else { 1.0 };
-            (t * (gain / (fan_in as f64).sqrt()))?
-        };
-        tensors.insert(name, t);
-    }
-    AutoencoderKLWan::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+    AutoencoderKLWan::random(cfg, seed, DType::F32, &Device::Cpu)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,7 +123,7 @@ fn child(case: &str, latent_hw: usize) -> anyhow::Result<()> {
     let probe = SplitMix64::new(3).normal_tensor(video_shape, DType::F32, &dev)?;
 
     let rss_base = reset_rss_peak();
-    let heap_base = reset_heap_peak();
+    let heap_base = shared::memory::reset_peak();
     let started = Instant::now();
     let mut forward_seconds = None;
     let (video, grad, tape_bytes) = match mode {
@@ -209,7 +145,7 @@ fn child(case: &str, latent_hw: usize) -> anyhow::Result<()> {
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let heap_peak = PEAK.load(Ordering::Relaxed).saturating_sub(heap_base);
+    let heap_peak = shared::memory::peak_bytes().saturating_sub(heap_base);
     let rss_peak = rss_base.and_then(|base| Some(proc_status_bytes("VmHWM")?.saturating_sub(base)));
     let values: Vec<f32> = video.flatten_all()?.to_vec1()?;
     let clamped = values.iter().filter(|v| v.abs() >= 1.0).count() as f64 / values.len() as f64;

@@ -2,11 +2,8 @@
 //! (one chunk's graph at a time, cache adjoints carried) against finite differences and against
 //! the full-graph backward; and causality — a prefix decodes to the same frames whatever follows.
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 use sampler::cosmos::vae::{AutoencoderKLWan, Config, DecodedObjective};
 use sampler::denoiser::{Conditioning, GaussianDenoiser};
 use sampler::noise::{Churn, NoiseMode, NoiseState};
@@ -17,31 +14,9 @@ use sampler::solver::SolverKind;
 use sampler::trajectory::{GradMode, Trajectory};
 use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::rng::SplitMix64;
-use shared::weights::ShapeRecorder;
 
-/// Every weight random and non-zero (a zero-initialised path hides bugs): convs N(0, 1/fan_in),
-/// biases N(0, 0.1²), RMS gains 1 + N(0, 0.2²).
 fn random_model(cfg: &Config, seed: u64) -> Result<AutoencoderKLWan> {
-    let recorder = ShapeRecorder::new();
-    AutoencoderKLWan::new(cfg, recorder.var_builder(DType::F64, &Device::Cpu))?;
-    let mut rng = SplitMix64::new(seed);
-    let mut tensors = HashMap::new();
-    for (name, shape) in recorder.shapes() {
-        let t = rng.normal_tensor(shape.as_slice(), DType::F64, &Device::Cpu)?;
-        let t = if name.ends_with("gamma") {
-            ((t * 0.2)? + 1.0)?
-        } else if name.ends_with("bias") {
-            (t * 0.1)?
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            // The output conv smaller, so the decoded video is mostly inside the clamp's [−1, 1]
-            // (a clamped pixel has no gradient and hides errors).
-            let gain = if name == "decoder.conv_out.weight" { 0.15 } else { 1.0 };
-            (t * (gain / (fan_in as f64).sqrt()))?
-        };
-        tensors.insert(name, t);
-    }
-    AutoencoderKLWan::new(cfg, VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu))
+    AutoencoderKLWan::random(cfg, seed, DType::F64, &Device::Cpu)
 }
 
 /// Two levels of up-sampling — one temporal (upsample3d), one spatial only — and the mid

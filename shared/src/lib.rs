@@ -6,12 +6,13 @@
 //! * [`ops`]: differentiable replacements for Candle's fused ops (which drop gradients silently).
 //! * [`gradcheck`]: central finite-difference checks of analytic gradients.
 //! * [`weights`]: validated safetensors loading, atomic saving, Hub references.
-//! * [`metrics`]: JSONL metrics and progress bars.
+//! * [`metrics`]: JSONL metrics and progress bars; [`memory`]: a counting allocator for benches.
 
 pub mod device;
 pub mod gradcheck;
 pub mod gradflow;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod params;

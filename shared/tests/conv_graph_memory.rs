@@ -11,56 +11,17 @@
 //! (bounds 2.95 MB and 4.13 MB); the 64 KiB allowance is ~100× the nodes and < 1/40 of the
 //! columns, so the test is neither flaky nor blind to a columns-sized leak.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use candle_core::{DType, Device, Result, Tensor, Var};
 use shared::ops::{conv2d, conv3d};
 
-struct CountingAllocator;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged and only counts sizes.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        System.dealloc(p, layout);
-        LIVE.fetch_sub(layout.size() as isize, Ordering::SeqCst);
-    }
-
-    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let q = System.realloc(p, layout, new_size);
-        if !q.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::SeqCst);
-        }
-        q
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
+static ALLOCATOR: shared::memory::CountingAllocator = shared::memory::CountingAllocator;
 
 /// Heap bytes still allocated after `forward` returns, its output held; and the output.
 fn held_after(forward: &dyn Fn() -> Result<Tensor>) -> (isize, Tensor) {
-    let before = LIVE.load(Ordering::SeqCst);
+    let before = shared::memory::live_bytes() as isize;
     let y = forward().expect("forward");
-    (LIVE.load(Ordering::SeqCst) - before, y)
+    (shared::memory::live_bytes() as isize - before, y)
 }
 
 fn random(shape: &[usize], seed: u64) -> Tensor {

@@ -780,6 +780,31 @@ impl AutoencoderKLWan {
         Self::new(&cfg, vb)
     }
 
+    /// A model with every weight random and non-zero, for tests and benchmarks (a zero-initialised
+    /// path hides bugs): convs N(0, 1/fan_in), biases N(0, 0.1²), RMS gains 1 + N(0, 0.2²), and
+    /// `decoder.conv_out` × 0.15 so that the decoded video is mostly inside the clamp (a clamped
+    /// pixel has no gradient). `benches/vae_torch.py` draws the same scheme in PyTorch.
+    pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &candle_core::Device) -> anyhow::Result<Self> {
+        let recorder = shared::weights::ShapeRecorder::new();
+        Self::new(cfg, recorder.var_builder(dtype, device))?;
+        let mut rng = shared::rng::SplitMix64::new(seed);
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in recorder.shapes() {
+            let t = rng.normal_tensor(shape.as_slice(), DType::F64, device)?;
+            let t = if name.ends_with("gamma") {
+                ((t * 0.2)? + 1.0)?
+            } else if name.ends_with("bias") {
+                (t * 0.1)?
+            } else {
+                let fan_in: usize = shape[1..].iter().product();
+                let gain = if name == "decoder.conv_out.weight" { 0.15 } else { 1.0 };
+                (t * (gain / (fan_in as f64).sqrt()))?
+            };
+            tensors.insert(name, t.to_dtype(dtype)?);
+        }
+        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }

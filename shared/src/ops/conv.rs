@@ -485,19 +485,7 @@ impl FrozenConv {
         S: BackendStorage,
         S::Device: BackendDevice<Storage = S>,
     {
-        let value = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen conv: value lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen conv: forward run twice".into()))?;
-        let (storage, layout) = value.storage_and_layout();
-        let storage = pick(&storage).ok_or_else(|| {
-            candle_core::Error::Msg(format!("frozen conv: value on {:?}, input elsewhere", value.device().location()))
-        })?;
-        let mut out = storage.device().zeros_impl(layout.shape(), storage.dtype())?;
-        storage.copy_strided_src(&mut out, 0, layout)?;
-        Ok((out, layout.shape().clone()))
+        take_precomputed(&self.value, pick, "frozen conv")
     }
 
     /// The input gradient: for each tap, the 2-D input gradient of the frame-major images,
@@ -626,4 +614,29 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
     }
+}
+
+/// A custom op whose value was computed beforehand with ordinary ops (no graph) hands it over as
+/// fresh storage of backend `S` — once; the op exists only for its backward.
+pub(super) fn take_precomputed<S>(
+    slot: &Mutex<Option<Tensor>>,
+    pick: impl Fn(&Storage) -> Option<&S>,
+    what: &str,
+) -> Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let value = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: value lock poisoned")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: forward run twice")))?;
+    let (storage, layout) = value.storage_and_layout();
+    let storage = pick(&storage).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{what}: value on {:?}, input elsewhere", value.device().location()))
+    })?;
+    let mut out = unsafe { storage.device().alloc_uninit(layout.shape(), storage.dtype())? };
+    storage.copy_strided_src(&mut out, 0, layout)?;
+    Ok((out, layout.shape().clone()))
 }

@@ -81,19 +81,7 @@ impl InjectTail {
         S: BackendStorage,
         S::Device: BackendDevice<Storage = S>,
     {
-        let value = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("causal_pad: value lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("causal_pad: forward run twice".into()))?;
-        let (storage, layout) = value.storage_and_layout();
-        let storage = pick(&storage).ok_or_else(|| {
-            candle_core::Error::Msg(format!("causal_pad: value on {:?}, input elsewhere", value.device().location()))
-        })?;
-        let mut out = unsafe { storage.device().alloc_uninit(layout.shape(), storage.dtype())? };
-        storage.copy_strided_src(&mut out, 0, layout)?;
-        Ok((out, layout.shape().clone()))
+        super::conv::take_precomputed(&self.value, pick, "causal_pad")
     }
 
     /// The output's gradient with the adjoint added to its last frames, split into (prefix, x).
