@@ -1,0 +1,183 @@
+//! The real 2B Cosmos DiTs, without their weights: `CosmosTransformer3DModel` built from the
+//! real `transformer/config.json` of Cosmos-Predict2-2B-Video2World and of Cosmos-Predict2.5-2B
+//! (base) asks for exactly the keys and shapes diffusers' model has — so the real checkpoints
+//! (which cannot be downloaded here) load without a missing, unexpected or mis-shaped weight.
+//!
+//! Outside reference: `tests/fixtures/make_cosmos_2b_keys.py` builds diffusers 0.42.1's
+//! `CosmosTransformer3DModel` on PyTorch's meta device from the configs of diffusers'
+//! `scripts/convert_cosmos_to_diffusers.py` (the script that made the diffusers checkpoints) and
+//! writes its config.json and its state_dict's names and shapes. Here the model is built over a
+//! `ShapeRecorder`: every weight is a stride-0 view of one zero, so the ~2·10⁹ parameters cost
+//! nothing. Comparisons are exact (names, shapes, counts are integers).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel};
+use shared::weights::ShapeRecorder;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The committed config.json of a real model, as JSON.
+fn config_json(stem: &str) -> Result<serde_json::Value> {
+    let path = fixtures().join(format!("{stem}_config.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn parse(json: &serde_json::Value) -> Result<Config> {
+    let cfg: Config = serde_json::from_value(json.clone())?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Builds the model from the committed config.json (through `Config::from_json_file`, the path a
+/// checkpoint folder takes) over a shape recorder and compares with diffusers' key list: same key
+/// set (missing and unexpected listed), every shape equal, same parameter count. Returns the
+/// parameter count.
+fn assert_matches_diffusers(stem: &str) -> Result<usize> {
+    let dir = fixtures();
+    let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
+    let text = std::fs::read_to_string(dir.join(format!("{stem}_keys.json")))?;
+    let listed: serde_json::Value = serde_json::from_str(&text)?;
+    let expected: BTreeMap<String, Vec<usize>> = serde_json::from_value(listed["keys"].clone())?;
+    let expected_count = listed["parameter_count"].as_u64().context("parameter_count")? as usize;
+
+    let recorder = ShapeRecorder::new();
+    CosmosTransformer3DModel::new(&cfg, recorder.var_builder(DType::BF16, &Device::Cpu))?;
+    let ours = recorder.shapes();
+    let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let unexpected: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "{stem}: missing (diffusers has, we don't ask for) {missing:?}; unexpected (we ask for, diffusers lacks) \
+         {unexpected:?}"
+    );
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, shape)| &ours[*k] != *shape)
+        .map(|(k, shape)| format!("{k}: ours {:?}, diffusers {shape:?}", ours[k]))
+        .collect();
+    assert!(wrong.is_empty(), "{stem}: shapes differ: {wrong:#?}");
+    let count = recorder.parameter_count();
+    assert_eq!(count, expected_count, "{stem}: parameter count");
+    println!("{stem}: {count} parameters ({:.3} B) in {} tensors, as diffusers", count as f64 / 1e9, ours.len());
+    Ok(count)
+}
+
+#[test]
+fn predict2_2b_video2world_config_expects_exactly_the_diffusers_keys_and_shapes() -> Result<()> {
+    let count = assert_matches_diffusers("cosmos_predict2_2b_video2world")?;
+    // The "2B" of the model's name, as a sanity bound on the fixture itself.
+    assert!((1.9e9..2.1e9).contains(&(count as f64)), "{count}");
+    Ok(())
+}
+
+#[test]
+fn predict25_2b_config_expects_exactly_the_diffusers_keys_and_shapes() -> Result<()> {
+    let count = assert_matches_diffusers("cosmos_predict25_2b")?;
+    // Predict2.5 = the Predict2 DiT + the context projection Linear(100352 → 1024, bias).
+    let predict2 = assert_matches_diffusers("cosmos_predict2_2b_video2world")?;
+    assert_eq!(count - predict2, 100352 * 1024 + 1024);
+    Ok(())
+}
+
+/// Every key of the real config.json is read into its field (none silently ignored and left at
+/// a default — `Config` has `#[serde(default)]`, so a misnamed field would otherwise go
+/// unnoticed; RoPE scales have no weight for the shape test to catch): the parsed config,
+/// written back, equals the file on every key but diffusers' bookkeeping `_class_name` and
+/// `_diffusers_version`. And the architecture read is the documented 2B one.
+#[test]
+fn real_configs_are_read_key_for_key() -> Result<()> {
+    for (stem, context_dim) in [("cosmos_predict2_2b_video2world", 1024), ("cosmos_predict25_2b", 100352)] {
+        let json = config_json(stem)?;
+        let cfg = parse(&json)?;
+        let back = serde_json::to_value(&cfg)?;
+        let file = json.as_object().context("config.json is an object")?;
+        for (key, value) in file {
+            if key.starts_with('_') {
+                continue;
+            }
+            assert_eq!(back.get(key), Some(value), "{stem}: key {key:?} not read as written");
+        }
+        let ignored: Vec<_> = file.keys().filter(|k| back.get(*k).is_none()).collect();
+        assert_eq!(ignored, ["_class_name", "_diffusers_version"], "{stem}: keys Config ignores");
+        // /work/shared/notes/cosmos-pipelines.md: 16 heads × 128, 28 layers, MLP ×4,
+        // AdaLN-LoRA 256, RoPE per-head split t/h/w 44/42/42, rope_scale (1, 3, 3), 16 latent +
+        // 1 condition-mask channels, padding mask, no learnable positional embedding.
+        assert_eq!((cfg.hidden_size(), cfg.num_layers, cfg.mlp_hidden_size()), (2048, 28, 8192), "{stem}");
+        assert_eq!((cfg.adaln_lora_dim, cfg.rope_dims(), cfg.rope_scale), (256, (44, 42, 42), [1.0, 3.0, 3.0]));
+        assert_eq!((cfg.in_channels, cfg.out_channels, cfg.concat_padding_mask), (17, 16, true), "{stem}");
+        assert_eq!(cfg.extra_pos_embed_type, None, "{stem}");
+        assert_eq!(cfg.context_dim(), context_dim, "{stem}: width of the context forward takes");
+    }
+    Ok(())
+}
+
+/// Keys a config.json may carry that `Config` does not know (a later diffusers' additions) are
+/// tolerated, and a config.json written by an older diffusers — only the keys the conversion
+/// script passed, as the Predict2 checkpoints were converted before the Predict2.5 keys existed —
+/// reads to the same config (the missing keys take diffusers' defaults).
+#[test]
+fn real_configs_tolerate_unknown_and_absent_keys() -> Result<()> {
+    let predict2_keys = [
+        "in_channels",
+        "out_channels",
+        "num_attention_heads",
+        "attention_head_dim",
+        "num_layers",
+        "mlp_ratio",
+        "text_embed_dim",
+        "adaln_lora_dim",
+        "max_size",
+        "patch_size",
+        "rope_scale",
+        "concat_padding_mask",
+        "extra_pos_embed_type",
+    ];
+    let p25_keys = ["use_crossattn_projection", "crossattn_proj_in_channels", "encoder_hidden_states_channels"];
+    for (stem, passed) in [
+        ("cosmos_predict2_2b_video2world", predict2_keys.to_vec()),
+        ("cosmos_predict25_2b", [predict2_keys.as_slice(), p25_keys.as_slice()].concat()),
+    ] {
+        let json = config_json(stem)?;
+        let cfg = parse(&json)?;
+
+        let mut future = json.clone();
+        future["some_future_key"] = serde_json::json!({"nested": [1, 2]});
+        future["_name_or_path"] = serde_json::json!("nvidia/some-checkpoint");
+        assert_eq!(parse(&future).context("unknown keys are tolerated")?, cfg, "{stem}");
+
+        let mut older = serde_json::Map::new();
+        for key in ["_class_name", "_diffusers_version"].iter().chain(&passed) {
+            older.insert(key.to_string(), json[*key].clone());
+        }
+        older.insert("_diffusers_version".into(), serde_json::json!("0.34.0.dev0"));
+        assert_eq!(parse(&serde_json::Value::Object(older))?, cfg, "{stem}: older config.json");
+    }
+    Ok(())
+}
+
+/// What the port does not cover, stated rather than silently mis-built: the Transfer2.5 DiT (the
+/// conversion script's "Cosmos-2.5-Transfer-General-2B": the Predict2.5 config plus
+/// `img_context_dim_in` 1152 and `controlnet_block_every_n` 7) has image-context cross-attention
+/// weights (`attn2.{q,k,v}_img`, `img_context_proj`) the port lacks; its config is refused with
+/// the key named.
+#[test]
+fn transfer25_image_context_config_is_refused_by_name() -> Result<()> {
+    let mut json = config_json("cosmos_predict25_2b")?;
+    json["controlnet_block_every_n"] = serde_json::json!(7);
+    json["img_context_dim_in"] = serde_json::json!(1152);
+    let err = parse(&json).expect_err("img_context_dim_in is not supported").to_string();
+    assert!(err.contains("img_context_dim_in"), "{err}");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, json.to_string())?;
+    let err = format!("{:#}", Config::from_json_file(&path).expect_err("refused from a file too"));
+    assert!(err.contains("img_context_dim_in") && err.contains("config.json"), "{err}");
+    Ok(())
+}
