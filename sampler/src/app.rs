@@ -65,6 +65,12 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
         shared::device::describe(&device),
         params.seed,
     ));
+    if noise.from_z0.is_some() {
+        log(&format!(
+            "step noises from z0: ξ_i = Q_i z0 on the {injected} injecting steps, Q_i a signed permutation seeded by (seed {}, i); z0 is the only learned tensor and ∇z0 includes every ξ_i's path",
+            params.seed
+        ));
+    }
     log(&format!("denoiser: {}", setup.denoiser.describe()));
     log("NOTE: this denoiser is analytic (exact x0 prediction), the fallback when the world model or an image policy is missing — not a learned video model.");
     log(&format!("objective: {}", setup.objective.describe()));
@@ -81,8 +87,7 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
     let mut files = Vec::new();
 
     if !params.learn_noise {
-        let (z0, steps) = noise.tensors();
-        let out = traj.sample(&z0, &steps)?;
+        let out = traj.sample_state(&noise)?;
         let loss = shared::gradcheck::scalar_f64(&setup.objective.loss(&out)?)?;
         log(&format!("learn_noise is false: sampled once, loss {loss:.6} (measured)"));
         files.extend(crate::report::write_frames(out_dir, "sample", &out)?);
@@ -93,8 +98,7 @@ pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow
     }
 
     // The gradient at the initial noise, measured before anything is updated.
-    let (z0, steps) = noise.tensors();
-    let vg = traj.value_and_grad(&z0, &steps, setup.objective.as_ref(), params.grad_mode)?;
+    let vg = traj.value_and_grad_state(&noise, setup.objective.as_ref(), params.grad_mode)?;
     let stats = GradStats::of(&vg.grad_z0)?;
     log(&format!("initial loss: {:.6} (measured)", vg.loss));
     if stats.reached() {

@@ -73,8 +73,8 @@ pub struct Params {
     pub noise_steps: usize,
     /// Learning rate.
     pub noise_lr: f64,
-    /// The source's `LEARNABLE_STEP_NOISE=1`: learn every per-step noise (= noise_mode
-    /// `sde-learnable`).
+    /// The source's `LEARNABLE_STEP_NOISE=1`: the noise injected at each step is derived from
+    /// z0, the only learned tensor (= noise_mode `sde-from-z0`).
     pub learnable_step_noise: bool,
     /// Denoising steps N.
     pub num_steps: usize,
@@ -89,7 +89,8 @@ pub struct Params {
     /// Shift of the rectified-flow schedule.
     pub shift: f64,
     pub solver: SolverKind,
-    /// `ode` | `sde` | `sde-learnable`; default: `sde-learnable` if `learnable_step_noise`, else `ode`.
+    /// `ode` | `sde` | `sde-learnable` | `sde-from-z0`; default: `sde-from-z0` if
+    /// `learnable_step_noise`, else `ode`.
     pub noise_mode: Option<NoiseMode>,
     /// Churn S_churn; default in the sde modes: η at Cosmos' cap √1.2 − 1 on every step.
     pub s_churn: Option<f64>,
@@ -300,7 +301,7 @@ impl Params {
     pub fn effective_noise_mode(&self) -> NoiseMode {
         match (self.noise_mode, self.learnable_step_noise) {
             (Some(m), _) => m,
-            (None, true) => NoiseMode::SdeLearnable,
+            (None, true) => NoiseMode::SdeFromZ0,
             (None, false) => NoiseMode::Ode,
         }
     }
@@ -351,12 +352,17 @@ impl Params {
             }
         }
         if let (Some(m), true) = (self.noise_mode, self.learnable_step_noise) {
-            if m != NoiseMode::SdeLearnable {
+            if m != NoiseMode::SdeFromZ0 {
                 return fail(
                     "learnable_step_noise",
                     format!(
-                        "true conflicts with noise_mode '{}'; use noise_mode \"sde-learnable\" (or drop one of them)",
-                        mode_name(m)
+                        "true (the source's LEARNABLE_STEP_NOISE=1: step noise derived from z0) means noise_mode \"sde-from-z0\" and conflicts with noise_mode '{}'; drop one of them{}",
+                        m.name(),
+                        if m == NoiseMode::SdeLearnable {
+                            " (sde-learnable learns every step noise as a tensor of its own: set only noise_mode for it)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
             }
@@ -367,7 +373,7 @@ impl Params {
                 return fail("s_churn", format!("must be ≥ 0, got {c}"));
             }
             if mode.injects() && c == 0.0 {
-                return fail("s_churn", format!("is 0, so noise_mode '{}' would inject nothing (churn is the only injection); set s_churn > 0 or use noise_mode \"ode\"", mode_name(mode)));
+                return fail("s_churn", format!("is 0, so noise_mode '{}' would inject nothing (churn is the only injection); set s_churn > 0 or use noise_mode \"ode\"", mode.name()));
             }
         }
         if self.batch == 0 || self.channels == 0 || self.frames == 0 || self.height == 0 || self.width == 0 {
@@ -405,14 +411,6 @@ impl Params {
     }
 }
 
-fn mode_name(m: NoiseMode) -> &'static str {
-    match m {
-        NoiseMode::Ode => "ode",
-        NoiseMode::Sde => "sde",
-        NoiseMode::SdeLearnable => "sde-learnable",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,7 +438,7 @@ mod tests {
             (r#"{"solver": "heun"}"#, "params.json: field `solver`: unknown value 'heun'; allowed: euler, res, unipc"),
             (
                 r#"{"noise_mode": "langevin"}"#,
-                "params.json: field `noise_mode`: unknown value 'langevin'; allowed: ode, sde, sde-learnable",
+                "params.json: field `noise_mode`: unknown value 'langevin'; allowed: ode, sde, sde-learnable, sde-from-z0",
             ),
             (r#"{"direction": "up"}"#, "params.json: field `direction`: unknown value 'up'; allowed: ascent, descent"),
             (r#"{"optimizer": "lbfgs"}"#, "params.json: field `optimizer`: unknown value 'lbfgs'; allowed: adam, sgd"),
@@ -456,7 +454,15 @@ mod tests {
             (r#"{"sigma_min": 90}"#, "params.json: field `sigma_min`: must be below sigma_max (80), got 90"),
             (
                 r#"{"learnable_step_noise": true, "noise_mode": "ode"}"#,
-                "params.json: field `learnable_step_noise`: true conflicts with noise_mode 'ode'",
+                "params.json: field `learnable_step_noise`: true (the source's LEARNABLE_STEP_NOISE=1: step noise derived from z0) means noise_mode \"sde-from-z0\" and conflicts with noise_mode 'ode'; drop one of them",
+            ),
+            (
+                r#"{"learnable_step_noise": true, "noise_mode": "sde-learnable"}"#,
+                "params.json: field `learnable_step_noise`: true (the source's LEARNABLE_STEP_NOISE=1: step noise derived from z0) means noise_mode \"sde-from-z0\" and conflicts with noise_mode 'sde-learnable'; drop one of them (sde-learnable learns every step noise as a tensor of its own: set only noise_mode for it)",
+            ),
+            (
+                r#"{"noise_mode": "sde-from-z0", "s_churn": 0}"#,
+                "params.json: field `s_churn`: is 0, so noise_mode 'sde-from-z0' would inject nothing",
             ),
             (
                 r#"{"noise_mode": "sde", "s_churn": 0}"#,
@@ -483,8 +489,8 @@ mod tests {
             parse_params(Some(("p.json", r#"{"solver": "euler", "learnable_step_noise": true, "s_churn": 5}"#)), &o)
                 .unwrap();
         assert_eq!(p.solver, SolverKind::Unipc);
-        // The source's LEARNABLE_STEP_NOISE=1 maps to sde-learnable.
-        assert_eq!(p.effective_noise_mode(), NoiseMode::SdeLearnable);
+        // The source's LEARNABLE_STEP_NOISE=1 (step noise derived from z0) maps to sde-from-z0.
+        assert_eq!(p.effective_noise_mode(), NoiseMode::SdeFromZ0);
         o.insert("solver".into(), "heun".into());
         let e = parse_params(Some(("p.json", "{}")), &o).unwrap_err().to_string();
         assert_eq!(e, "command line: field `solver`: unknown value 'heun'; allowed: euler, res, unipc");
@@ -494,5 +500,46 @@ mod tests {
             crate::noise::Churn { s_churn: p.effective_s_churn(), ..Default::default() }.plan(&[3.0, 2.0, 1.0], true);
         assert!(plan.noise_scales.iter().all(|s| *s > 0.0));
         assert!((plan.eval_sigmas[0] / 3.0 - 1.0 - crate::noise::COSMOS_ETA_CAP).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sde_from_z0_mode_from_file_command_line_and_source_flag() {
+        let none = serde_json::Map::new();
+        // Every mode by its name, in the file and on the command line (`--noise-mode`), and the
+        // names listed in NoiseMode::ALLOWED are exactly the ones accepted.
+        for (name, mode) in NoiseMode::ALLOWED.iter().zip([
+            NoiseMode::Ode,
+            NoiseMode::Sde,
+            NoiseMode::SdeLearnable,
+            NoiseMode::SdeFromZ0,
+        ]) {
+            assert_eq!(mode.name(), *name);
+            let text = format!(r#"{{"noise_mode": "{name}"}}"#);
+            let p = parse_params(Some(("p.json", &text)), &none).unwrap();
+            assert_eq!(p.effective_noise_mode(), mode);
+            let mut o = serde_json::Map::new();
+            o.insert("noise_mode".into(), (*name).into());
+            assert_eq!(parse_params(None, &o).unwrap().effective_noise_mode(), mode);
+        }
+        // The source flag alone, and with the one explicit mode it agrees with.
+        for text in
+            [r#"{"learnable_step_noise": true}"#, r#"{"learnable_step_noise": true, "noise_mode": "sde-from-z0"}"#]
+        {
+            let p = parse_params(Some(("p.json", text)), &none).unwrap();
+            assert_eq!(p.effective_noise_mode(), NoiseMode::SdeFromZ0, "{text}");
+            // It injects: unset s_churn puts η at the cap, as in the other sde modes.
+            assert!(p.effective_s_churn() > 0.0);
+        }
+        // A conflicting --noise-mode on the command line is refused, naming where it came from.
+        let mut o = serde_json::Map::new();
+        o.insert("noise_mode".into(), "sde".into());
+        let e = parse_params(Some(("p.json", r#"{"learnable_step_noise": true}"#)), &o).unwrap_err().to_string();
+        assert!(
+            e.starts_with("p.json: field `learnable_step_noise`: true (the source's LEARNABLE_STEP_NOISE=1"),
+            "{e}"
+        );
+        assert!(e.contains("conflicts with noise_mode 'sde'"), "{e}");
+        // The default is still the ODE.
+        assert_eq!(Params::default().effective_noise_mode(), NoiseMode::Ode);
     }
 }

@@ -105,7 +105,8 @@ pub fn chi_regulariser(z: &Tensor) -> Result<(f64, Tensor)> {
     Ok((value, grad))
 }
 
-/// The learned tensors' current values and their gradients of `loss` (missing = zeros).
+/// The learned tensors' current values and their gradients of `loss` (missing = zeros). In
+/// `sde-from-z0` only z0 is learned and `grad_z0` already holds the paths through every ξ_i.
 fn learned_gradients(noise: &NoiseState, vg: &crate::trajectory::ValueAndGrad) -> Vec<(Var, Tensor)> {
     let mut out = Vec::new();
     if let Some(v) = noise.z0.var() {
@@ -136,8 +137,7 @@ pub fn optimize(
     let mut initial = None;
     for iteration in 0..settings.iterations {
         let started = Instant::now();
-        let (z0, steps) = noise.tensors();
-        let vg = traj.value_and_grad(&z0, &steps, objective, settings.grad_mode)?;
+        let vg = traj.value_and_grad_state(noise, objective, settings.grad_mode)?;
         if initial.is_none() {
             initial = Some((vg.output.clone(), vg.loss));
         }
@@ -186,8 +186,7 @@ pub fn optimize(
         on_iter(&record);
         records.push(record);
     }
-    let (z0, steps) = noise.tensors();
-    let final_output = traj.sample(&z0, &steps)?;
+    let final_output = traj.sample_state(noise)?;
     let final_loss = shared::gradcheck::scalar_f64(&objective.loss(&final_output)?)?;
     let (initial_output, initial_loss) = match initial {
         Some(i) => i,
@@ -198,8 +197,10 @@ pub fn optimize(
 
 /// Finite-difference check of the gradient that `mode` computes (the recomputation backward
 /// by default), along random directions of each learnable tensor on its own (by name: `z0`,
-/// `xi_3`, …) and of all together, via [`shared::gradcheck::check_gradients`]. The function handed to it has the loss's value
-/// and `mode`'s gradient: loss + Σ⟨v − stopgrad(v), g(v)⟩.
+/// `xi.003`, …) and of all together, via [`shared::gradcheck::check_gradients`]. The function
+/// handed to it has the loss's value and `mode`'s gradient: loss + Σ⟨v − stopgrad(v), g(v)⟩.
+/// In `sde-from-z0` moving z0 moves every ξ_i = Q_i z0 with it, so the check covers the paths
+/// through the step noises.
 pub fn verify_gradient(
     traj: &Trajectory,
     noise: &NoiseState,
@@ -209,10 +210,9 @@ pub fn verify_gradient(
 ) -> Result<GradCheckReport> {
     let vars = noise.learnable();
     let f = || -> Result<Tensor> {
-        let (z0, steps) = noise.tensors();
-        let vg = traj.value_and_grad(&z0, &steps, objective, mode)?;
-        let dtype = z0.dtype();
-        let mut out = Tensor::new(vg.loss, z0.device())?.to_dtype(dtype)?;
+        let vg = traj.value_and_grad_state(noise, objective, mode)?;
+        let z0 = noise.z0.tensor();
+        let mut out = Tensor::new(vg.loss, z0.device())?.to_dtype(z0.dtype())?;
         for (var, g) in learned_gradients(noise, &vg) {
             let t = var.as_tensor();
             out = (out + ((t - t.detach())? * g)?.sum_all()?)?;

@@ -8,11 +8,17 @@
 //!   stored tensors is one step's graph, whatever the number of steps.
 //! * [`GradMode::FullGraph`]: one graph over the whole trajectory and a single `backward`
 //!   (memory grows with the steps); kept as the reference the recomputation is tested against.
+//!
+//! The step noises are either inputs of their own (`ode`, `sde`, `sde-learnable`:
+//! [`Trajectory::value_and_grad`]) or functions of z0 (`sde-from-z0`, ξ_i = Q_i z0:
+//! [`Trajectory::value_and_grad_from_z0`]), where ∇z0 is the total derivative
+//! σ_0·∂L/∂x_0 + Σ_i Q_iᵀ ∂L/∂ξ_i. [`Trajectory::value_and_grad_state`] picks the right one
+//! for a [`NoiseState`].
 
 use candle_core::{Result, Tensor, Var};
 
 use crate::denoiser::{uniform_sigma, Conditioning, Denoiser};
-use crate::noise::ChurnPlan;
+use crate::noise::{ChurnPlan, NoiseState, StepNoiseFromZ0};
 use crate::objective::Objective;
 use crate::schedule::Schedule;
 use crate::solver::{Solver, StepContext};
@@ -58,11 +64,39 @@ pub struct ValueAndGrad {
     pub loss: f64,
     /// The generated sample (detached).
     pub output: Tensor,
+    /// dloss/dz0; with step noises derived from z0, the total derivative (through x_0 and
+    /// through every ξ_i).
     pub grad_z0: Tensor,
-    /// ∂loss/∂ξ_i where step i injects noise.
+    /// ∂loss/∂ξ_i where step i injects noise (the partial derivative, ξ_i held fixed).
     pub grad_steps: Vec<Option<Tensor>>,
     /// Bytes of stored x_i / state (0 for the full graph).
     pub checkpoint_bytes: usize,
+}
+
+/// Where the step noises come from.
+#[derive(Clone, Copy)]
+enum StepNoises<'a> {
+    /// Inputs of their own.
+    Given(&'a [Option<Tensor>]),
+    /// ξ_i = Q_i z0.
+    FromZ0(&'a StepNoiseFromZ0),
+}
+
+impl StepNoises<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Given(n) => n.len(),
+            Self::FromZ0(map) => map.num_steps(),
+        }
+    }
+
+    /// ξ_i, for the z0 the trajectory starts from.
+    fn at(&self, i: usize, z0: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Self::Given(n) => Ok(n[i].clone()),
+            Self::FromZ0(map) => map.noise(i, z0),
+        }
+    }
 }
 
 impl Trajectory<'_> {
@@ -112,23 +146,49 @@ impl Trajectory<'_> {
 
     /// Runs the trajectory. A graph is recorded iff an input is a `Var` (or carries one);
     /// with `checkpoints`, each x_i and state is stored.
-    pub fn run(
+    pub fn run(&self, z0: &Tensor, noises: &[Option<Tensor>], checkpoints: Option<&mut Checkpoints>) -> Result<Tensor> {
+        self.run_with(z0, StepNoises::Given(noises), checkpoints)
+    }
+
+    /// [`Self::run`] with ξ_i = Q_i z0, each formed when its step comes (so at most one is
+    /// alive in a graph-free run).
+    pub fn run_from_z0(
         &self,
         z0: &Tensor,
-        noises: &[Option<Tensor>],
-        mut checkpoints: Option<&mut Checkpoints>,
+        map: &StepNoiseFromZ0,
+        checkpoints: Option<&mut Checkpoints>,
     ) -> Result<Tensor> {
+        self.run_with(z0, StepNoises::FromZ0(map), checkpoints)
+    }
+
+    fn check_noises(&self, noises: StepNoises) -> Result<()> {
         let n = self.num_steps();
         if noises.len() != n {
             candle_core::bail!("{} step noises given for {n} steps", noises.len());
         }
+        if let StepNoises::FromZ0(map) = noises {
+            let planned: Vec<bool> = self.plan.noise_scales.iter().map(|&s| s > 0.0).collect();
+            if map.injects != planned {
+                candle_core::bail!(
+                    "the step noises from z0 are formed on steps {:?} but the churn plan injects on {:?}",
+                    map.injects,
+                    planned
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn run_with(&self, z0: &Tensor, noises: StepNoises, mut checkpoints: Option<&mut Checkpoints>) -> Result<Tensor> {
+        self.check_noises(noises)?;
         let mut x = self.start(z0)?;
         let mut state: Vec<Tensor> = Vec::new();
-        for (i, noise) in noises.iter().enumerate() {
+        for i in 0..self.num_steps() {
             if let Some(ck) = checkpoints.as_deref_mut() {
                 ck.xs.push(x.clone());
                 ck.states.push(state.clone());
             }
+            let noise = noises.at(i, z0)?;
             (x, state) = self.step(i, &x, &state, noise.as_ref())?;
         }
         if let Some(ck) = checkpoints {
@@ -143,7 +203,18 @@ impl Trajectory<'_> {
         self.run(&z0.detach(), &noises, None)
     }
 
-    /// The objective at the output and its gradient with respect to z0 and every step noise.
+    /// The sample for a [`NoiseState`]'s current values, recording no graph.
+    pub fn sample_state(&self, noise: &NoiseState) -> Result<Tensor> {
+        let z0 = noise.z0.tensor().detach();
+        match &noise.from_z0 {
+            Some(map) => self.run_from_z0(&z0, map, None),
+            None => self.sample(&z0, &noise.values()?.1),
+        }
+    }
+
+    /// The objective at the output and its gradient with respect to z0 and every step noise,
+    /// the step noises being inputs of their own (for ξ_i = Q_i z0 use
+    /// [`Self::value_and_grad_from_z0`]: here `grad_z0` would miss the paths through ξ_i).
     pub fn value_and_grad(
         &self,
         z0: &Tensor,
@@ -152,24 +223,68 @@ impl Trajectory<'_> {
         mode: GradMode,
     ) -> Result<ValueAndGrad> {
         match mode {
-            GradMode::Recompute => self.grad_recompute(z0, noises, objective),
-            GradMode::FullGraph => self.grad_full_graph(z0, noises, objective),
+            GradMode::Recompute => self.grad_recompute(z0, StepNoises::Given(noises), objective),
+            GradMode::FullGraph => self.grad_full_graph(z0, StepNoises::Given(noises), objective),
         }
     }
 
-    fn grad_full_graph(
+    /// The objective and its gradient when ξ_i = Q_i z0 (`sde-from-z0`): `grad_z0` is the
+    /// total derivative σ_0·∂L/∂x_0 + Σ_i Q_iᵀ ∂L/∂ξ_i, `grad_steps` the partials ∂L/∂ξ_i.
+    pub fn value_and_grad_from_z0(
         &self,
         z0: &Tensor,
-        noises: &[Option<Tensor>],
+        map: &StepNoiseFromZ0,
         objective: &dyn Objective,
+        mode: GradMode,
     ) -> Result<ValueAndGrad> {
+        match mode {
+            GradMode::Recompute => self.grad_recompute(z0, StepNoises::FromZ0(map), objective),
+            GradMode::FullGraph => self.grad_full_graph(z0, StepNoises::FromZ0(map), objective),
+        }
+    }
+
+    /// The objective and its gradient at a [`NoiseState`]'s current values, in its mode.
+    pub fn value_and_grad_state(
+        &self,
+        noise: &NoiseState,
+        objective: &dyn Objective,
+        mode: GradMode,
+    ) -> Result<ValueAndGrad> {
+        match &noise.from_z0 {
+            Some(map) => self.value_and_grad_from_z0(&noise.z0.tensor(), map, objective, mode),
+            None => {
+                let (z0, steps) = noise.values()?;
+                self.value_and_grad(&z0, &steps, objective, mode)
+            }
+        }
+    }
+
+    fn grad_full_graph(&self, z0: &Tensor, noises: StepNoises, objective: &dyn Objective) -> Result<ValueAndGrad> {
+        self.check_noises(noises)?;
         let z0_var = Var::from_tensor(&z0.detach())?;
-        let noise_vars: Vec<Option<Var>> = noises
-            .iter()
-            .map(|n| n.as_ref().map(|t| Var::from_tensor(&t.detach())).transpose())
-            .collect::<Result<_>>()?;
-        let noise_tensors: Vec<Option<Tensor>> =
-            noise_vars.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect();
+        // Given noises are leaves of their own. From z0, ξ_i = Q_i z0 + t_i with t_i a zero
+        // `Var`: adding it changes no value (x + 0 = x exactly) and its gradient is ∂L/∂ξ_i,
+        // which Candle does not keep for the intermediate Q_i z0.
+        let noise_vars: Vec<Option<Var>> = match noises {
+            StepNoises::Given(given) => given
+                .iter()
+                .map(|n| n.as_ref().map(|t| Var::from_tensor(&t.detach())).transpose())
+                .collect::<Result<_>>()?,
+            StepNoises::FromZ0(map) => map
+                .injects
+                .iter()
+                .map(|&on| on.then(|| Var::zeros(z0.shape(), z0.dtype(), z0.device())).transpose())
+                .collect::<Result<_>>()?,
+        };
+        let noise_tensors: Vec<Option<Tensor>> = match noises {
+            StepNoises::Given(_) => noise_vars.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect(),
+            StepNoises::FromZ0(map) => (0..map.num_steps())
+                .map(|i| match (map.noise(i, z0_var.as_tensor())?, &noise_vars[i]) {
+                    (Some(xi), Some(tap)) => Ok(Some((xi + tap.as_tensor())?)),
+                    _ => Ok(None),
+                })
+                .collect::<Result<_>>()?,
+        };
         let output = self.run(z0_var.as_tensor(), &noise_tensors, None)?;
         let loss = objective.loss(&output)?;
         let grads = loss.backward()?;
@@ -188,18 +303,22 @@ impl Trajectory<'_> {
         })
     }
 
-    fn grad_recompute(
-        &self,
-        z0: &Tensor,
-        noises: &[Option<Tensor>],
-        objective: &dyn Objective,
-    ) -> Result<ValueAndGrad> {
-        let noises: Vec<Option<Tensor>> = noises.iter().map(|n| n.as_ref().map(Tensor::detach)).collect();
+    fn grad_recompute(&self, z0: &Tensor, noises: StepNoises, objective: &dyn Objective) -> Result<ValueAndGrad> {
+        let z0 = z0.detach();
+        let given: Option<Vec<Option<Tensor>>> = match noises {
+            StepNoises::Given(n) => Some(n.iter().map(|n| n.as_ref().map(Tensor::detach)).collect()),
+            StepNoises::FromZ0(_) => None,
+        };
+        let noises = match &given {
+            Some(g) => StepNoises::Given(g),
+            None => noises,
+        };
         let mut ck = Checkpoints { xs: Vec::new(), states: Vec::new() };
         // Detached inputs and frozen weights: this forward records no graph.
-        self.run(&z0.detach(), &noises, Some(&mut ck))?;
-        let checkpoint_bytes =
-            ck.bytes() + noises.iter().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
+        self.run_with(&z0, noises, Some(&mut ck))?;
+        // Given noises are held for the backward; noises from z0 are formed again there.
+        let checkpoint_bytes = ck.bytes()
+            + given.iter().flatten().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
 
         // The final clean pass, and the objective's value and gradient at its output (its own
         // VJP: the VAE decode recomputes chunk by chunk in there).
@@ -211,12 +330,22 @@ impl Trajectory<'_> {
         // The final pass reads only x_N, so no adjoint flows into the state after the last step.
         let mut adj_state: Vec<Option<Tensor>> = Vec::new();
         let mut grad_steps: Vec<Option<Tensor>> = vec![None; noises.len()];
+        // From z0: Σ_i Q_iᵀ ∂L/∂ξ_i, the part of ∇z0 that flows through the step noises.
+        let mut grad_z0_via_steps: Option<Tensor> = None;
 
         for i in (0..self.num_steps()).rev() {
             let x_var = Var::from_tensor(&ck.xs.pop().expect("x_i stored"))?;
             let state_vars: Vec<Var> =
                 ck.states.pop().expect("state stored").iter().map(Var::from_tensor).collect::<Result<_>>()?;
-            let noise_var = noises[i].as_ref().map(Var::from_tensor).transpose()?;
+            // ξ_i, and Q_i where it is formed from z0.
+            let (noise, q) = match noises {
+                StepNoises::Given(n) => (n[i].clone(), None),
+                StepNoises::FromZ0(map) => match map.map_if_injecting(i, z0.dims())? {
+                    Some(q) => (Some(q.apply(&z0)?), Some(q)),
+                    None => (None, None),
+                },
+            };
+            let noise_var = noise.as_ref().map(Var::from_tensor).transpose()?;
             let state_in: Vec<Tensor> = state_vars.iter().map(|v| v.as_tensor().clone()).collect();
             let (x_next, state_next) =
                 self.step(i, x_var.as_tensor(), &state_in, noise_var.as_ref().map(|v| v.as_tensor()))?;
@@ -231,10 +360,21 @@ impl Trajectory<'_> {
             adj_x = adjoint(&grads, &x_var)?;
             adj_state = state_vars.iter().map(|v| grads.get(v.as_tensor()).map(Tensor::detach)).collect();
             if let Some(v) = &noise_var {
-                grad_steps[i] = Some(adjoint(&grads, v)?);
+                let g = adjoint(&grads, v)?;
+                if let Some(q) = &q {
+                    let via = q.apply_transpose(&g)?;
+                    grad_z0_via_steps = Some(match grad_z0_via_steps {
+                        Some(acc) => (acc + via)?,
+                        None => via,
+                    });
+                }
+                grad_steps[i] = Some(g);
             }
         }
-        let grad_z0 = (adj_x * self.schedule.sigma_start())?;
+        let mut grad_z0 = (adj_x * self.schedule.sigma_start())?;
+        if let Some(via) = grad_z0_via_steps {
+            grad_z0 = (grad_z0 + via)?;
+        }
         Ok(ValueAndGrad { loss, output, grad_z0, grad_steps, checkpoint_bytes })
     }
 }
