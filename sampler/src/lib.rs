@@ -4,7 +4,8 @@
 //!   σ), raw `Network`s + [`param`]eterisations, frame replacement, CFG, analytic denoisers.
 //! * [`schedule`]: Karras and rectified-flow shift schedules.
 //! * [`solver`]: Euler, RES (Cosmos `res_sampler`), UniPC bh2 — one `Solver` trait.
-//! * [`noise`]: `ode` / `sde` / `sde-learnable` modes and churn.
+//! * [`noise`]: `ode` / `sde` / `sde-learnable` (DNO: every step noise learned) / `sde-from-z0` (step
+//!   noises ξ_i = Q_i z0, the source's learnable step noise) modes and churn.
 //! * [`trajectory`]: forward, per-step recomputation backward, full-graph backward.
 //! * [`objective`], [`optimize`]: what is optimised and the loop that does it.
 //! * [`config`], [`report`], [`demo`]: the params file, outputs, and the built-in demo setup.

@@ -25,7 +25,7 @@ struct Cli {
     /// euler | res | unipc
     #[arg(long)]
     solver: Option<String>,
-    /// ode | sde | sde-learnable
+    /// ode | sde | sde-learnable | sde-from-z0
     #[arg(long)]
     noise_mode: Option<String>,
     /// Denoising steps.
