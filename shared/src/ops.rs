@@ -10,8 +10,10 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+mod attention;
 mod conv;
 mod pad;
+pub use attention::sdpa_tiled;
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
