@@ -11,8 +11,10 @@ use serde_json::{json, Map, Value};
 /// exported image policy are present (`weights/world_model.*`, `weights/policy.safetensors` or
 /// `--policy`), and the built-in analytic demo otherwise (or with `--demo`).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Params file (JSON) for the analytic setup; fields not given take the built-in defaults.
     #[arg(short = 'i', long = "input")]
     input: Option<PathBuf>,
@@ -72,6 +74,13 @@ struct Cli {
     /// Stress-test seeds, comma-separated (default 0,1,2).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Sample a Cosmos pipeline from a diffusers repository (local or on the Hugging Face Hub),
+    /// optionally optimising z0 through every denoising step and the VAE decode.
+    Cosmos(sampler::cosmos::app::CosmosArgs),
 }
 
 impl Cli {
@@ -197,6 +206,10 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Cosmos(args)) = &cli.command {
+        sampler::cosmos::app::run(args, |line| println!("{line}"))?;
+        return Ok(());
+    }
     if cli.input.is_none() && !cli.demo && try_stress(&cli)? {
         return Ok(());
     }

@@ -2,15 +2,19 @@
 //! as in k-diffusion / diffusers).
 
 /// A decreasing list of N+1 noise levels. The trajectory starts at `x = σ_0·z0`, takes N solver
-/// steps, and — when `σ_N > 0` — ends with one clean pass `D(x_N, σ_N)` (Cosmos `res_sampler`).
+/// steps, and — when `σ_N > 0` and `denoise_last` — ends with one clean pass `D(x_N, σ_N)`
+/// (Cosmos `res_sampler`); otherwise its output is x_N.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Schedule {
     pub sigmas: Vec<f64>,
+    /// The clean pass at σ_N > 0 (Cosmos' own sampler). diffusers' Cosmos-Predict2 pipeline
+    /// instead ends on a zero-length step at σ_min and returns x_N.
+    pub denoise_last: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("a schedule needs at least one step (num_steps = 0)")]
+    #[error("too few steps for this schedule (num_steps = 0, or 1 for a flow-match Karras schedule)")]
     NoSteps,
     #[error("sigma_max ({max}) must be greater than sigma_min ({min}) and sigma_min must be > 0")]
     BadRange { min: f64, max: f64 },
@@ -35,7 +39,27 @@ impl Schedule {
         }
         let (a, b) = (sigma_max.powf(1.0 / rho), sigma_min.powf(1.0 / rho));
         let sigmas = (0..=num_steps).map(|i| (a + i as f64 / num_steps as f64 * (b - a)).powf(rho)).collect();
-        Ok(Self { sigmas })
+        Ok(Self { sigmas, denoise_last: true })
+    }
+
+    /// diffusers' `FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)` as
+    /// `Cosmos2VideoToWorldPipeline` sets it up (σ_max 80, σ_min 0.002, `final_sigmas_type =
+    /// "sigma_min"`): `num_steps` Karras levels from σ_max to σ_min (ρ = 7) — so N − 1 intervals —
+    /// then σ_min once more, a last step of length zero; the output is x_N (no clean pass). Only
+    /// the Euler solver takes that zero-length step meaningfully (the multistep solvers divide by
+    /// log ratios).
+    pub fn karras_flow_match(
+        num_steps: usize,
+        sigma_min: f64,
+        sigma_max: f64,
+        rho: f64,
+    ) -> Result<Self, ScheduleError> {
+        if num_steps < 2 {
+            return Err(ScheduleError::NoSteps);
+        }
+        let mut sigmas = Self::karras(num_steps - 1, sigma_min, sigma_max, rho)?.sigmas;
+        sigmas.push(sigma_min);
+        Ok(Self { sigmas, denoise_last: false })
     }
 
     /// Rectified-flow shift schedule of Cosmos Predict2.5: s = linspace(0.999, 0, N+1)[:−1],
@@ -56,7 +80,7 @@ impl Schedule {
             })
             .collect();
         sigmas.push(0.0);
-        Ok(Self { sigmas })
+        Ok(Self { sigmas, denoise_last: true })
     }
 
     pub fn num_steps(&self) -> usize {

@@ -134,10 +134,11 @@ impl Trajectory<'_> {
         self.solver.step(&self.ctx(), i, &x, state)
     }
 
-    /// The final clean pass D(x_N, σ_N) (Cosmos), or x_N itself when σ_N = 0.
+    /// The final clean pass D(x_N, σ_N) (Cosmos), or x_N itself when σ_N = 0 or the schedule
+    /// asks for none (diffusers' Predict2 pipeline).
     pub fn finish(&self, x_last: &Tensor) -> Result<Tensor> {
         let s = self.schedule.sigma_end();
-        if s > 0.0 {
+        if s > 0.0 && self.schedule.denoise_last {
             self.denoiser.denoise(x_last, &uniform_sigma(x_last, s)?, self.cond)
         } else {
             Ok(x_last.clone())

@@ -330,8 +330,29 @@ pub fn varbuilder_for_model(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    let tensors = read_safetensors(path, device)?;
+    varbuilder_for_model_files(&[path.to_path_buf()], expected, dtype, device)
+}
+
+/// [`varbuilder_for_model`] over the shards of one checkpoint (`*.safetensors.index.json`'s
+/// files): together they must hold each weight exactly once.
+pub fn varbuilder_for_model_files(
+    paths: &[PathBuf],
+    expected: &std::collections::BTreeMap<String, Vec<usize>>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let Some(path) = paths.first() else {
+        return Err(WeightsError::NotFound(PathBuf::from("(no weight files)")));
+    };
+    let mut tensors = HashMap::new();
     let mut problems = Vec::new();
+    for shard in paths {
+        for (key, t) in read_safetensors(shard, device)? {
+            if tensors.insert(key.clone(), t).is_some() {
+                problems.push(format!("'{key}' appears twice (again in {})", shard.display()));
+            }
+        }
+    }
     for (key, shape) in expected {
         match tensors.get(key) {
             None => problems.push(format!("missing '{key}' {shape:?}")),

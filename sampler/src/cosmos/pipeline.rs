@@ -1,0 +1,462 @@
+//! Cosmos pipelines from diffusers-layout repositories: a local directory or a Hub reference
+//! `org/name[@revision]` resolved through the Hugging Face cache.
+//!
+//! Supported: `Cosmos2VideoToWorldPipeline` (Cosmos-Predict2 Video2World). The denoising loop is
+//! diffusers' own, expressed with the project's pieces so that z0 can be optimised through it:
+//! * schedule: `FlowMatchEulerDiscreteScheduler(use_karras_sigmas)` with σ_max 80, σ_min 0.002
+//!   ([`Schedule::karras_flow_match`]: N Karras levels, then a zero-length step; output x_N);
+//! * [`Predict2Denoiser`]: t = σ/(σ+1); the network reads the conditioning latents *clean* on
+//!   conditioning frames and x·(1 − t) elsewhere, with the per-frame timestep t_c =
+//!   σ_c/(σ_c+1) on conditioning frames; x0 = (1 − t)·x − t·F, forced to the conditioning
+//!   latents on conditioning frames;
+//! * classifier-free guidance `cond + g·(cond − uncond)` on x0, only for g > 1 (as diffusers);
+//! * Euler steps x ← x + (σ' − σ)(x − x0)/σ; initial latents = σ_max·z0.
+//!
+//! `fps` reaches the transformer only when asked for: the released checkpoints were trained
+//! without fps modulation of the temporal RoPE (diffusers#14768), while diffusers passes 16.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::transformer::{Config as TransformerConfig, CosmosTransformer3DModel, ForwardOptions};
+use super::vae::AutoencoderKLWan;
+use crate::denoiser::{per_frame, ClassifierFreeGuidance, Conditioning, Denoiser};
+use crate::noise::Churn;
+use crate::schedule::Schedule;
+use crate::solver::SolverKind;
+use crate::trajectory::Trajectory;
+
+/// Where a pipeline's files come from.
+#[derive(Clone, Debug)]
+pub enum Repository {
+    Local(PathBuf),
+    Hub { repo: String, revision: String, hub: shared::weights::HubOptions },
+}
+
+impl Repository {
+    /// An existing directory is local; anything else must be `org/name[@revision]`.
+    pub fn parse(reference: &str) -> anyhow::Result<Self> {
+        let path = Path::new(reference);
+        if path.is_dir() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (repo, revision) = match reference.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => bail!("--model '{reference}': empty revision after '@'"),
+            None => (reference, "main"),
+        };
+        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        match repo.split_once('/') {
+            Some((org, name)) if valid(org) && valid(name) => {}
+            _ => bail!(
+                "--model '{reference}' is neither a directory nor a Hub repository 'org/name[@revision]' \
+                 (e.g. nvidia/Cosmos-Predict2-2B-Video2World@diffusers)"
+            ),
+        }
+        Ok(Self::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            hub: shared::weights::HubOptions::from_env(),
+        })
+    }
+
+    /// A file of the repository as a local path (downloaded into the cache when allowed).
+    pub fn file(&self, path: &str) -> anyhow::Result<PathBuf> {
+        match self {
+            Self::Local(dir) => {
+                let p = dir.join(path);
+                anyhow::ensure!(p.is_file(), "{} has no {path}", dir.display());
+                Ok(p)
+            }
+            Self::Hub { repo, revision, hub } => {
+                let reference = shared::weights::WeightRef::Hub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    file: path.to_string(),
+                };
+                Ok(shared::weights::resolve_with(&reference, hub)?)
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Local(dir) => dir.display().to_string(),
+            Self::Hub { repo, revision, .. } => format!("{repo}@{revision}"),
+        }
+    }
+}
+
+/// The pipelines this module runs, by diffusers' `_class_name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PipelineKind {
+    /// `Cosmos2VideoToWorldPipeline`.
+    Predict2VideoToWorld,
+}
+
+impl PipelineKind {
+    pub const SUPPORTED: &'static [&'static str] = &["Cosmos2VideoToWorldPipeline"];
+
+    pub fn from_class_name(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "Cosmos2VideoToWorldPipeline" => Ok(Self::Predict2VideoToWorld),
+            other => bail!("pipeline class '{other}' is not supported; supported: {}", Self::SUPPORTED.join(", ")),
+        }
+    }
+}
+
+/// diffusers' `Cosmos2VideoToWorldPipeline` constants (its `__init__`).
+pub const PREDICT2_SIGMA_MAX: f64 = 80.0;
+pub const PREDICT2_SIGMA_MIN: f64 = 0.002;
+pub const PREDICT2_SIGMA_CONDITIONING: f64 = 1e-4;
+
+/// A loaded pipeline: the transformer and the VAE (the text encoder is optional and separate).
+pub struct CosmosPipeline {
+    pub kind: PipelineKind,
+    pub repository: String,
+    pub transformer: CosmosTransformer3DModel,
+    pub vae: AutoencoderKLWan,
+}
+
+/// Reads a JSON file, naming it in every error.
+fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The transformer's weight files: one safetensors file, or the shards its index names.
+fn transformer_weight_files(repo: &Repository) -> anyhow::Result<Vec<PathBuf>> {
+    if let Ok(single) = repo.file("transformer/diffusion_pytorch_model.safetensors") {
+        return Ok(vec![single]);
+    }
+    let index_path = repo
+        .file("transformer/diffusion_pytorch_model.safetensors.index.json")
+        .context("the transformer has neither diffusion_pytorch_model.safetensors nor its sharded index")?;
+    let index = read_json(&index_path)?;
+    let map = index["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index_path.display()))?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    shards.sort();
+    shards.dedup();
+    shards.iter().map(|s| repo.file(&format!("transformer/{s}"))).collect()
+}
+
+impl CosmosPipeline {
+    /// Loads `model_index.json`, the transformer and the VAE, every weight checked against what
+    /// the configs' models ask for (names, shapes, finite values), in `dtype` on `device`.
+    pub fn load(reference: &str, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        Self::load_from(Repository::parse(reference)?, dtype, device)
+    }
+
+    /// [`Self::load`] from a parsed repository (tests point it at a cache of their own).
+    pub fn load_from(repo: Repository, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let index_path = repo.file("model_index.json")?;
+        let index = read_json(&index_path)?;
+        let class =
+            index["_class_name"].as_str().with_context(|| format!("{}: no _class_name", index_path.display()))?;
+        let kind = PipelineKind::from_class_name(class).with_context(|| format!("in {}", index_path.display()))?;
+
+        let transformer_cfg = TransformerConfig::from_json_file(&repo.file("transformer/config.json")?)?;
+        let recorder = shared::weights::ShapeRecorder::new();
+        CosmosTransformer3DModel::new(&transformer_cfg, recorder.var_builder(dtype, device))?;
+        let files = transformer_weight_files(&repo)?;
+        let vb = shared::weights::varbuilder_for_model_files(&files, &recorder.shapes(), dtype, device)
+            .context("loading the transformer")?;
+        let transformer = CosmosTransformer3DModel::new(&transformer_cfg, vb)?;
+
+        let vae_config = repo.file("vae/config.json")?;
+        repo.file("vae/diffusion_pytorch_model.safetensors")?;
+        let vae_dir = vae_config.parent().context("vae/config.json has no folder")?;
+        let vae = AutoencoderKLWan::from_dir(vae_dir, dtype, device)?;
+        anyhow::ensure!(
+            transformer_cfg.in_channels == vae.config().z_dim + 1 && transformer_cfg.out_channels == vae.config().z_dim,
+            "the transformer reads {} channels and writes {}, but the VAE's latents have {} (+1 condition mask)",
+            transformer_cfg.in_channels,
+            transformer_cfg.out_channels,
+            vae.config().z_dim
+        );
+        Ok(Self { kind, repository: repo.describe(), transformer, vae })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vae.dtype()
+    }
+
+    /// The (normalised) conditioning latents of a video (B, 3, F, H, W) in [−1, 1], and how many
+    /// latent frames condition: as diffusers, the last `num_frames` frames (or the video padded
+    /// by repeating its last frame), encoded with the posterior mean, (μ − mean)/std. Only the
+    /// frames the conditioning latent frames depend on are encoded — by the VAE's causality the
+    /// same latents as encoding the whole padded clip.
+    pub fn conditioning_latents(&self, video: &Tensor, num_frames: usize) -> anyhow::Result<(Tensor, usize)> {
+        let frames = video.dim(2)?;
+        anyhow::ensure!(frames > 0, "the conditioning video has no frames");
+        let cfg = self.vae.config();
+        let (video, cond_frames) = if frames >= num_frames {
+            (video.narrow(2, frames - num_frames, num_frames)?, num_frames)
+        } else {
+            (video.clone(), frames)
+        };
+        let k = cfg.latent_frames(cond_frames);
+        // The frames the first k latent frames read: 1 + 4(k − 1), padding by the last frame.
+        let needed = cfg.decoded_frames(k);
+        let have = video.dim(2)?;
+        let video = if have >= needed {
+            video.narrow(2, 0, needed)?
+        } else {
+            let last = video.narrow(2, have - 1, 1)?;
+            let pad = last.repeat((1, 1, needed - have, 1, 1))?;
+            Tensor::cat(&[&video, &pad], 2)?
+        };
+        let posterior = self.vae.encode(&video)?;
+        Ok((self.vae.normalize_latents(posterior.mode())?, k))
+    }
+}
+
+/// diffusers' Predict2 Video2World x0 prediction (see the module docs).
+pub struct Predict2Denoiser<'a> {
+    pub model: &'a CosmosTransformer3DModel,
+    /// Normalised conditioning latents (B, C, T, h, w); frames past the conditioning ones unused.
+    pub conditioning: Tensor,
+    /// (1, 1, T, 1, 1): 1 on conditioning latent frames.
+    pub indicator: Tensor,
+    pub sigma_conditioning: f64,
+    pub fps: Option<f64>,
+}
+
+impl<'a> Predict2Denoiser<'a> {
+    pub fn new(
+        model: &'a CosmosTransformer3DModel,
+        conditioning: Tensor,
+        cond_latent_frames: usize,
+        fps: Option<f64>,
+    ) -> Result<Self> {
+        let t = conditioning.dim(2)?;
+        let values: Vec<f32> = (0..t).map(|i| if i < cond_latent_frames { 1.0 } else { 0.0 }).collect();
+        let indicator =
+            Tensor::from_vec(values, (1, 1, t, 1, 1), conditioning.device())?.to_dtype(conditioning.dtype())?;
+        Ok(Self { model, conditioning, indicator, sigma_conditioning: PREDICT2_SIGMA_CONDITIONING, fps })
+    }
+}
+
+impl Denoiser for Predict2Denoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let (b, _c, t, h, w) = x.dims5()?;
+        let dtype = x.dtype();
+        let context = cond.context.as_ref().ok_or_else(|| candle_core::Error::Msg("no prompt embeddings".into()))?;
+        let m = self.indicator.to_dtype(dtype)?;
+        let keep = (m.ones_like()? - &m)?;
+        let gt = self.conditioning.to_dtype(dtype)?;
+        // t = σ/(σ + 1) per frame; c_in = c_skip = 1 − t, c_out = −t.
+        let t_flow = per_frame(&(sigma / (sigma + 1.0)?)?)?;
+        let c_in = (t_flow.ones_like()? - &t_flow)?;
+        let net_in = (gt.broadcast_mul(&m)? + x.broadcast_mul(&c_in)?.broadcast_mul(&keep)?)?;
+        let t_cond = self.sigma_conditioning / (self.sigma_conditioning + 1.0);
+        let timestep = ((m.broadcast_as((b, 1, t, 1, 1))? * t_cond)? + t_flow.broadcast_mul(&keep)?)?;
+        let mask = m.broadcast_as((b, 1, t, h, w))?.contiguous()?;
+        // diffusers passes zeros at the pixel size; the transformer resizes it (nearest) to the
+        // latent grid, so zeros at that grid are the same input.
+        let padding = Tensor::zeros((1, 1, h, w), dtype, x.device())?;
+        let opts = ForwardOptions { fps: self.fps, context_mask: None };
+        let f = self.model.forward_with(&net_in, &timestep, context, Some(&mask), Some(&padding), &opts)?;
+        let x0 = (x.broadcast_mul(&c_in)? - f.to_dtype(dtype)?.broadcast_mul(&t_flow)?)?;
+        gt.broadcast_mul(&m)? + x0.broadcast_mul(&keep)?
+    }
+
+    fn describe(&self) -> String {
+        format!("Cosmos-Predict2 Video2World x0 prediction (fps {:?})", self.fps)
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// The conditioning video (B, 3, F, H, W) in [−1, 1] (an image is F = 1).
+    pub video: Tensor,
+    pub prompt_embeds: Tensor,
+    /// Required when `guidance > 1`.
+    pub negative_prompt_embeds: Option<Tensor>,
+    pub num_frames: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub fps: Option<f64>,
+    /// Unit-variance initial noise (B, C, T, H/8, W/8): diffusers' `latents` argument.
+    pub latents: Tensor,
+}
+
+/// Everything a trajectory over a pipeline needs, borrowed by [`Trajectory`].
+pub struct Prepared<'a> {
+    pub denoiser: Box<dyn Denoiser + 'a>,
+    pub cond: Conditioning,
+    pub schedule: Schedule,
+    pub solver: Box<dyn crate::solver::Solver>,
+}
+
+impl Prepared<'_> {
+    /// A trajectory over this preparation (no churn: diffusers' Euler is deterministic).
+    pub fn trajectory(&self) -> Trajectory<'_> {
+        let plan = Churn::default().plan(&self.schedule.sigmas, false);
+        Trajectory {
+            denoiser: self.denoiser.as_ref(),
+            solver: self.solver.as_ref(),
+            cond: &self.cond,
+            schedule: self.schedule.clone(),
+            plan,
+        }
+    }
+}
+
+impl CosmosPipeline {
+    /// The latent shape (B, C, T, H/8, W/8) of a request's video size.
+    pub fn latent_shape(&self, batch: usize, num_frames: usize, height: usize, width: usize) -> [usize; 5] {
+        let cfg = self.vae.config();
+        let s = cfg.spatial_factor();
+        [batch, cfg.z_dim, cfg.latent_frames(num_frames), height / s, width / s]
+    }
+
+    /// Builds the denoiser, conditioning and schedule of a request.
+    pub fn prepare(&self, req: &GenerateRequest) -> anyhow::Result<Prepared<'_>> {
+        let (b, c, _f, h, w) = req.video.dims5()?;
+        anyhow::ensure!(c == 3, "the conditioning video has {c} channels, expected 3");
+        anyhow::ensure!(h % 16 == 0 && w % 16 == 0, "height and width must be multiples of 16, got {h}×{w}");
+        anyhow::ensure!(req.num_frames >= 1, "--num-frames must be at least 1");
+        anyhow::ensure!(req.steps >= 2, "--steps must be at least 2 (diffusers' last step has length zero)");
+        let expected = self.latent_shape(b, req.num_frames, h, w);
+        anyhow::ensure!(
+            req.latents.dims() == expected,
+            "the initial latents are {:?}, the request needs {:?}",
+            req.latents.dims(),
+            expected
+        );
+        let dtype = self.dtype();
+        let (conditioning, k) = self.conditioning_latents(&req.video.to_dtype(dtype)?, req.num_frames)?;
+        // The conditioning covers k latent frames; pad to the full length (masked frames unused).
+        let t = expected[2];
+        let conditioning = if conditioning.dim(2)? < t {
+            let pad = Tensor::zeros(
+                (b, expected[1], t - conditioning.dim(2)?, expected[3], expected[4]),
+                dtype,
+                conditioning.device(),
+            )?;
+            Tensor::cat(&[&conditioning, &pad], 2)?
+        } else {
+            conditioning.narrow(2, 0, t)?
+        };
+        let inner = Predict2Denoiser::new(&self.transformer, conditioning, k, req.fps)?;
+        let denoiser: Box<dyn Denoiser> = if req.guidance > 1.0 {
+            let negative = req
+                .negative_prompt_embeds
+                .clone()
+                .context("guidance > 1 needs negative prompt embeddings (negative_prompt_embeds)")?;
+            Box::new(ClassifierFreeGuidance {
+                inner,
+                scale: req.guidance,
+                uncond_context: Some(negative.to_dtype(dtype)?),
+            })
+        } else {
+            Box::new(inner)
+        };
+        let schedule = Schedule::karras_flow_match(req.steps, PREDICT2_SIGMA_MIN, PREDICT2_SIGMA_MAX, 7.0)?;
+        let cond = Conditioning { frames: None, mask: None, context: Some(req.prompt_embeds.to_dtype(dtype)?) };
+        Ok(Prepared { denoiser, cond, schedule, solver: SolverKind::Euler.build() })
+    }
+
+    /// Samples once: the final (normalised) latents and the video (B, 3, F, H, W) in [0, 1].
+    pub fn generate(&self, req: &GenerateRequest) -> anyhow::Result<(Tensor, Tensor)> {
+        let prepared = self.prepare(req)?;
+        let traj = prepared.trajectory();
+        let z0 = req.latents.to_dtype(self.dtype())?;
+        let latents = traj.sample(&z0, &vec![None; traj.num_steps()])?;
+        let video = self.decode_to_unit(&latents)?;
+        Ok((latents, video))
+    }
+
+    /// Normalised latents → video in [0, 1].
+    pub fn decode_to_unit(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        let video = self.vae.decode(&self.vae.denormalize_latents(latents)?)?;
+        Ok(video.affine(0.5, 0.5)?.clamp(0.0, 1.0)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs from files
+
+/// Reads `prompt_embeds` (B, L, D) and the optional `negative_prompt_embeds` from a safetensors
+/// file (what `--prompt-embeds` takes), checked: rank 3, finite, equal shapes.
+pub fn read_prompt_embeds(path: &Path, device: &Device) -> anyhow::Result<(Tensor, Option<Tensor>)> {
+    let tensors = shared::weights::read_safetensors(path, device)?;
+    let get = |k: &str| -> anyhow::Result<Option<Tensor>> {
+        let Some(t) = tensors.get(k) else { return Ok(None) };
+        anyhow::ensure!(t.rank() == 3, "{}: '{k}' is {:?}, expected (batch, tokens, width)", path.display(), t.dims());
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        anyhow::ensure!(values.iter().all(|v| v.is_finite()), "{}: '{k}' holds NaN/Inf values", path.display());
+        Ok(Some(t.clone()))
+    };
+    let prompt = get("prompt_embeds")?.with_context(|| format!("{} has no tensor 'prompt_embeds'", path.display()))?;
+    let negative = get("negative_prompt_embeds")?;
+    if let Some(n) = &negative {
+        anyhow::ensure!(
+            n.dims() == prompt.dims(),
+            "{}: negative_prompt_embeds {:?} and prompt_embeds {:?} differ",
+            path.display(),
+            n.dims(),
+            prompt.dims()
+        );
+    }
+    let unexpected: Vec<&String> =
+        tensors.keys().filter(|k| *k != "prompt_embeds" && *k != "negative_prompt_embeds").collect();
+    anyhow::ensure!(unexpected.is_empty(), "{}: unexpected tensors {unexpected:?}", path.display());
+    Ok((prompt, negative))
+}
+
+/// Reads the unit-variance initial noise (`latents`, what `--latents` takes) and checks its
+/// shape against the request's.
+pub fn read_latents(path: &Path, expected: &[usize], device: &Device) -> anyhow::Result<Tensor> {
+    let tensors = shared::weights::read_safetensors(path, device)?;
+    let t = tensors.get("latents").with_context(|| format!("{} has no tensor 'latents'", path.display()))?;
+    anyhow::ensure!(
+        t.dims() == expected,
+        "{}: 'latents' is {:?}, the requested size needs {:?}",
+        path.display(),
+        t.dims(),
+        expected
+    );
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    anyhow::ensure!(values.iter().all(|v| v.is_finite()), "{}: 'latents' holds NaN/Inf values", path.display());
+    Ok(t.clone())
+}
+
+/// An image file (PNG or GIF's first frame) or a folder of frames (taken in name order) as a
+/// video (1, 3, F, height, width) in [−1, 1]; frames of another size are resized (Lanczos3:
+/// diffusers resizes with PIL's Lanczos, so resized inputs match it only approximately).
+pub fn load_conditioning(path: &Path, height: usize, width: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "gif"))
+            })
+            .collect();
+        files.sort();
+        anyhow::ensure!(!files.is_empty(), "{} has no PNG or GIF frames", path.display());
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut frames = Vec::with_capacity(files.len());
+    for file in &files {
+        let img = image::open(file).with_context(|| format!("reading image {}", file.display()))?.to_rgb8();
+        let img = if img.dimensions() != (width as u32, height as u32) {
+            image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+        } else {
+            img
+        };
+        // (H, W, 3) u8 → (3, H, W) in [−1, 1], as diffusers' VideoProcessor (x/255·2 − 1).
+        let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+        frames.push(Tensor::from_vec(data, (height, width, 3), device)?.permute((2, 0, 1))?);
+    }
+    Ok(Tensor::stack(&frames, 1)?.unsqueeze(0)?.contiguous()?)
+}
