@@ -1,0 +1,181 @@
+//! End-to-end parity of the Cosmos pipelines with diffusers 0.42.1: tiny random pipelines saved
+//! in diffusers' layout inside a fake Hugging Face cache (`tests/fixtures/hf_cache`, made by
+//! `tests/fixtures/make_cosmos_pipeline_fixture.py` with the conditioning latents taken as the
+//! posterior mean), run offline by repository name with injected latents and prompt embeddings,
+//! CFG on, at a non-square size: final latents within 1e-4 relative, video within 2/255 (diffusers'
+//! video passes through uint8 in its safety-check step).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use sampler::cosmos::pipeline::{self, CosmosPipeline, GenerateRequest, Repository};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn offline_hub(repo: &str) -> Repository {
+    let hub = shared::weights::HubOptions { cache_dir: fixtures().join("hf_cache"), offline: true };
+    Repository::Hub { repo: repo.into(), revision: "main".into(), hub }
+}
+
+fn cases() -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(fixtures().join("cosmos_pipeline_cases.json"))?)?)
+}
+
+fn reference(name: &str) -> Result<std::collections::HashMap<String, Tensor>> {
+    let all = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &Device::Cpu)?;
+    Ok(all.into_iter().filter_map(|(k, t)| k.strip_prefix(&format!("{name}.")).map(|k| (k.to_string(), t))).collect())
+}
+
+fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
+
+/// One Predict2 case of the fixture, in `dtype`: (latent relative error, video max |Δ|).
+fn predict2_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
+    let cases = cases()?;
+    let case = cases["cases"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .with_context(|| format!("no case {name}"))?;
+    let dev = Device::Cpu;
+    let pipe = CosmosPipeline::load_from(offline_hub(case["model"].as_str().unwrap_or_default()), dtype, &dev)?;
+    let (h, w) = (case["height"].as_u64().unwrap_or(0) as usize, case["width"].as_u64().unwrap_or(0) as usize);
+    let num_frames = case["num_frames"].as_u64().unwrap_or(0) as usize;
+    let video = pipeline::load_conditioning(&fixtures().join(case["image"].as_str().unwrap_or_default()), h, w, &dev)?;
+    let (prompt, negative) =
+        pipeline::read_prompt_embeds(&fixtures().join(case["prompt_embeds"].as_str().unwrap_or_default()), &dev)?;
+    let shape = pipe.latent_shape(1, num_frames, h, w);
+    let latents = pipeline::read_latents(&fixtures().join(case["latents"].as_str().unwrap_or_default()), &shape, &dev)?;
+    let req = GenerateRequest {
+        video,
+        prompt_embeds: prompt,
+        negative_prompt_embeds: negative,
+        num_frames,
+        steps: case["num_inference_steps"].as_u64().unwrap_or(0) as usize,
+        guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
+        fps: case["fps_passed_to_transformer"].as_f64(),
+        latents,
+    };
+    let (final_latents, video) = pipe.generate(&req)?;
+    let r = reference(name)?;
+    let expected = r.get("final_latents").context("final_latents")?;
+    let latent_err =
+        max_abs(&(final_latents.to_dtype(DType::F64)? - expected.to_dtype(DType::F64)?)?)? / max_abs(expected)?;
+    // diffusers' video: (B, F, H, W, 3) in [0, 1].
+    let expected_video = r.get("video").context("video")?.permute((0, 4, 1, 2, 3))?;
+    let video_err = max_abs(&(video.to_dtype(DType::F64)? - expected_video.to_dtype(DType::F64)?)?)?;
+    println!(
+        "{name} {dtype:?}: final latents rel error {latent_err:.2e}, video max |Δ| {video_err:.2e} (2/255 = {:.2e})",
+        2.0 / 255.0
+    );
+    Ok((latent_err, video_err))
+}
+
+#[test]
+fn predict2_matches_diffusers_with_fps() -> Result<()> {
+    let (latents, video) = predict2_case("predict2_fps16", DType::F32)?;
+    assert!(latents < 1e-4, "final latents off by {latents:.3e}");
+    assert!(video <= 2.0 / 255.0, "video off by {video:.3e}");
+    Ok(())
+}
+
+#[test]
+fn predict2_matches_diffusers_without_fps() -> Result<()> {
+    let (latents, video) = predict2_case("predict2_nofps", DType::F32)?;
+    assert!(latents < 1e-4, "final latents off by {latents:.3e}");
+    assert!(video <= 2.0 / 255.0, "video off by {video:.3e}");
+    Ok(())
+}
+
+/// The two Predict2 references differ (fps reaches the temporal RoPE), so passing fps or not is
+/// something the parity above can see.
+#[test]
+fn fps_changes_diffusers_result_beyond_the_tolerance() -> Result<()> {
+    let (a, b) = (reference("predict2_fps16")?, reference("predict2_nofps")?);
+    let (a, b) = (a.get("final_latents").context("a")?, b.get("final_latents").context("b")?);
+    let rel = max_abs(&(a - b)?)? / max_abs(b)?;
+    println!("fps 16 vs none: final latents differ by {rel:.2e} relative");
+    assert!(rel > 100.0 * 1e-4, "{rel:.3e}");
+    Ok(())
+}
+
+/// The command line as a user runs it: `sampler cosmos --model ORG/NAME` with `HF_HUB_OFFLINE=1`
+/// and the fixture cache as `HF_HUB_CACHE`, the fixture's latents and embeddings: the written
+/// `latents.safetensors` and `video.safetensors` match diffusers; a second run into the same
+/// directory is refused without `--overwrite` and leaves the files as they were.
+#[test]
+fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let dir = out.path().join("run");
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "cosmos",
+            "--model",
+            "worldgrad-test/tiny-cosmos-predict2",
+            "--image",
+            &f("cosmos_condition.png"),
+            "--prompt-embeds",
+            &f("cosmos_prompt_embeds_predict2.safetensors"),
+            "--latents",
+            &f("cosmos_latents_predict2.safetensors"),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-frames",
+            "9",
+            "--steps",
+            "4",
+            "--guidance",
+            "3",
+            "-o",
+            &dir.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: &[String]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+            .args(a)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", fixtures().join("hf_cache"))
+            .env_remove("HF_HOME")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+    };
+    let first = run(&args(&[]))?;
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let read = |file: &str, key: &str| -> Result<Tensor> {
+        shared::weights::read_safetensors(&dir.join(file), &Device::Cpu)?.remove(key).context(key.to_string())
+    };
+    let r = reference("predict2_nofps")?;
+    let expected = r.get("final_latents").context("final_latents")?;
+    let latents = read("latents.safetensors", "latents")?;
+    assert!(max_abs(&(&latents - expected)?)? / max_abs(expected)? < 1e-4);
+    let video = read("video.safetensors", "video")?;
+    assert_eq!(video.dims(), &[1, 3, 9, 32, 48]);
+    let expected_video = r.get("video").context("video")?.permute((0, 4, 1, 2, 3))?;
+    assert!(max_abs(&(&video - expected_video)?)? <= 2.0 / 255.0);
+    for file in ["frames.png", "frames.gif", "report.json"] {
+        assert!(dir.join(file).metadata()?.len() > 0, "{file}");
+    }
+
+    let before = std::fs::read(dir.join("latents.safetensors"))?;
+    let again = run(&args(&["--fps", "16"]))?;
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
+    assert_eq!(std::fs::read(dir.join("latents.safetensors"))?, before, "a refused run changed the outputs");
+
+    let text = run(&args(&["--prompt", "a robot", "--overwrite"]))?;
+    assert_eq!(text.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&text.stderr).contains("--prompt-embeds"));
+    Ok(())
+}
