@@ -23,6 +23,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::conv::{on_cpu as cpu, on_cuda as cuda, on_metal as metal};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor};
 
@@ -252,27 +253,6 @@ impl TiledAttention {
         S::Device: BackendDevice<Storage = S>,
     {
         super::conv::take_precomputed(&self.value, pick, "sdpa_tiled")
-    }
-}
-
-fn cpu(s: &Storage) -> Option<&CpuStorage> {
-    match s {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn cuda(s: &Storage) -> Option<&CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn metal(s: &Storage) -> Option<&MetalStorage> {
-    match s {
-        Storage::Metal(s) => Some(s),
-        _ => None,
     }
 }
 

@@ -549,24 +549,15 @@ impl candle_core::CustomOp1 for FrozenConv {
     }
 
     fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.take_value(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        self.take_value(on_cpu)
     }
 
     fn cuda_fwd(&self, _x: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.take_value(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        self.take_value(on_cuda)
     }
 
     fn metal_fwd(&self, _x: &MetalStorage, _layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.take_value(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
+        self.take_value(on_metal)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -639,4 +630,26 @@ where
     let mut out = unsafe { storage.device().alloc_uninit(layout.shape(), storage.dtype())? };
     storage.copy_strided_src(&mut out, 0, layout)?;
     Ok((out, layout.shape().clone()))
+}
+
+/// The backend storage of a tensor, when it lives on that backend (for [`take_precomputed`]).
+pub(super) fn on_cpu(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub(super) fn on_cuda(s: &Storage) -> Option<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub(super) fn on_metal(s: &Storage) -> Option<&MetalStorage> {
+    match s {
+        Storage::Metal(s) => Some(s),
+        _ => None,
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::conv::{on_cpu as cpu, on_cuda as cuda, on_metal as metal};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
@@ -92,27 +93,6 @@ impl InjectTail {
         let grad = Tensor::cat(&[&grad.narrow(self.dim, 0, total - n)?, &tail], self.dim)?;
         let prefix = (self.prefix_len > 0).then(|| grad.narrow(self.dim, self.front, self.prefix_len)).transpose()?;
         Ok((prefix, grad.narrow(self.dim, self.front + self.prefix_len, x_len)?))
-    }
-}
-
-fn cpu(s: &Storage) -> Option<&CpuStorage> {
-    match s {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn cuda(s: &Storage) -> Option<&CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn metal(s: &Storage) -> Option<&MetalStorage> {
-    match s {
-        Storage::Metal(s) => Some(s),
-        _ => None,
     }
 }
 
