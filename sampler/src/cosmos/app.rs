@@ -118,9 +118,24 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
     })
 }
 
-/// The output directory: created, or refused when it holds anything (unless `overwrite`, which
-/// empties it first) — a new run never mixes with an earlier one's files.
+/// Refuses an output directory that holds anything unless `overwrite` — checked before any work,
+/// so nothing is loaded or written for a run that would be refused.
+fn check_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
+    if dir.exists() {
+        anyhow::ensure!(dir.is_dir(), "-o {}: exists and is not a directory", dir.display());
+        anyhow::ensure!(
+            overwrite || std::fs::read_dir(dir)?.next().is_none(),
+            "-o {}: the directory is not empty; pass --overwrite to replace its contents, or choose another",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The output directory: created, or emptied first when `overwrite` — a new run never mixes with
+/// an earlier one's files. Called once the inputs are loaded and checked.
 fn prepare_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
+    check_out_dir(dir, overwrite)?;
     if dir.exists() {
         anyhow::ensure!(dir.is_dir(), "-o {}: exists and is not a directory", dir.display());
         let non_empty = std::fs::read_dir(dir)?.next().is_some();
@@ -151,6 +166,13 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.height > 0 && args.width > 0 && args.height.is_multiple_of(16) && args.width.is_multiple_of(16),
         "--height and --width must be positive multiples of 16, got {}×{}",
+        args.height,
+        args.width
+    );
+    // Cosmos DiTs cover at most 240 latent rows/columns (1920 px); far beyond is a typo.
+    anyhow::ensure!(
+        args.height <= 8192 && args.width <= 8192,
+        "--height and --width must be at most 8192, got {}×{}",
         args.height,
         args.width
     );
@@ -190,12 +212,13 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     };
     let device = shared::device::parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
-    prepare_out_dir(&args.out, args.overwrite)?;
+    check_out_dir(&args.out, args.overwrite)?;
 
     let started = Instant::now();
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
     let pipe = CosmosPipeline::load(&args.model, dtype, &device)?;
     let seconds_load = started.elapsed().as_secs_f64();
+    pipe.check_size(args.num_frames, args.height, args.width)?;
     let conditioning = args.image.as_ref().or(args.video.as_ref()).context("conditioning")?;
     let video = pipeline::load_conditioning(conditioning, args.height, args.width, &device)?;
     let prompt_path = args.prompt_embeds.as_ref().context("--prompt-embeds")?;
@@ -216,6 +239,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         latents,
     };
     let prepared = pipe.prepare(&req)?;
+    prepare_out_dir(&args.out, args.overwrite)?;
     let traj = prepared.trajectory();
     let z0 = req.latents.to_dtype(dtype)?;
     let mut files = Vec::new();

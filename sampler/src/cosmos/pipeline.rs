@@ -314,6 +314,19 @@ impl CosmosPipeline {
         [batch, cfg.z_dim, cfg.latent_frames(num_frames), height / s, width / s]
     }
 
+    /// Refuses a video size beyond what the transformer's positional tables cover (`max_size`,
+    /// in latent frames/rows/columns), before anything of that size is allocated.
+    pub fn check_size(&self, num_frames: usize, height: usize, width: usize) -> anyhow::Result<()> {
+        let [_, _, t, h, w] = self.latent_shape(1, num_frames, height, width);
+        let [mt, mh, mw] = self.transformer.config().max_size;
+        anyhow::ensure!(
+            t <= mt && h <= mh && w <= mw,
+            "{num_frames} frames of {height}×{width} are {t}×{h}×{w} latents; this transformer covers at most \
+             {mt}×{mh}×{mw} (its max_size): lower --num-frames, --height or --width"
+        );
+        Ok(())
+    }
+
     /// Builds the denoiser, conditioning and schedule of a request.
     pub fn prepare(&self, req: &GenerateRequest) -> anyhow::Result<Prepared<'_>> {
         let (b, c, _f, h, w) = req.video.dims5()?;
