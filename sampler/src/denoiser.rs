@@ -22,6 +22,12 @@ pub struct Conditioning {
     /// Context embeddings (text tokens (B, L, D) for a DiT; a class log-prior (B, K) or (K,)
     /// for [`MixtureDenoiser`]).
     pub context: Option<Tensor>,
+    /// The trajectory's unit-variance initial noise z0, set by [`crate::trajectory::Trajectory`]
+    /// itself on every run (whatever was here is replaced), for denoisers whose output depends
+    /// on z0 directly and not only through x — diffusers' Predict2.5 fixes the conditioning
+    /// frames' velocity to (z0 − conditioning latents) for the whole loop. Gradients flow
+    /// through it in both backward modes.
+    pub initial_noise: Option<Tensor>,
 }
 
 impl Conditioning {
@@ -33,7 +39,7 @@ impl Conditioning {
         }
         let mask: Vec<f64> = (0..b).flat_map(|_| (0..t).map(move |i| if i < k { 1.0 } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (b, 1, t, 1, 1), frames.device())?.to_dtype(frames.dtype())?;
-        Ok(Self { frames: Some(frames.clone()), mask: Some(mask), context: None })
+        Ok(Self { frames: Some(frames.clone()), mask: Some(mask), context: None, initial_noise: None })
     }
 
     /// The same conditioning with another context (the unconditional branch of CFG).

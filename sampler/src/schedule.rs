@@ -1,6 +1,18 @@
 //! Noise-level schedules σ_0 > σ_1 > … > σ_N in EDM coordinates (separate from the solvers,
 //! as in k-diffusion / diffusers).
 
+/// How the first sample is formed from the unit-variance noise z0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// x_0 = σ_0·z0 (EDM, k-diffusion, Cosmos' own samplers, diffusers' Predict2).
+    Sigma,
+    /// x_0 = (1 + σ_0)·z0: diffusers' flow pipelines (Predict2.5) take the raw noise as the
+    /// flow sample at t_0 = σ_0/(1 + σ_0) < 1, x_flow = z0; in EDM coordinates
+    /// x = x_flow/(1 − t_0) = (1 + σ_0)·z0.
+    FlowNoise,
+}
+
 /// A decreasing list of N+1 noise levels. The trajectory starts at `x = σ_0·z0`, takes N solver
 /// steps, and — when `σ_N > 0` and `denoise_last` — ends with one clean pass `D(x_N, σ_N)`
 /// (Cosmos `res_sampler`); otherwise its output is x_N.
@@ -10,11 +22,12 @@ pub struct Schedule {
     /// The clean pass at σ_N > 0 (Cosmos' own sampler). diffusers' Cosmos-Predict2 pipeline
     /// instead ends on a zero-length step at σ_min and returns x_N.
     pub denoise_last: bool,
+    pub start: Start,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("too few steps for this schedule (num_steps = 0, or 1 for a flow-match Karras schedule)")]
+    #[error("too few steps for this schedule (num_steps = 0, or 1 for diffusers' Karras flow schedules)")]
     NoSteps,
     #[error("sigma_max ({max}) must be greater than sigma_min ({min}) and sigma_min must be > 0")]
     BadRange { min: f64, max: f64 },
@@ -39,7 +52,7 @@ impl Schedule {
         }
         let (a, b) = (sigma_max.powf(1.0 / rho), sigma_min.powf(1.0 / rho));
         let sigmas = (0..=num_steps).map(|i| (a + i as f64 / num_steps as f64 * (b - a)).powf(rho)).collect();
-        Ok(Self { sigmas, denoise_last: true })
+        Ok(Self { sigmas, denoise_last: true, start: Start::Sigma })
     }
 
     /// diffusers' `FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)` as
@@ -59,7 +72,26 @@ impl Schedule {
         }
         let mut sigmas = Self::karras(num_steps - 1, sigma_min, sigma_max, rho)?.sigmas;
         sigmas.push(sigma_min);
-        Ok(Self { sigmas, denoise_last: false })
+        Ok(Self { sigmas, denoise_last: false, start: Start::Sigma })
+    }
+
+    /// diffusers' `UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True,
+    /// final_sigmas_type="zero")` as Cosmos-Predict2.5 configures it (σ_max 200, σ_min 0.01):
+    /// `num_steps` Karras levels K from σ_max to σ_min (ρ = 7) — diffusers then takes flow time
+    /// t = K/(1 + K), i.e. exactly these EDM σ — followed by 0. The first sample is the raw noise
+    /// as the flow sample at t_0 ([`Start::FlowNoise`]); the output is x_N (σ_N = 0).
+    pub fn karras_flow_sigmas(
+        num_steps: usize,
+        sigma_min: f64,
+        sigma_max: f64,
+        rho: f64,
+    ) -> Result<Self, ScheduleError> {
+        if num_steps < 2 {
+            return Err(ScheduleError::NoSteps);
+        }
+        let mut sigmas = Self::karras(num_steps - 1, sigma_min, sigma_max, rho)?.sigmas;
+        sigmas.push(0.0);
+        Ok(Self { sigmas, denoise_last: false, start: Start::FlowNoise })
     }
 
     /// Rectified-flow shift schedule of Cosmos Predict2.5: s = linspace(0.999, 0, N+1)[:−1],
@@ -80,7 +112,7 @@ impl Schedule {
             })
             .collect();
         sigmas.push(0.0);
-        Ok(Self { sigmas, denoise_last: true })
+        Ok(Self { sigmas, denoise_last: true, start: Start::Sigma })
     }
 
     pub fn num_steps(&self) -> usize {
@@ -89,6 +121,14 @@ impl Schedule {
 
     pub fn sigma_start(&self) -> f64 {
         self.sigmas[0]
+    }
+
+    /// x_0 = start_scale·z0 (see [`Start`]).
+    pub fn start_scale(&self) -> f64 {
+        match self.start {
+            Start::Sigma => self.sigmas[0],
+            Start::FlowNoise => 1.0 + self.sigmas[0],
+        }
     }
 
     pub fn sigma_end(&self) -> f64 {

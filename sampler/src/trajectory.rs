@@ -13,7 +13,8 @@
 //! [`Trajectory::value_and_grad`]) or functions of z0 (`sde-from-z0`, ξ_i = Q_i z0:
 //! [`Trajectory::value_and_grad_from_z0`]), where ∇z0 is the total derivative
 //! σ_0·∂L/∂x_0 + Σ_i Q_iᵀ ∂L/∂ξ_i. [`Trajectory::value_and_grad_state`] picks the right one
-//! for a [`NoiseState`].
+//! for a [`NoiseState`]. Denoisers may also read z0 itself (`Conditioning::initial_noise`,
+//! Predict2.5's conditioning-frame velocity); that path is part of ∇z0 in both modes.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -100,10 +101,10 @@ impl StepNoises<'_> {
 }
 
 impl Trajectory<'_> {
-    fn ctx(&self) -> StepContext<'_> {
+    fn ctx<'b>(&'b self, cond: &'b Conditioning) -> StepContext<'b> {
         StepContext {
             denoiser: self.denoiser,
-            cond: self.cond,
+            cond,
             sigmas: &self.schedule.sigmas,
             eval_sigmas: &self.plan.eval_sigmas,
         }
@@ -113,14 +114,21 @@ impl Trajectory<'_> {
         self.schedule.num_steps()
     }
 
-    /// x_0 = σ_0·z0.
+    /// x_0 = σ_0·z0, or (1 + σ_0)·z0 for diffusers' flow pipelines (see [`Schedule::start_scale`]).
     pub fn start(&self, z0: &Tensor) -> Result<Tensor> {
-        z0 * self.schedule.sigma_start()
+        z0 * self.schedule.start_scale()
     }
 
-    /// Step i: churn (x += scale_i·ξ_i), then the solver step. A pure function of its inputs.
+    /// The conditioning of a run from `z0`: the trajectory's own, with `initial_noise` = z0.
+    pub fn conditioning_for(&self, z0: &Tensor) -> Conditioning {
+        Conditioning { initial_noise: Some(z0.clone()), ..self.cond.clone() }
+    }
+
+    /// Step i: churn (x += scale_i·ξ_i), then the solver step. A pure function of its inputs
+    /// (`cond` from [`Self::conditioning_for`]).
     pub fn step(
         &self,
+        cond: &Conditioning,
         i: usize,
         x: &Tensor,
         state: &[Tensor],
@@ -131,15 +139,15 @@ impl Trajectory<'_> {
             Some(xi) if scale > 0.0 => (x + (xi * scale)?)?,
             _ => x.clone(),
         };
-        self.solver.step(&self.ctx(), i, &x, state)
+        self.solver.step(&self.ctx(cond), i, &x, state)
     }
 
     /// The final clean pass D(x_N, σ_N) (Cosmos), or x_N itself when σ_N = 0 or the schedule
     /// asks for none (diffusers' Predict2 pipeline).
-    pub fn finish(&self, x_last: &Tensor) -> Result<Tensor> {
+    pub fn finish(&self, cond: &Conditioning, x_last: &Tensor) -> Result<Tensor> {
         let s = self.schedule.sigma_end();
         if s > 0.0 && self.schedule.denoise_last {
-            self.denoiser.denoise(x_last, &uniform_sigma(x_last, s)?, self.cond)
+            self.denoiser.denoise(x_last, &uniform_sigma(x_last, s)?, cond)
         } else {
             Ok(x_last.clone())
         }
@@ -182,6 +190,7 @@ impl Trajectory<'_> {
 
     fn run_with(&self, z0: &Tensor, noises: StepNoises, mut checkpoints: Option<&mut Checkpoints>) -> Result<Tensor> {
         self.check_noises(noises)?;
+        let cond = self.conditioning_for(z0);
         let mut x = self.start(z0)?;
         let mut state: Vec<Tensor> = Vec::new();
         for i in 0..self.num_steps() {
@@ -190,12 +199,12 @@ impl Trajectory<'_> {
                 ck.states.push(state.clone());
             }
             let noise = noises.at(i, z0)?;
-            (x, state) = self.step(i, &x, &state, noise.as_ref())?;
+            (x, state) = self.step(&cond, i, &x, &state, noise.as_ref())?;
         }
         if let Some(ck) = checkpoints {
             ck.xs.push(x.clone());
         }
-        self.finish(&x)
+        self.finish(&cond, &x)
     }
 
     /// The sample for given noises, recording no graph.
@@ -321,12 +330,30 @@ impl Trajectory<'_> {
         let checkpoint_bytes = ck.bytes()
             + given.iter().flatten().flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
 
+        // z0 as the denoiser may read it (`Conditioning::initial_noise`): a leaf of its own in
+        // every recomputed graph; what reaches it is added to ∇z0 (nothing, for denoisers that
+        // read z0 only through x).
+        let z0_leaf = Var::from_tensor(&z0)?;
+        let cond = self.conditioning_for(z0_leaf.as_tensor());
+        let mut grad_z0_via_cond: Option<Tensor> = None;
+        let mut add_via_cond = |grads: &candle_core::backprop::GradStore| -> Result<()> {
+            if let Some(g) = grads.get(z0_leaf.as_tensor()) {
+                grad_z0_via_cond = Some(match grad_z0_via_cond.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.detach(),
+                });
+            }
+            Ok(())
+        };
+
         // The final clean pass, and the objective's value and gradient at its output (its own
         // VJP: the VAE decode recomputes chunk by chunk in there).
         let x_last = Var::from_tensor(&ck.xs.pop().expect("x_N stored"))?;
-        let output = self.finish(x_last.as_tensor())?;
+        let output = self.finish(&cond, x_last.as_tensor())?;
         let (loss, grad_output) = objective.value_and_grad(&output)?;
-        let mut adj_x = adjoint(&(&output * grad_output)?.sum_all()?.backward()?, &x_last)?;
+        let grads = (&output * grad_output)?.sum_all()?.backward()?;
+        add_via_cond(&grads)?;
+        let mut adj_x = adjoint(&grads, &x_last)?;
         let output = output.detach();
         // The final pass reads only x_N, so no adjoint flows into the state after the last step.
         let mut adj_state: Vec<Option<Tensor>> = Vec::new();
@@ -349,7 +376,7 @@ impl Trajectory<'_> {
             let noise_var = noise.as_ref().map(Var::from_tensor).transpose()?;
             let state_in: Vec<Tensor> = state_vars.iter().map(|v| v.as_tensor().clone()).collect();
             let (x_next, state_next) =
-                self.step(i, x_var.as_tensor(), &state_in, noise_var.as_ref().map(|v| v.as_tensor()))?;
+                self.step(&cond, i, x_var.as_tensor(), &state_in, noise_var.as_ref().map(|v| v.as_tensor()))?;
             // ⟨x_{i+1}, λ_x⟩ + Σ_j ⟨state_{i+1,j}, λ_j⟩: its gradient is the VJP of the step.
             let mut surrogate = (x_next * &adj_x)?.sum_all()?;
             for (s, a) in state_next.iter().zip(&adj_state) {
@@ -358,6 +385,7 @@ impl Trajectory<'_> {
                 }
             }
             let grads = surrogate.backward()?;
+            add_via_cond(&grads)?;
             adj_x = adjoint(&grads, &x_var)?;
             adj_state = state_vars.iter().map(|v| grads.get(v.as_tensor()).map(Tensor::detach)).collect();
             if let Some(v) = &noise_var {
@@ -372,8 +400,8 @@ impl Trajectory<'_> {
                 grad_steps[i] = Some(g);
             }
         }
-        let mut grad_z0 = (adj_x * self.schedule.sigma_start())?;
-        if let Some(via) = grad_z0_via_steps {
+        let mut grad_z0 = (adj_x * self.schedule.start_scale())?;
+        for via in [grad_z0_via_steps, grad_z0_via_cond].into_iter().flatten() {
             grad_z0 = (grad_z0 + via)?;
         }
         Ok(ValueAndGrad { loss, output, grad_z0, grad_steps, checkpoint_bytes })

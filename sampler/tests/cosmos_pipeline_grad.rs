@@ -1,35 +1,48 @@
-//! ∇z0 through a whole Cosmos-Predict2 pipeline — every denoising step of the tiny random DiT
+//! ∇z0 through a whole Cosmos pipeline — every denoising step of the tiny random DiT
 //! (classifier-free guidance on, conditioning frame) **and** the Wan VAE decode — in f64: the
 //! recomputing backward (per step, then per decode chunk) against central differences and
-//! against the full-graph backward.
+//! against the full-graph backward. Predict2 (Euler) and Predict2.5 (UniPC; its conditioning
+//! frame's velocity reads z0 directly, a path of its own into ∇z0).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use sampler::cosmos::pipeline::{self, CosmosPipeline, GenerateRequest, Repository};
 use sampler::cosmos::vae::DecodedObjective;
 use sampler::noise::{NoiseState, NoiseTensor};
+use sampler::objective::Objective;
 use sampler::objective::TargetMse;
 use sampler::optimize::verify_gradient;
 use sampler::trajectory::GradMode;
-use shared::gradcheck::GradCheckOptions;
+use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::rng::SplitMix64;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-#[test]
-fn z0_gradient_through_the_pipeline_and_the_decode() -> Result<()> {
-    let dev = Device::Cpu;
+fn load(repo: &str) -> Result<CosmosPipeline> {
     let hub = shared::weights::HubOptions { cache_dir: fixtures().join("hf_cache"), offline: true };
-    let repo = Repository::Hub { repo: "worldgrad-test/tiny-cosmos-predict2".into(), revision: "main".into(), hub };
-    let pipe = CosmosPipeline::load_from(repo, DType::F64, &dev)?;
+    let repo = Repository::Hub { repo: repo.into(), revision: "main".into(), hub };
+    CosmosPipeline::load_from(repo, DType::F64, &Device::Cpu)
+}
+
+#[test]
+fn z0_gradient_through_the_predict2_pipeline_and_the_decode() -> Result<()> {
+    z0_gradient_through(&load("worldgrad-test/tiny-cosmos-predict2")?, "cosmos_prompt_embeds_predict2.safetensors")
+}
+
+#[test]
+fn z0_gradient_through_the_predict25_pipeline_and_the_decode() -> Result<()> {
+    z0_gradient_through(&load("worldgrad-test/tiny-cosmos-predict25")?, "cosmos_prompt_embeds_predict25.safetensors")
+}
+
+fn z0_gradient_through(pipe: &CosmosPipeline, embeds: &str) -> Result<()> {
+    let dev = Device::Cpu;
     let (h, w, frames) = (32, 48, 5);
     let video = pipeline::load_conditioning(&fixtures().join("cosmos_condition.png"), h, w, &dev)?;
-    let (prompt, negative) =
-        pipeline::read_prompt_embeds(&fixtures().join("cosmos_prompt_embeds_predict2.safetensors"), &dev)?;
+    let (prompt, negative) = pipeline::read_prompt_embeds(&fixtures().join(embeds), &dev)?;
     let shape = pipe.latent_shape(1, frames, h, w);
     let latents = SplitMix64::new(1).normal_tensor(&shape[..], DType::F64, &dev)?;
     let req = GenerateRequest {
@@ -41,6 +54,7 @@ fn z0_gradient_through_the_pipeline_and_the_decode() -> Result<()> {
         guidance: 3.0,
         fps: None,
         latents: latents.clone(),
+        condition_latent_frames: None,
     };
     let prepared = pipe.prepare(&req)?;
     let traj = prepared.trajectory();
@@ -68,6 +82,21 @@ fn z0_gradient_through_the_pipeline_and_the_decode() -> Result<()> {
     let report = verify_gradient(&traj, &noise, &objective, GradMode::Recompute, &opts)?;
     println!("{}", report.table());
     report.assert_nondegenerate(1e-10, "pipeline + decode")?;
-    report.assert_close(1e-5, "∇z0 through the Predict2 pipeline and the VAE decode")?;
+    report.assert_close(1e-5, &format!("∇z0 through the {:?} pipeline and the VAE decode", pipe.kind))?;
+
+    // z0 on the conditioning latent frame and on the generated frames as variables of their own
+    // (full graph, equal to the recomputation above): a wrong gradient on the conditioning
+    // frame's part alone — Predict2.5 reads z0 there directly — cannot hide under the rest.
+    let cond_part = Var::from_tensor(&latents.narrow(2, 0, 1)?)?;
+    let rest = Var::from_tensor(&latents.narrow(2, 1, shape[2] - 1)?)?;
+    let parts = [("z0, conditioning frame", cond_part.clone()), ("z0, generated frames", rest.clone())];
+    let value = || -> candle_core::Result<Tensor> {
+        let z0 = Tensor::cat(&[cond_part.as_tensor(), rest.as_tensor()], 2)?;
+        objective.loss(&traj.run(&z0, &steps, None)?)
+    };
+    let split = check_gradients(&parts, value, &opts)?;
+    println!("{}", split.table());
+    split.assert_nondegenerate(1e-10, "pipeline + decode, z0 split by frame")?;
+    split.assert_close(1e-5, &format!("∇z0 by frame through the {:?} pipeline", pipe.kind))?;
     Ok(())
 }

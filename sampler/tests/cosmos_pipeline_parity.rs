@@ -33,8 +33,8 @@ fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
-/// One Predict2 case of the fixture, in `dtype`: (latent relative error, video max |Δ|).
-fn predict2_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
+/// One case of the fixture, in `dtype`: (latent relative error, video max |Δ|).
+fn pipeline_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
     let cases = cases()?;
     let case = cases["cases"]
         .as_array()
@@ -58,6 +58,7 @@ fn predict2_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
         guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
         fps: case["fps_passed_to_transformer"].as_f64(),
         latents,
+        condition_latent_frames: None,
     };
     let (final_latents, video) = pipe.generate(&req)?;
     let r = reference(name)?;
@@ -76,7 +77,7 @@ fn predict2_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
 
 #[test]
 fn predict2_matches_diffusers_with_fps() -> Result<()> {
-    let (latents, video) = predict2_case("predict2_fps16", DType::F32)?;
+    let (latents, video) = pipeline_case("predict2_fps16", DType::F32)?;
     assert!(latents < 1e-4, "final latents off by {latents:.3e}");
     assert!(video <= 2.0 / 255.0, "video off by {video:.3e}");
     Ok(())
@@ -84,9 +85,45 @@ fn predict2_matches_diffusers_with_fps() -> Result<()> {
 
 #[test]
 fn predict2_matches_diffusers_without_fps() -> Result<()> {
-    let (latents, video) = predict2_case("predict2_nofps", DType::F32)?;
+    let (latents, video) = pipeline_case("predict2_nofps", DType::F32)?;
     assert!(latents < 1e-4, "final latents off by {latents:.3e}");
     assert!(video <= 2.0 / 255.0, "video off by {video:.3e}");
+    Ok(())
+}
+
+/// Predict2.5: UniPC (bh2) on diffusers' Karras flow sigmas, the conditioning frames' velocity
+/// fixed from the initial noise, CFG, image conditioning with black frames after it.
+#[test]
+fn predict25_matches_diffusers() -> Result<()> {
+    let (latents, video) = pipeline_case("predict25", DType::F32)?;
+    assert!(latents < 1e-4, "final latents off by {latents:.3e}");
+    assert!(video <= 2.0 / 255.0, "video off by {video:.3e}");
+    Ok(())
+}
+
+/// Each repository's scheduler config, mapped onto our schedules, gives the σ levels diffusers'
+/// scheduler had during the fixture's run (flow time t = σ/(1 + σ); float32 there).
+#[test]
+fn scheduler_configs_give_diffusers_sigmas() -> Result<()> {
+    for (name, flow_time) in [("predict2_nofps", false), ("predict25", true)] {
+        let cases = cases()?;
+        let case = cases["cases"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name)).context("case")?;
+        let pipe = CosmosPipeline::load_from(
+            offline_hub(case["model"].as_str().unwrap_or_default()),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let steps = case["num_inference_steps"].as_u64().unwrap_or(0) as usize;
+        let ours = pipe.scheduler.schedule(steps)?.sigmas;
+        let theirs = reference(name)?.get("sigmas").context("sigmas")?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        assert_eq!(ours.len(), theirs.len(), "{name}: {ours:?} vs {theirs:?}");
+        for (a, b) in ours.iter().zip(&theirs) {
+            // Predict2's scheduler.sigmas are EDM σ; Predict2.5's flow times.
+            let a = if flow_time { a / (1.0 + a) } else { *a };
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{name}: σ {a} vs diffusers {b}");
+        }
+        println!("{name}: {} levels as diffusers' ({:?})", ours.len(), pipe.scheduler);
+    }
     Ok(())
 }
 
@@ -177,5 +214,71 @@ fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
     let text = run(&args(&["--prompt", "a robot", "--overwrite"]))?;
     assert_eq!(text.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&text.stderr).contains("--prompt-embeds"));
+    Ok(())
+}
+
+/// `sampler cosmos` on the Predict2.5 repository (the class in its model_index.json picks the
+/// pipeline, its scheduler config the UniPC sampler): the written latents match diffusers'.
+#[test]
+fn cli_runs_predict25_from_the_hub_cache_offline() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let dir = out.path().join("run");
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+        .args(["cosmos", "--model", "worldgrad-test/tiny-cosmos-predict25", "--image"])
+        .arg(f("cosmos_condition.png"))
+        .arg("--prompt-embeds")
+        .arg(f("cosmos_prompt_embeds_predict25.safetensors"))
+        .arg("--latents")
+        .arg(f("cosmos_latents_predict25.safetensors"))
+        .args(["--height", "32", "--width", "48", "--num-frames", "9", "--steps", "4", "--guidance", "3", "-o"])
+        .arg(&dir)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", fixtures().join("hf_cache"))
+        .env_remove("HF_HOME")
+        .output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let latents = shared::weights::read_safetensors(&dir.join("latents.safetensors"), &Device::Cpu)?
+        .remove("latents")
+        .context("latents")?;
+    let r = reference("predict25")?;
+    let expected = r.get("final_latents").context("final_latents")?;
+    let rel = max_abs(&(&latents - expected)?)? / max_abs(expected)?;
+    assert!(rel < 1e-4, "CLI Predict2.5 latents off by {rel:.3e}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json"))?)?;
+    assert_eq!(report["pipeline"], "Predict25");
+    assert_eq!(report["scheduler"]["class"], "UniPCMultistepScheduler");
+    Ok(())
+}
+
+/// A scheduler setting the port does not implement is refused, naming the file and the field.
+#[test]
+fn unsupported_scheduler_settings_are_refused_by_name() -> Result<()> {
+    use sampler::cosmos::pipeline::{PipelineKind, SchedulerSetup};
+    let snapshot =
+        std::fs::read_dir(fixtures().join("hf_cache/models--worldgrad-test--tiny-cosmos-predict25/snapshots"))?
+            .next()
+            .context("snapshot")??
+            .path();
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snapshot.join("scheduler/scheduler_config.json"))?)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("scheduler_config.json");
+    for (field, value) in [
+        ("solver_order", serde_json::json!(3)),
+        ("prediction_type", serde_json::json!("epsilon")),
+        ("use_flow_sigmas", serde_json::json!(false)),
+        ("final_sigmas_type", serde_json::json!("sigma_min")),
+        ("sigma_min", serde_json::json!(-1.0)),
+    ] {
+        let mut cfg = good.clone();
+        cfg[field] = value;
+        std::fs::write(&path, serde_json::to_string(&cfg)?)?;
+        let err = SchedulerSetup::from_config(PipelineKind::Predict25, &path).expect_err(field).to_string();
+        assert!(err.contains(field) && err.contains("scheduler_config.json"), "{field}: {err}");
+    }
+    std::fs::write(&path, serde_json::to_string(&good)?)?;
+    let err = SchedulerSetup::from_config(PipelineKind::Predict2VideoToWorld, &path).expect_err("class").to_string();
+    assert!(err.contains("UniPCMultistepScheduler") && err.contains("FlowMatchEulerDiscreteScheduler"), "{err}");
     Ok(())
 }

@@ -465,6 +465,7 @@ fn conditioning(frames: &[f64], indicator: &[f64], shape: Shape5) -> Result<Cond
         frames: Some(tensor(frames, shape)?),
         mask: Some(Tensor::from_vec(indicator.to_vec(), (b, 1, t, 1, 1), &Device::Cpu)?),
         context: Some(Tensor::ones((1, 1, 1), DType::F64, &Device::Cpu)?),
+        initial_noise: None,
     })
 }
 

@@ -49,9 +49,10 @@ pub struct CosmosArgs {
     pub width: usize,
     #[arg(long, default_value_t = 93)]
     pub num_frames: usize,
-    /// Denoising steps (diffusers' num_inference_steps).
-    #[arg(long, default_value_t = 35)]
-    pub steps: usize,
+    /// Denoising steps (diffusers' num_inference_steps; default the pipeline's own: 35 for
+    /// Predict2, 36 for Predict2.5).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Classifier-free guidance scale; applied when > 1, as diffusers.
     #[arg(long, default_value_t = 7.0)]
     pub guidance: f64,
@@ -95,6 +96,10 @@ pub struct CosmosArgs {
     /// Objective: MSE of the video (in [0, 1]) to this safetensors' tensor `video` (B, 3, F, H, W).
     #[arg(long)]
     pub target_video: Option<PathBuf>,
+    /// Predict2.5 with --video: latent frames that condition (1 or 2; the last 4(n − 1) + 1
+    /// frames of the video are used). Default 2, as diffusers.
+    #[arg(long)]
+    pub condition_latent_frames: Option<usize>,
 }
 
 /// What the run measured.
@@ -177,7 +182,11 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
         args.width
     );
     anyhow::ensure!((1..=10_000).contains(&args.num_frames), "--num-frames must be in 1..=10000");
-    anyhow::ensure!((2..=10_000).contains(&args.steps), "--steps must be in 2..=10000");
+    anyhow::ensure!(args.steps.is_none_or(|s| (2..=10_000).contains(&s)), "--steps must be in 2..=10000");
+    anyhow::ensure!(
+        args.condition_latent_frames.is_none_or(|n| n == 1 || n == 2),
+        "--condition-latent-frames must be 1 or 2"
+    );
     anyhow::ensure!(args.guidance.is_finite() && args.guidance >= 0.0, "--guidance must be finite and ≥ 0");
     anyhow::ensure!(args.fps.is_none_or(|f| f.is_finite() && f > 0.0), "--fps must be positive");
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive and finite");
@@ -218,6 +227,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
     let pipe = CosmosPipeline::load(&args.model, dtype, &device)?;
     let seconds_load = started.elapsed().as_secs_f64();
+    let steps = args.steps.unwrap_or(pipe.kind.default_steps());
     pipe.check_size(args.num_frames, args.height, args.width)?;
     let conditioning = args.image.as_ref().or(args.video.as_ref()).context("conditioning")?;
     let video = pipeline::load_conditioning(conditioning, args.height, args.width, &device)?;
@@ -233,10 +243,11 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         prompt_embeds: prompt,
         negative_prompt_embeds: negative,
         num_frames: args.num_frames,
-        steps: args.steps,
+        steps,
         guidance: args.guidance,
         fps: args.fps,
         latents,
+        condition_latent_frames: args.condition_latent_frames,
     };
     let prepared = pipe.prepare(&req)?;
     prepare_out_dir(&args.out, args.overwrite)?;
@@ -245,7 +256,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let mut files = Vec::new();
     let started = Instant::now();
     let (final_latents, initial_loss, final_loss, history) = if args.iterations == 0 {
-        log(&format!("sampling: {} steps, guidance {}", args.steps, args.guidance));
+        log(&format!("sampling: {steps} steps, guidance {}", args.guidance));
         (traj.sample(&z0, &vec![None; traj.num_steps()])?, None, None, Vec::new())
     } else {
         let target_path = args.target_video.as_ref().context("--target-video")?;
@@ -281,7 +292,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
             "optimising z0 ({} iterations, {}) through {} steps and the VAE decode",
             args.iterations,
             objective.describe(),
-            args.steps
+            steps
         ));
         let mut history = Vec::new();
         let outcome = optimize(&traj, &noise, &objective, &settings, |r| {
@@ -320,7 +331,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         "dtype": format!("{dtype:?}"),
         "device": shared::device::describe(&device),
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
-        "steps": args.steps, "guidance": args.guidance, "fps": args.fps,
+        "steps": steps, "guidance": args.guidance, "fps": args.fps,
+        "scheduler": pipe.scheduler,
         "seed": args.seed, "latents": args.latents, "prompt_embeds": args.prompt_embeds,
         "iterations": args.iterations, "lr": args.lr, "direction": args.direction,
         "sigmas": prepared.schedule.sigmas,

@@ -1,19 +1,35 @@
 //! Cosmos pipelines from diffusers-layout repositories: a local directory or a Hub reference
-//! `org/name[@revision]` resolved through the Hugging Face cache.
+//! `org/name[@revision]` resolved through the Hugging Face cache. `model_index.json`'s
+//! `_class_name` picks the pipeline, `scheduler/scheduler_config.json` is mapped onto our
+//! schedules and solvers ([`SchedulerSetup`], refusing settings the port does not implement).
+//! Each denoising loop is diffusers' own, expressed with the project's pieces so that z0 can be
+//! optimised through it.
 //!
-//! Supported: `Cosmos2VideoToWorldPipeline` (Cosmos-Predict2 Video2World). The denoising loop is
-//! diffusers' own, expressed with the project's pieces so that z0 can be optimised through it:
+//! `Cosmos2VideoToWorldPipeline` (Cosmos-Predict2 Video2World):
 //! * schedule: `FlowMatchEulerDiscreteScheduler(use_karras_sigmas)` with σ_max 80, σ_min 0.002
 //!   ([`Schedule::karras_flow_match`]: N Karras levels, then a zero-length step; output x_N);
 //! * [`Predict2Denoiser`]: t = σ/(σ+1); the network reads the conditioning latents *clean* on
 //!   conditioning frames and x·(1 − t) elsewhere, with the per-frame timestep t_c =
 //!   σ_c/(σ_c+1) on conditioning frames; x0 = (1 − t)·x − t·F, forced to the conditioning
 //!   latents on conditioning frames;
-//! * classifier-free guidance `cond + g·(cond − uncond)` on x0, only for g > 1 (as diffusers);
 //! * Euler steps x ← x + (σ' − σ)(x − x0)/σ; initial latents = σ_max·z0.
 //!
-//! `fps` reaches the transformer only when asked for: the released checkpoints were trained
-//! without fps modulation of the temporal RoPE (diffusers#14768), while diffusers passes 16.
+//! `Cosmos2_5_PredictBasePipeline` (Cosmos-Predict2.5):
+//! * schedule: `UniPCMultistepScheduler` with Karras flow sigmas (σ 200 → 0.01, then 0:
+//!   [`Schedule::karras_flow_sigmas`]); the first sample is the raw noise as the flow sample at
+//!   t_0 (x = (1 + σ_0)·z0 in EDM coordinates);
+//! * [`Predict25Denoiser`]: the network reads m·c + (1 − m)·x_flow at timestep 1e-4 on
+//!   conditioning frames and t elsewhere; the velocity of conditioning frames is fixed to
+//!   (z0 − c) from the *initial* noise; x0 = x_flow − t·v;
+//! * UniPC bh2, order 2 with the corrector, order 1 on the first and last steps
+//!   ([`crate::solver::UniPc`], in EDM coordinates — the same update divided by α_t);
+//! * image input: one conditioning latent frame; video: its last 4(n − 1) + 1 frames, n = 1, 2.
+//!
+//! Both: classifier-free guidance `cond + g·(cond − uncond)` on x0, only for g > 1 (as
+//! diffusers; on x0 it equals Predict2.5's guidance on the velocity), conditioning latents from
+//! the posterior mean (diffusers samples it in Predict2). `fps` reaches the Predict2 transformer
+//! only when asked for: the released checkpoints were trained without fps modulation of the
+//! temporal RoPE (diffusers#14768), while diffusers passes 16.
 
 use std::path::{Path, PathBuf};
 
@@ -92,25 +108,155 @@ impl Repository {
 /// The pipelines this module runs, by diffusers' `_class_name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PipelineKind {
-    /// `Cosmos2VideoToWorldPipeline`.
+    /// `Cosmos2VideoToWorldPipeline` (Cosmos-Predict2 Video2World).
     Predict2VideoToWorld,
+    /// `Cosmos2_5_PredictBasePipeline` (Cosmos-Predict2.5: image, video or text to world).
+    Predict25,
 }
 
 impl PipelineKind {
-    pub const SUPPORTED: &'static [&'static str] = &["Cosmos2VideoToWorldPipeline"];
+    pub const SUPPORTED: &'static [&'static str] = &["Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"];
 
     pub fn from_class_name(name: &str) -> anyhow::Result<Self> {
         match name {
             "Cosmos2VideoToWorldPipeline" => Ok(Self::Predict2VideoToWorld),
+            "Cosmos2_5_PredictBasePipeline" => Ok(Self::Predict25),
             other => bail!("pipeline class '{other}' is not supported; supported: {}", Self::SUPPORTED.join(", ")),
+        }
+    }
+
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Predict2VideoToWorld => "Cosmos2VideoToWorldPipeline",
+            Self::Predict25 => "Cosmos2_5_PredictBasePipeline",
+        }
+    }
+
+    /// diffusers' default `num_inference_steps` (Predict2.5's 36 levels are the original's 35
+    /// steps plus the step to 0).
+    pub fn default_steps(self) -> usize {
+        match self {
+            Self::Predict2VideoToWorld => 35,
+            Self::Predict25 => 36,
         }
     }
 }
 
-/// diffusers' `Cosmos2VideoToWorldPipeline` constants (its `__init__`).
+/// diffusers' `Cosmos2VideoToWorldPipeline` constants (its `__init__` registers them into the
+/// scheduler's config, over whatever the repository's file says).
 pub const PREDICT2_SIGMA_MAX: f64 = 80.0;
 pub const PREDICT2_SIGMA_MIN: f64 = 0.002;
 pub const PREDICT2_SIGMA_CONDITIONING: f64 = 1e-4;
+/// `Cosmos2_5_PredictBasePipeline.__call__`'s `conditional_frame_timestep` (a flow time).
+pub const PREDICT25_CONDITIONAL_FRAME_TIMESTEP: f64 = 1e-4;
+/// Its default `num_latent_conditional_frames` for a video input (1 or 2).
+pub const PREDICT25_DEFAULT_VIDEO_CONDITION_LATENT_FRAMES: usize = 2;
+
+/// A repository's `scheduler/scheduler_config.json` mapped onto the project's schedules and
+/// solvers. Only the settings the Cosmos pipelines use are accepted; anything else is an error
+/// naming the field, not a silently different sampler.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SchedulerSetup {
+    /// diffusers' `_class_name`.
+    pub class: String,
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+    pub solver: SolverKind,
+}
+
+impl SchedulerSetup {
+    /// Reads and checks a scheduler config for a pipeline kind.
+    pub fn from_config(kind: PipelineKind, path: &Path) -> anyhow::Result<Self> {
+        let cfg = read_json(path)?;
+        let class = cfg["_class_name"].as_str().with_context(|| format!("{}: no _class_name", path.display()))?;
+        let field = |name: &str, default: serde_json::Value| cfg.get(name).cloned().unwrap_or(default);
+        // (field, the value the port implements, diffusers' default when the file omits it)
+        let require = |rules: &[(&str, serde_json::Value, serde_json::Value)]| -> anyhow::Result<()> {
+            for (name, expected, default) in rules {
+                let value = field(name, default.clone());
+                anyhow::ensure!(
+                    &value == expected,
+                    "{}: {name} = {value}, but the {} port implements only {name} = {expected} (diffusers' \
+                     Cosmos setting)",
+                    path.display(),
+                    kind.class_name()
+                );
+            }
+            Ok(())
+        };
+        use serde_json::json;
+        match kind {
+            PipelineKind::Predict2VideoToWorld => {
+                anyhow::ensure!(
+                    class == "FlowMatchEulerDiscreteScheduler",
+                    "{}: scheduler '{class}'; {} runs FlowMatchEulerDiscreteScheduler",
+                    path.display(),
+                    kind.class_name()
+                );
+                require(&[
+                    ("use_karras_sigmas", json!(true), json!(false)),
+                    ("use_exponential_sigmas", json!(false), json!(false)),
+                    ("use_beta_sigmas", json!(false), json!(false)),
+                    ("use_dynamic_shifting", json!(false), json!(false)),
+                    ("stochastic_sampling", json!(false), json!(false)),
+                    ("invert_sigmas", json!(false), json!(false)),
+                ])?;
+                // The pipeline's constructor registers its own σ range and final σ.
+                Ok(Self {
+                    class: class.to_string(),
+                    sigma_min: PREDICT2_SIGMA_MIN,
+                    sigma_max: PREDICT2_SIGMA_MAX,
+                    solver: SolverKind::Euler,
+                })
+            }
+            PipelineKind::Predict25 => {
+                anyhow::ensure!(
+                    class == "UniPCMultistepScheduler",
+                    "{}: scheduler '{class}'; {} runs UniPCMultistepScheduler",
+                    path.display(),
+                    kind.class_name()
+                );
+                require(&[
+                    ("use_karras_sigmas", json!(true), json!(false)),
+                    ("use_flow_sigmas", json!(true), json!(false)),
+                    ("use_exponential_sigmas", json!(false), json!(false)),
+                    ("use_beta_sigmas", json!(false), json!(false)),
+                    ("use_dynamic_shifting", json!(false), json!(false)),
+                    ("prediction_type", json!("flow_prediction"), json!("epsilon")),
+                    ("predict_x0", json!(true), json!(true)),
+                    ("solver_type", json!("bh2"), json!("bh2")),
+                    ("solver_order", json!(2), json!(2)),
+                    ("lower_order_final", json!(true), json!(true)),
+                    ("final_sigmas_type", json!("zero"), json!("zero")),
+                    ("disable_corrector", json!([]), json!([])),
+                    ("thresholding", json!(false), json!(false)),
+                ])?;
+                let sigma = |name: &str| -> anyhow::Result<f64> {
+                    cfg[name]
+                        .as_f64()
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .with_context(|| format!("{}: {name} must be a positive number", path.display()))
+                };
+                let (sigma_min, sigma_max) = (sigma("sigma_min")?, sigma("sigma_max")?);
+                anyhow::ensure!(
+                    sigma_max > sigma_min,
+                    "{}: sigma_max ({sigma_max}) must exceed sigma_min ({sigma_min})",
+                    path.display()
+                );
+                Ok(Self { class: class.to_string(), sigma_min, sigma_max, solver: SolverKind::Unipc })
+            }
+        }
+    }
+
+    /// The σ levels for `steps` inference steps, as diffusers' `set_timesteps` makes them.
+    pub fn schedule(&self, steps: usize) -> anyhow::Result<Schedule> {
+        let schedule = match self.solver {
+            SolverKind::Unipc => Schedule::karras_flow_sigmas(steps, self.sigma_min, self.sigma_max, 7.0),
+            _ => Schedule::karras_flow_match(steps, self.sigma_min, self.sigma_max, 7.0),
+        };
+        schedule.map_err(|e| anyhow::anyhow!("--steps {steps}: {e}"))
+    }
+}
 
 /// A loaded pipeline: the transformer and the VAE (the text encoder is optional and separate).
 pub struct CosmosPipeline {
@@ -118,6 +264,7 @@ pub struct CosmosPipeline {
     pub repository: String,
     pub transformer: CosmosTransformer3DModel,
     pub vae: AutoencoderKLWan,
+    pub scheduler: SchedulerSetup,
 }
 
 /// Reads a JSON file, naming it in every error.
@@ -156,6 +303,7 @@ impl CosmosPipeline {
         let class =
             index["_class_name"].as_str().with_context(|| format!("{}: no _class_name", index_path.display()))?;
         let kind = PipelineKind::from_class_name(class).with_context(|| format!("in {}", index_path.display()))?;
+        let scheduler = SchedulerSetup::from_config(kind, &repo.file("scheduler/scheduler_config.json")?)?;
 
         let transformer_cfg = TransformerConfig::from_json_file(&repo.file("transformer/config.json")?)?;
         let recorder = shared::weights::ShapeRecorder::new();
@@ -176,7 +324,7 @@ impl CosmosPipeline {
             transformer_cfg.out_channels,
             vae.config().z_dim
         );
-        Ok(Self { kind, repository: repo.describe(), transformer, vae })
+        Ok(Self { kind, repository: repo.describe(), transformer, vae, scheduler })
     }
 
     pub fn dtype(&self) -> DType {
@@ -231,10 +379,7 @@ impl<'a> Predict2Denoiser<'a> {
         cond_latent_frames: usize,
         fps: Option<f64>,
     ) -> Result<Self> {
-        let t = conditioning.dim(2)?;
-        let values: Vec<f32> = (0..t).map(|i| if i < cond_latent_frames { 1.0 } else { 0.0 }).collect();
-        let indicator =
-            Tensor::from_vec(values, (1, 1, t, 1, 1), conditioning.device())?.to_dtype(conditioning.dtype())?;
+        let indicator = frame_indicator(conditioning.dim(2)?, cond_latent_frames, &conditioning)?;
         Ok(Self { model, conditioning, indicator, sigma_conditioning: PREDICT2_SIGMA_CONDITIONING, fps })
     }
 }
@@ -268,6 +413,66 @@ impl Denoiser for Predict2Denoiser<'_> {
     }
 }
 
+/// diffusers' Predict2.5 velocity, turned into the x0 prediction our solvers read (see the
+/// module docs). With t = σ/(σ + 1) per frame and m the conditioning-frame indicator:
+/// the network reads m·c + (1 − m)·x_flow (x_flow = (1 − t)·x) at timestep m·t_c + (1 − m)·t;
+/// its velocity is replaced on conditioning frames by (z0 − c) — z0 being the trajectory's
+/// *initial* noise ([`Conditioning::initial_noise`]), fixed for the whole loop — and
+/// x0 = x_flow − t·v. On conditioning frames x0 is therefore not c itself: it carries
+/// (1 − t_0)·(z0 − c) from the first step on (diffusers leaves it so; the final latents' first
+/// frame differs from c by that much), and it depends on z0 directly, which the gradient follows.
+pub struct Predict25Denoiser<'a> {
+    pub model: &'a CosmosTransformer3DModel,
+    /// Normalised conditioning latents (B, C, T, h, w); frames past the conditioning ones unused.
+    pub conditioning: Tensor,
+    /// (1, 1, T, 1, 1): 1 on conditioning latent frames.
+    pub indicator: Tensor,
+    /// The conditioning frames' timestep, a flow time (diffusers' `conditional_frame_timestep`).
+    pub conditional_frame_timestep: f64,
+}
+
+impl<'a> Predict25Denoiser<'a> {
+    pub fn new(model: &'a CosmosTransformer3DModel, conditioning: Tensor, cond_latent_frames: usize) -> Result<Self> {
+        let indicator = frame_indicator(conditioning.dim(2)?, cond_latent_frames, &conditioning)?;
+        Ok(Self { model, conditioning, indicator, conditional_frame_timestep: PREDICT25_CONDITIONAL_FRAME_TIMESTEP })
+    }
+}
+
+/// (1, 1, T, 1, 1) with 1 on the first `k` latent frames, in `like`'s dtype and device.
+fn frame_indicator(t: usize, k: usize, like: &Tensor) -> Result<Tensor> {
+    let values: Vec<f32> = (0..t).map(|i| if i < k { 1.0 } else { 0.0 }).collect();
+    Tensor::from_vec(values, (1, 1, t, 1, 1), like.device())?.to_dtype(like.dtype())
+}
+
+impl Denoiser for Predict25Denoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let (b, _c, t, h, w) = x.dims5()?;
+        let dtype = x.dtype();
+        let context = cond.context.as_ref().ok_or_else(|| candle_core::Error::Msg("no prompt embeddings".into()))?;
+        let z0 = cond.initial_noise.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("the Predict2.5 denoiser needs the trajectory's initial noise".into())
+        })?;
+        let m = self.indicator.to_dtype(dtype)?;
+        let keep = (m.ones_like()? - &m)?;
+        let gt = self.conditioning.to_dtype(dtype)?;
+        let t_flow = per_frame(&(sigma / (sigma + 1.0)?)?)?;
+        let x_flow = x.broadcast_mul(&(t_flow.ones_like()? - &t_flow)?)?;
+        let net_in = (gt.broadcast_mul(&m)? + x_flow.broadcast_mul(&keep)?)?;
+        let timestep =
+            ((m.broadcast_as((b, 1, t, 1, 1))? * self.conditional_frame_timestep)? + t_flow.broadcast_mul(&keep)?)?;
+        let mask = m.broadcast_as((b, 1, t, h, w))?.contiguous()?;
+        let padding = Tensor::zeros((1, 1, h, w), dtype, x.device())?;
+        let opts = ForwardOptions { fps: None, context_mask: None };
+        let f = self.model.forward_with(&net_in, &timestep, context, Some(&mask), Some(&padding), &opts)?;
+        let velocity = ((z0.to_dtype(dtype)? - &gt)?.broadcast_mul(&m)? + f.to_dtype(dtype)?.broadcast_mul(&keep)?)?;
+        x_flow - velocity.broadcast_mul(&t_flow)?
+    }
+
+    fn describe(&self) -> String {
+        "Cosmos-Predict2.5 velocity (conditioning frames' velocity fixed to z0 − c) as x0 prediction".into()
+    }
+}
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -282,6 +487,10 @@ pub struct GenerateRequest {
     pub fps: Option<f64>,
     /// Unit-variance initial noise (B, C, T, H/8, W/8): diffusers' `latents` argument.
     pub latents: Tensor,
+    /// Predict2.5 with a video (more than one frame): how many latent frames condition (1 or 2;
+    /// diffusers' `num_latent_conditional_frames`, default 2) — the last 4(n − 1) + 1 frames
+    /// are used. Ignored for an image and by Predict2 (which conditions on the whole clip).
+    pub condition_latent_frames: Option<usize>,
 }
 
 /// Everything a trajectory over a pipeline needs, borrowed by [`Trajectory`].
@@ -333,7 +542,7 @@ impl CosmosPipeline {
         anyhow::ensure!(c == 3, "the conditioning video has {c} channels, expected 3");
         anyhow::ensure!(h % 16 == 0 && w % 16 == 0, "height and width must be multiples of 16, got {h}×{w}");
         anyhow::ensure!(req.num_frames >= 1, "--num-frames must be at least 1");
-        anyhow::ensure!(req.steps >= 2, "--steps must be at least 2 (diffusers' last step has length zero)");
+        anyhow::ensure!(req.steps >= 2, "--steps must be at least 2 (diffusers' Karras schedules need two levels)");
         let expected = self.latent_shape(b, req.num_frames, h, w);
         anyhow::ensure!(
             req.latents.dims() == expected,
@@ -342,7 +551,33 @@ impl CosmosPipeline {
             expected
         );
         let dtype = self.dtype();
-        let (conditioning, k) = self.conditioning_latents(&req.video.to_dtype(dtype)?, req.num_frames)?;
+        let video = req.video.to_dtype(dtype)?;
+        let (conditioning, k) = match self.kind {
+            // diffusers: the last `num_frames` frames of the clip (or the clip padded by its last
+            // frame); (n − 1)/4 + 1 latent frames condition.
+            PipelineKind::Predict2VideoToWorld => self.conditioning_latents(&video, req.num_frames)?,
+            // diffusers: an image conditions one latent frame (the black frames after it do not
+            // reach it: the VAE is causal); a video its last 4(n − 1) + 1 frames, n latent frames.
+            PipelineKind::Predict25 => {
+                let frames = video.dim(2)?;
+                let n = if frames == 1 {
+                    1
+                } else {
+                    let n = req.condition_latent_frames.unwrap_or(PREDICT25_DEFAULT_VIDEO_CONDITION_LATENT_FRAMES);
+                    anyhow::ensure!(
+                        n == 1 || n == 2,
+                        "Predict2.5 conditions on 1 or 2 latent frames of a video, {n} asked for"
+                    );
+                    n
+                };
+                let needed = 4 * (n - 1) + 1;
+                anyhow::ensure!(
+                    frames >= needed,
+                    "the conditioning video has {frames} frames; {n} conditioning latent frames need at least {needed}"
+                );
+                self.conditioning_latents(&video, needed)?
+            }
+        };
         // The conditioning covers k latent frames; pad to the full length (masked frames unused).
         let t = expected[2];
         let conditioning = if conditioning.dim(2)? < t {
@@ -355,8 +590,20 @@ impl CosmosPipeline {
         } else {
             conditioning.narrow(2, 0, t)?
         };
-        let inner = Predict2Denoiser::new(&self.transformer, conditioning, k, req.fps)?;
-        let denoiser: Box<dyn Denoiser> = if req.guidance > 1.0 {
+        anyhow::ensure!(
+            req.fps.is_none() || self.kind == PipelineKind::Predict2VideoToWorld,
+            "--fps: {} passes no fps to its transformer",
+            self.kind.class_name()
+        );
+        let inner: Box<dyn Denoiser + '_> = match self.kind {
+            PipelineKind::Predict2VideoToWorld => {
+                Box::new(Predict2Denoiser::new(&self.transformer, conditioning, k, req.fps)?)
+            }
+            PipelineKind::Predict25 => Box::new(Predict25Denoiser::new(&self.transformer, conditioning, k)?),
+        };
+        // CFG is applied to x0 = x_flow − t·v, affine in the prediction (v for Predict2.5), so
+        // cond + g·(cond − uncond) on x0 is the same as diffusers' on v (the x_flow terms cancel).
+        let denoiser: Box<dyn Denoiser + '_> = if req.guidance > 1.0 {
             let negative = req
                 .negative_prompt_embeds
                 .clone()
@@ -367,11 +614,16 @@ impl CosmosPipeline {
                 uncond_context: Some(negative.to_dtype(dtype)?),
             })
         } else {
-            Box::new(inner)
+            inner
         };
-        let schedule = Schedule::karras_flow_match(req.steps, PREDICT2_SIGMA_MIN, PREDICT2_SIGMA_MAX, 7.0)?;
-        let cond = Conditioning { frames: None, mask: None, context: Some(req.prompt_embeds.to_dtype(dtype)?) };
-        Ok(Prepared { denoiser, cond, schedule, solver: SolverKind::Euler.build() })
+        let schedule = self.scheduler.schedule(req.steps)?;
+        let cond = Conditioning {
+            frames: None,
+            mask: None,
+            context: Some(req.prompt_embeds.to_dtype(dtype)?),
+            initial_noise: None,
+        };
+        Ok(Prepared { denoiser, cond, schedule, solver: self.scheduler.solver.build() })
     }
 
     /// Samples once: the final (normalised) latents and the video (B, 3, F, H, W) in [0, 1].
