@@ -282,3 +282,57 @@ fn unsupported_scheduler_settings_are_refused_by_name() -> Result<()> {
     assert!(err.contains("UniPCMultistepScheduler") && err.contains("FlowMatchEulerDiscreteScheduler"), "{err}");
     Ok(())
 }
+
+/// Video conditioning (tests/fixtures/make_cosmos_video_fixture.py: a 6-frame folder of PNGs):
+/// Predict2.5 with 2 and 1 conditioning latent frames (the last 5 or 1 frames), Predict2 with the
+/// whole clip padded by its last frame (2 latent frames): final latents within 1e-4 relative,
+/// video within 2/255 of diffusers'.
+#[test]
+fn video_conditioning_matches_diffusers() -> Result<()> {
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cosmos_pipeline_video_cases.json"))?)?;
+    let all =
+        shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_video_cases.safetensors"), &Device::Cpu)?;
+    let dev = Device::Cpu;
+    let cases = cases["cases"].as_array().context("cases")?;
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let name = case["name"].as_str().context("name")?;
+        let get = |key: &str| all.get(&format!("{name}.{key}")).cloned().with_context(|| format!("{name}.{key}"));
+        let pipe =
+            CosmosPipeline::load_from(offline_hub(case["model"].as_str().unwrap_or_default()), DType::F32, &dev)?;
+        let (h, w) = (case["height"].as_u64().unwrap_or(0) as usize, case["width"].as_u64().unwrap_or(0) as usize);
+        let num_frames = case["num_frames"].as_u64().unwrap_or(0) as usize;
+        let video =
+            pipeline::load_conditioning(&fixtures().join(case["video_dir"].as_str().unwrap_or_default()), h, w, &dev)?;
+        assert_eq!(video.dim(2)?, 6);
+        let (prompt, negative) =
+            pipeline::read_prompt_embeds(&fixtures().join(case["prompt_embeds"].as_str().unwrap_or_default()), &dev)?;
+        let shape = pipe.latent_shape(1, num_frames, h, w);
+        let latents =
+            pipeline::read_latents(&fixtures().join(case["latents"].as_str().unwrap_or_default()), &shape, &dev)?;
+        let req = GenerateRequest {
+            video,
+            prompt_embeds: prompt,
+            negative_prompt_embeds: negative,
+            num_frames,
+            steps: case["num_inference_steps"].as_u64().unwrap_or(0) as usize,
+            guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
+            fps: None,
+            latents,
+            condition_latent_frames: case["condition_latent_frames"].as_u64().map(|n| n as usize),
+        };
+        let (final_latents, video) = pipe.generate(&req)?;
+        let expected = get("final_latents")?;
+        let rel = max_abs(&(&final_latents - &expected)?)? / max_abs(&expected)?;
+        let expected_video = (get("video_u8")?.to_dtype(DType::F32)? / 255.0)?.permute((0, 4, 1, 2, 3))?;
+        let video_err = max_abs(&(&video - &expected_video)?)?;
+        let cond_frames = get("condition_mask")?.narrow(3, 0, 1)?.narrow(4, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
+        println!(
+            "{name}: {cond_frames} conditioning latent frames; final latents rel {rel:.2e}, video {video_err:.2e}"
+        );
+        assert!(rel < 1e-4, "{name}: final latents off by {rel:.3e}");
+        assert!(video_err <= 2.0 / 255.0, "{name}: video off by {video_err:.3e}");
+    }
+    Ok(())
+}
