@@ -215,19 +215,72 @@ pub struct LoadReport {
 
 /// Reads every tensor of a safetensors file, naming the file in every error.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
+    Ok(read_checked(path, device, None)?.0)
+}
+
+/// (tensor name, NaN/Inf values) of each tensor that has any.
+type NonFiniteCounts = Vec<(String, usize)>;
+
+/// Reads a safetensors file through a memory map (a multi-GB checkpoint is never copied whole
+/// into memory), counting each float tensor's NaN/Inf values on the file's own bytes (no
+/// device round trip) and loading it onto `device`, converted to `dtype` when given (integer
+/// tensors keep theirs). Returns the tensors and the non-finite count of each tensor that has any.
+fn read_checked(
+    path: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+) -> Result<(HashMap<String, Tensor>, NonFiniteCounts), WeightsError> {
     if !path.is_file() {
         return Err(WeightsError::NotFound(path.into()));
     }
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
+    // SAFETY: the map is read-only and lives only while this function reads it; a file changed
+    // underneath by another process could give wrong values (as with any reader), which the
+    // checks below would then see.
+    let bytes =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightsError::Io { path: path.into(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| WeightsError::Corrupt { path: path.into(), detail: e.to_string() })?;
     let mut out = HashMap::new();
+    let mut non_finite = Vec::new();
     for (name, view) in st.tensors() {
+        let mut bad = non_finite_in_bytes(view.dtype(), view.data());
         let t = candle_core::safetensors::Load::load(&view, device)
             .map_err(|e| WeightsError::Corrupt { path: path.into(), detail: format!("tensor '{name}': {e}") })?;
+        let t = match dtype {
+            Some(d) if t.dtype().is_float() && t.dtype() != d => t.to_dtype(d)?,
+            _ => t,
+        };
+        // f16's range ends at 65504: a finite wider value becomes Inf in the conversion.
+        if bad == 0 && t.dtype() == DType::F16 && view.dtype() != safetensors::Dtype::F16 {
+            bad = non_finite_count(&t)?;
+        }
+        if bad > 0 {
+            non_finite.push((name.clone(), bad));
+        }
         out.insert(name, t);
     }
-    Ok(out)
+    non_finite.sort();
+    Ok((out, non_finite))
+}
+
+/// NaN/Inf values in little-endian float data (0 for other dtypes): an all-ones exponent.
+fn non_finite_in_bytes(dtype: safetensors::Dtype, data: &[u8]) -> usize {
+    use safetensors::Dtype;
+    let count_u16 =
+        |mask: u16| data.chunks_exact(2).filter(|c| u16::from_le_bytes([c[0], c[1]]) & mask == mask).count();
+    match dtype {
+        Dtype::F32 => {
+            data.chunks_exact(4).filter(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()).count()
+        }
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .filter(|c| !f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite())
+            .count(),
+        Dtype::BF16 => count_u16(0x7F80),
+        Dtype::F16 => count_u16(0x7C00),
+        _ => 0,
+    }
 }
 
 fn non_finite_count(t: &Tensor) -> Result<usize, candle_core::Error> {
@@ -310,12 +363,9 @@ pub fn load_into_varmap(varmap: &VarMap, path: &Path, opts: &LoadOptions) -> Res
 /// checking the file is readable and finite. Missing keys and wrong shapes are reported by name
 /// when the model asks for them.
 pub fn varbuilder_from_file(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, WeightsError> {
-    let tensors = read_safetensors(path, device)?;
-    for (k, t) in &tensors {
-        let bad = non_finite_count(t)?;
-        if bad > 0 {
-            return Err(WeightsError::NonFinite { path: path.into(), key: k.clone(), count: bad });
-        }
+    let (tensors, non_finite) = read_checked(path, device, Some(dtype))?;
+    if let Some((key, count)) = non_finite.into_iter().next() {
+        return Err(WeightsError::NonFinite { path: path.into(), key, count });
     }
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
@@ -346,8 +396,13 @@ pub fn varbuilder_for_model_files(
     };
     let mut tensors = HashMap::new();
     let mut problems = Vec::new();
+    let mut non_finite: HashMap<String, usize> = HashMap::new();
     for shard in paths {
-        for (key, t) in read_safetensors(shard, device)? {
+        // Memory-mapped and converted to `dtype` tensor by tensor: the host never holds a whole
+        // shard, nor a tensor in two dtypes for longer than its conversion.
+        let (shard_tensors, bad) = read_checked(shard, device, Some(dtype))?;
+        non_finite.extend(bad);
+        for (key, t) in shard_tensors {
             if tensors.insert(key.clone(), t).is_some() {
                 problems.push(format!("'{key}' appears twice (again in {})", shard.display()));
             }
@@ -359,9 +414,8 @@ pub fn varbuilder_for_model_files(
             Some(t) if t.dims() != shape.as_slice() => {
                 problems.push(format!("'{key}': shape {:?} in the file, the model expects {shape:?}", t.dims()))
             }
-            Some(t) => {
-                let bad = non_finite_count(t)?;
-                if bad > 0 {
+            Some(_) => {
+                if let Some(bad) = non_finite.get(key) {
                     problems.push(format!("'{key}': {bad} NaN/Inf values"));
                 }
             }

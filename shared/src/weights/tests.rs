@@ -206,3 +206,34 @@ fn shape_recorder_lists_what_a_model_asks_for_without_allocating() {
     let err = vb.pp("layer").get(17, "bias").unwrap_err().to_string();
     assert!(err.contains("layer.bias"), "{err}");
 }
+
+/// The memory-mapped reader counts NaN/Inf on the file's bytes in every float dtype (the
+/// exponent test for bf16/f16 is ours, so each dtype is written by candle and counted back;
+/// largest finite values, signed zeros and subnormals are not counted), and a value that only
+/// overflows in the conversion to f16 is caught after it.
+#[test]
+fn non_finite_values_are_counted_in_every_float_dtype_of_a_mapped_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let values = [0.0f64, -0.0, 1e-40, f64::NAN, 1.0, f64::INFINITY, -3.0e38, f64::NEG_INFINITY];
+    let base = Tensor::new(&values, &Device::Cpu).unwrap();
+    let mut t = HashMap::new();
+    for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+        t.insert(format!("{dtype:?}"), base.to_dtype(dtype).unwrap());
+    }
+    t.insert("ints".to_string(), Tensor::new(&[u32::MAX, 0x7F80_0000u32], &Device::Cpu).unwrap());
+    let wide = Tensor::new(&[1.0f32, 70000.0], &Device::Cpu).unwrap();
+    t.insert("wide".to_string(), wide);
+    save_tensors_atomic(&t, &path).unwrap();
+
+    let (read, bad) = read_checked(&path, &Device::Cpu, None).unwrap();
+    assert_eq!(read.len(), 6);
+    let bad: HashMap<String, usize> = bad.into_iter().collect();
+    // f16 turns −3e38 into −Inf as well.
+    let expected = HashMap::from([("F64".into(), 3), ("F32".into(), 3), ("BF16".into(), 3), ("F16".into(), 4)]);
+    assert_eq!(bad, expected);
+    let (as_f16, bad) = read_checked(&path, &Device::Cpu, Some(DType::F16)).unwrap();
+    assert_eq!(as_f16["wide"].dtype(), DType::F16);
+    assert_eq!(as_f16["ints"].dtype(), DType::U32);
+    assert!(bad.contains(&("wide".to_string(), 1)), "{bad:?}");
+}
