@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde_json::{json, Map, Value};
 
 /// Optimise z0 (and optionally every step noise) of a differentiable denoising trajectory.
@@ -205,9 +205,15 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(Command::Cosmos(args)) = &cli.command {
-        sampler::cosmos::app::run(args, |line| println!("{line}"))?;
+        // Which flags the command line gave: they win over a params file's values.
+        let mut args = args.clone();
+        if let Some(("cosmos", m)) = matches.subcommand() {
+            sampler::cosmos::app::record_command_line(&mut args, m);
+        }
+        sampler::cosmos::app::run(&args, |line| println!("{line}"))?;
         return Ok(());
     }
     if cli.input.is_none() && !cli.demo && try_stress(&cli)? {

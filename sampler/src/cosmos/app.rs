@@ -5,7 +5,8 @@
 //! output directory (refused when it is not empty, unless `--overwrite`): `video.safetensors`
 //! (tensor `video`, (B, 3, F, H, W), f32 in [0, 1]), `latents.safetensors` (tensor `latents`, the
 //! final normalised latents before decoding), `frames.png` (every frame), `video.gif`,
-//! `report.json` (settings, timings, per-iteration loss and gradient statistics); with
+//! `report.json` (settings, timings, per-iteration loss and gradient statistics), `video.mp4`
+//! (H.264; if encoding fails the run still succeeds and the report says why); with
 //! `--iterations` > 0 also `before.png` / `before.gif` and the comparison `before_after.png`.
 
 use std::path::{Path, PathBuf};
@@ -14,12 +15,14 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::params_file;
 use super::pipeline::{self, CosmosPipeline, GenerateRequest};
 use super::vae::DecodedObjective;
-use crate::noise::{NoiseState, NoiseTensor};
+use crate::noise::{Churn, ChurnPlan, NoiseMode, NoiseState, NoiseTensor};
 use crate::objective::{Objective, TargetMse};
-use crate::optimize::{optimize, Direction, OptimizeSettings};
-use crate::trajectory::GradMode;
+use crate::optimize::{gradcheck_eps, optimize, verify_gradient, Direction, OptimizeSettings};
+use crate::schedule::Schedule;
+use crate::trajectory::{GradMode, Trajectory};
 
 /// The `cosmos` subcommand's arguments (diffusers' defaults where it has them).
 #[derive(clap::Args, Debug, Clone)]
@@ -28,10 +31,12 @@ pub struct CosmosArgs {
     /// Hugging Face cache (downloaded when missing and allowed; `HF_HUB_OFFLINE=1` forbids it).
     #[arg(long)]
     pub model: String,
-    /// Conditioning image (PNG or GIF).
+    /// Conditioning image (PNG, JPEG, or a GIF's first frame).
     #[arg(long, conflicts_with = "video")]
     pub image: Option<PathBuf>,
-    /// Conditioning video: a directory of PNG frames, taken in name order.
+    /// Conditioning video: a folder of frames (PNG/JPEG/GIF, name order, all one size), an
+    /// animated GIF (every frame) or an H.264 MP4 (other codecs: convert to a frame folder with
+    /// `ffmpeg -i clip.mp4 frames/%05d.png`). Frames are resized to --height × --width.
     #[arg(long)]
     pub video: Option<PathBuf>,
     /// Text prompt (needs the T5 text encoder: not available yet; use --prompt-embeds).
@@ -100,6 +105,45 @@ pub struct CosmosArgs {
     /// frames of the video are used). Default 2, as diffusers.
     #[arg(long)]
     pub condition_latent_frames: Option<usize>,
+    /// Params file: Cosmos-Predict2.5's inference JSON (`prompt`/`prompt_path`,
+    /// `negative_prompt`, `inference_type` + `input_path`, `num_output_frames`, `num_steps`,
+    /// `guidance`, `seed`, `resolution` "H,W", `name`) and the source system's `learn_noise`,
+    /// `noise_steps`, `noise_lr`, `learnable_step_noise`. Flags given on the command line win
+    /// over the file's values. Unknown fields are an error.
+    #[arg(short = 'i', long = "input")]
+    pub params: Option<PathBuf>,
+    /// Keep only the last N frames of --video (default: all; the pipeline conditions on at most
+    /// --num-frames of them).
+    #[arg(long)]
+    pub video_frames: Option<usize>,
+    /// ode (diffusers' deterministic sampler) | sde (churn with step noises drawn from --seed,
+    /// fixed) | sde-learnable (step noises optimised with z0) | sde-from-z0 (step noises ξ_i =
+    /// Q_i z0, z0 the only learned tensor). The sde modes add EDM/Cosmos churn before every step
+    /// (η = min(S_churn/(N+1), √1.2 − 1)); any of them departs from diffusers' sampler.
+    #[arg(long, default_value = "ode")]
+    pub noise_mode: String,
+    /// Churn S_churn of the sde modes (default: η at its cap √1.2 − 1 on every step).
+    #[arg(long)]
+    pub s_churn: Option<f64>,
+    /// Check the first iteration's gradient against central finite differences (3 random
+    /// directions per learned tensor and all together) before optimising; needs --iterations > 0
+    /// and --dtype f32 or f64 (f64 for a tight check).
+    #[arg(long)]
+    pub verify_grad: bool,
+    /// Objective: an exported LAPO policy's action error on the generated frames (the policy
+    /// stress test's objective; frames 3× as wide as high: three camera views side by side).
+    /// Needs --policy-reference.
+    #[arg(long, conflicts_with = "target_video")]
+    pub policy: Option<PathBuf>,
+    /// Safetensors with `states` (1, F, S) — the joint states the policy reads with each frame —
+    /// and `actions` (1, F, A) — the reference actions its outputs are compared with (frame 0
+    /// unused).
+    #[arg(long)]
+    pub policy_reference: Option<PathBuf>,
+    /// Arguments the command line gave (clap ids), filled by the binary: these win over a params
+    /// file's values.
+    #[arg(skip)]
+    pub command_line: Vec<String>,
 }
 
 /// What the run measured.
@@ -119,7 +163,9 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
         Some("f32") => DType::F32,
         Some("bf16") => DType::BF16,
         Some("f16") => DType::F16,
-        Some(other) => bail!("--dtype: unknown value '{other}'; allowed: f32, bf16, f16"),
+        // For tight gradient checks (--verify-grad) on CPU.
+        Some("f64") => DType::F64,
+        Some(other) => bail!("--dtype: unknown value '{other}'; allowed: f32, bf16, f16, f64"),
     })
 }
 
@@ -194,7 +240,10 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.chi_reg.is_finite() && args.chi_reg >= 0.0, "--chi-reg must be ≥ 0");
     anyhow::ensure!(args.iterations <= 100_000, "--iterations must be at most 100000");
     if args.iterations > 0 {
-        anyhow::ensure!(args.target_video.is_some(), "--iterations > 0 needs an objective: --target-video FILE");
+        anyhow::ensure!(
+            args.target_video.is_some() || args.policy.is_some(),
+            "--iterations > 0 needs an objective: --target-video FILE or --policy FILE"
+        );
     }
     let inputs = [
         ("--image", &args.image),
@@ -202,6 +251,8 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
         ("--prompt-embeds", &args.prompt_embeds),
         ("--latents", &args.latents),
         ("--target-video", &args.target_video),
+        ("--policy", &args.policy),
+        ("--policy-reference", &args.policy_reference),
     ];
     for (flag, path) in inputs {
         if let Some(p) = path {
@@ -213,7 +264,19 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
 
 /// Runs `sampler cosmos`: samples (and optimises) and writes the outputs into `args.out`.
 pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
+    let (args, params_applied) = with_params_file(args)?;
+    let args = &args;
+    if let Some(a) = &params_applied {
+        log(&format!(
+            "params file {}: set {}; command line wins for {}; ignored {}",
+            a.path.display(),
+            list_or_none(&a.set),
+            list_or_none(&a.command_line_wins),
+            list_or_none(&a.ignored)
+        ));
+    }
     validate(args)?;
+    let noise_mode = validate_noise_and_objective(args)?;
     let direction = match args.direction.as_str() {
         "ascent" => Direction::Ascent,
         "descent" => Direction::Descent,
@@ -221,7 +284,14 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     };
     let device = shared::device::parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    anyhow::ensure!(
+        !args.verify_grad || matches!(dtype, DType::F32 | DType::F64),
+        "--verify-grad: finite differences in {dtype:?} measure rounding, not the gradient; use --dtype f32 or f64"
+    );
     check_out_dir(&args.out, args.overwrite)?;
+    // Every input file is read and checked before the model is loaded.
+    let video = load_conditioning_input(args, &device)?;
+    let objective_input = load_objective_input(args, &device)?;
 
     let started = Instant::now();
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
@@ -229,8 +299,6 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let seconds_load = started.elapsed().as_secs_f64();
     let steps = args.steps.unwrap_or(pipe.kind.default_steps());
     pipe.check_size(args.num_frames, args.height, args.width)?;
-    let conditioning = args.image.as_ref().or(args.video.as_ref()).context("conditioning")?;
-    let video = pipeline::load_conditioning(conditioning, args.height, args.width, &device)?;
     let prompt_path = args.prompt_embeds.as_ref().context("--prompt-embeds")?;
     let (prompt, negative) = pipeline::read_prompt_embeds(prompt_path, &device)?;
     let shape = pipe.latent_shape(1, args.num_frames, args.height, args.width);
@@ -251,35 +319,44 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     };
     let prepared = pipe.prepare(&req)?;
     prepare_out_dir(&args.out, args.overwrite)?;
-    let traj = prepared.trajectory();
+    let plan = churn_plan(args, noise_mode, &prepared.schedule);
+    let injected = plan.noise_scales.iter().filter(|s| **s > 0.0).count();
+    let traj = Trajectory {
+        denoiser: prepared.denoiser.as_ref(),
+        solver: prepared.solver.as_ref(),
+        cond: &prepared.cond,
+        schedule: prepared.schedule.clone(),
+        plan,
+    };
+    if noise_mode.injects() {
+        log(&format!(
+            "noise mode {}: churn on {injected}/{} steps (σ̂ = {:.4}·σ), not diffusers' deterministic sampler",
+            noise_mode.name(),
+            traj.num_steps(),
+            traj.plan.eval_sigmas[0] / traj.schedule.sigmas[0]
+        ));
+    }
     let z0 = req.latents.to_dtype(dtype)?;
+    let objective = build_objective(objective_input, &pipe, dtype)?;
     let mut files = Vec::new();
+    let mut gradient_check = None;
     let started = Instant::now();
     let (final_latents, initial_loss, final_loss, history) = if args.iterations == 0 {
         log(&format!("sampling: {steps} steps, guidance {}", args.guidance));
-        (traj.sample(&z0, &vec![None; traj.num_steps()])?, None, None, Vec::new())
+        let noise = noise_state(args.seed, &z0, &traj.plan, noise_mode, false)?;
+        let latents = traj.sample_state(&noise)?;
+        // An objective given without optimisation is measured on the sample.
+        let loss = match &objective {
+            Some(o) => Some(shared::gradcheck::scalar_f64(&o.loss(&latents)?)?),
+            None => None,
+        };
+        if let (Some(o), Some(l)) = (&objective, loss) {
+            log(&format!("objective ({}): {l:.6} (measured on the sample)", o.describe()));
+        }
+        (latents, loss, loss, Vec::new())
     } else {
-        let target_path = args.target_video.as_ref().context("--target-video")?;
-        let target = shared::weights::read_safetensors(target_path, &device)?
-            .remove("video")
-            .with_context(|| format!("{} has no tensor 'video'", target_path.display()))?;
-        let expected = [1, 3, args.num_frames, args.height, args.width];
-        anyhow::ensure!(
-            target.dims() == expected,
-            "{}: 'video' is {:?}, the run makes {:?}",
-            target_path.display(),
-            target.dims(),
-            expected
-        );
-        let objective = DecodedObjective {
-            vae: &pipe.vae,
-            inner: TargetMse { target: target.to_dtype(dtype)?, label: target_path.display().to_string() },
-        };
-        let noise = NoiseState {
-            z0: NoiseTensor::Learnable(Var::from_tensor(&z0)?),
-            steps: vec![None; traj.num_steps()],
-            from_z0: None,
-        };
+        let objective = objective.as_ref().context("--iterations > 0 needs an objective")?;
+        let noise = noise_state(args.seed, &z0, &traj.plan, noise_mode, true)?;
         let settings = OptimizeSettings {
             iterations: args.iterations,
             optimizer: shared::params::OptimizerConfig::adam(args.lr),
@@ -288,14 +365,25 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
             chi_reg: args.chi_reg,
             grad_mode: GradMode::Recompute,
         };
+        if args.verify_grad {
+            let check = check_first_gradient(&traj, &noise, objective.as_ref(), dtype, args.seed)?;
+            log(&format!(
+                "verify-grad: central differences (eps {:.0e}) along {} directions: max relative error {:.3e}",
+                check.eps,
+                check.per_var.iter().map(|v| v.checks.len()).sum::<usize>() + check.joint.len(),
+                check.max_rel_error()
+            ));
+            gradient_check = Some(check);
+        }
         log(&format!(
-            "optimising z0 ({} iterations, {}) through {} steps and the VAE decode",
+            "optimising {} ({} iterations, {}) through {} steps and the VAE decode",
+            noise.learnable().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
             args.iterations,
             objective.describe(),
             steps
         ));
         let mut history = Vec::new();
-        let outcome = optimize(&traj, &noise, &objective, &settings, |r| {
+        let outcome = optimize(&traj, &noise, objective.as_ref(), &settings, |r| {
             log(&format!("iteration {}: loss {:.6}, |∇z0| {:.3e}", r.iteration, r.loss, r.grad_z0.norm));
             history.push(serde_json::to_value(r).unwrap_or_default());
         })?;
@@ -324,6 +412,17 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     for f in crate::report::write_frames(&args.out, "frames", &shown)? {
         files.push(f);
     }
+    let mp4_fps = args.fps.unwrap_or(DEFAULT_MP4_FPS);
+    let mp4 = match write_mp4(&args.out, &shown, mp4_fps) {
+        Ok(name) => {
+            files.push(name);
+            serde_json::json!({"file": "video.mp4", "fps": mp4_fps})
+        }
+        Err(e) => {
+            log(&format!("video.mp4 not written: {e:#}"));
+            serde_json::json!({"error": format!("{e:#}")})
+        }
+    };
     let summary = CosmosSummary { seconds_load, seconds_sample, initial_loss, final_loss, files };
     let report = serde_json::json!({
         "model": pipe.repository,
@@ -336,10 +435,211 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         "seed": args.seed, "latents": args.latents, "prompt_embeds": args.prompt_embeds,
         "iterations": args.iterations, "lr": args.lr, "direction": args.direction,
         "sigmas": prepared.schedule.sigmas,
+        "noise_mode": noise_mode.name(), "churn_plan": traj.plan,
+        "objective": objective.as_ref().map(|o| o.describe()),
+        "conditioning": args.image.as_ref().or(args.video.as_ref()), "video_frames": args.video_frames,
+        "params_file": params_applied,
+        "gradient_check": gradient_check,
+        "video_mp4": mp4,
         "history": history,
         "summary": &summary,
     });
     shared::io::write_json_atomic(&args.out.join("report.json"), &report)?;
     log(&format!("wrote {} ({} s load, {:.2} s sampling)", args.out.display(), seconds_load.round(), seconds_sample));
     Ok(summary)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Params file, noise modes, objectives, gradient check, MP4 output
+
+/// Frame rate written into `video.mp4` when `--fps` is not given: 16, the rate diffusers'
+/// Cosmos pipelines export at.
+pub const DEFAULT_MP4_FPS: f64 = 16.0;
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "nothing".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Records which arguments the command line gave (`matches`: the `cosmos` subcommand's), so a
+/// params file does not override them. The binary calls this after parsing.
+pub fn record_command_line(args: &mut CosmosArgs, matches: &clap::ArgMatches) {
+    args.command_line = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect();
+}
+
+/// `args` with its params file (`-i`) applied: file values for the arguments the command line
+/// did not give.
+pub fn with_params_file(args: &CosmosArgs) -> anyhow::Result<(CosmosArgs, Option<params_file::Applied>)> {
+    let Some(path) = &args.params else { return Ok((args.clone(), None)) };
+    let params = params_file::read(path)?;
+    let mut merged = args.clone();
+    let given = |id: &str| args.command_line.iter().any(|c| c == id);
+    let applied = params_file::apply(path, &params, &mut merged, &given);
+    Ok((merged, Some(applied)))
+}
+
+/// The noise mode, and every check of the noise, gradient-check, objective and video flags that
+/// needs no file read (files are checked by their readers, also before any work).
+fn validate_noise_and_objective(args: &CosmosArgs) -> anyhow::Result<NoiseMode> {
+    let mode: NoiseMode = serde_json::from_value(serde_json::Value::from(args.noise_mode.as_str())).map_err(|_| {
+        anyhow::anyhow!("--noise-mode: unknown value '{}'; allowed: {}", args.noise_mode, NoiseMode::ALLOWED.join(", "))
+    })?;
+    if let Some(c) = args.s_churn {
+        anyhow::ensure!(c.is_finite() && c >= 0.0, "--s-churn must be finite and ≥ 0, got {c}");
+        anyhow::ensure!(
+            mode.injects(),
+            "--s-churn applies to the sde noise modes; --noise-mode ode injects no noise (pass --noise-mode sde, sde-learnable or sde-from-z0)"
+        );
+        anyhow::ensure!(
+            c > 0.0,
+            "--s-churn 0: --noise-mode {} would inject nothing (churn is its only injection); use --noise-mode ode",
+            mode.name()
+        );
+    }
+    anyhow::ensure!(
+        !(mode == NoiseMode::SdeLearnable && args.iterations == 0),
+        "--noise-mode sde-learnable learns the step noises, but --iterations 0 optimises nothing: use --noise-mode sde to sample with fixed step noises"
+    );
+    anyhow::ensure!(
+        !args.verify_grad || args.iterations > 0,
+        "--verify-grad checks the gradient of the first iteration: it needs --iterations > 0 and an objective"
+    );
+    if let Some(n) = args.video_frames {
+        anyhow::ensure!(n >= 1, "--video-frames must be at least 1");
+        anyhow::ensure!(args.video.is_some(), "--video-frames applies to --video");
+    }
+    anyhow::ensure!(
+        !(args.target_video.is_some() && args.policy.is_some()),
+        "give one objective: --target-video or --policy"
+    );
+    match (&args.policy, &args.policy_reference) {
+        (Some(_), None) => bail!(
+            "--policy needs --policy-reference FILE: safetensors with `states` (1, {f}, S) and `actions` (1, {f}, A), \
+             the joint states the policy reads and the actions its outputs are compared with",
+            f = args.num_frames
+        ),
+        (None, Some(_)) => bail!("--policy-reference is the reference of --policy; give --policy FILE too"),
+        (Some(_), Some(_)) => super::policy::check_video_size(args.num_frames, args.height, args.width)?,
+        (None, None) => {}
+    }
+    Ok(mode)
+}
+
+/// The churn plan of a noise mode on the pipeline's schedule: none for `ode`; in the sde modes
+/// S_churn (default: η at Cosmos' cap on every step). With diffusers' flow-match Karras
+/// schedule the last step goes from σ_min to σ_min: churned, it becomes a short denoising step
+/// from (1 + η)σ_min.
+fn churn_plan(args: &CosmosArgs, mode: NoiseMode, schedule: &Schedule) -> ChurnPlan {
+    let n = schedule.num_steps() as f64;
+    let s_churn = args.s_churn.unwrap_or((n + 1.0) * crate::noise::COSMOS_ETA_CAP);
+    Churn { s_churn, ..Churn::default() }.plan(&schedule.sigmas, mode.injects())
+}
+
+/// z0 (the run's initial latents) and the step noises of `mode` (drawn from `seed` as the
+/// analytic sampler draws them), z0 learnable when `learn`.
+fn noise_state(seed: u64, z0: &Tensor, plan: &ChurnPlan, mode: NoiseMode, learn: bool) -> anyhow::Result<NoiseState> {
+    let mut state = NoiseState::draw(seed, z0.dims(), plan, mode, learn, z0.dtype(), z0.device())?;
+    state.z0 = if learn { NoiseTensor::Learnable(Var::from_tensor(z0)?) } else { NoiseTensor::Fixed(z0.clone()) };
+    Ok(state)
+}
+
+/// The conditioning video (1, 3, F, H, W) in [−1, 1] from --image or --video.
+fn load_conditioning_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Tensor> {
+    match (&args.image, &args.video) {
+        (Some(image), _) => super::inputs::load_image(image, args.height, args.width, device),
+        (None, Some(video)) => super::inputs::load_video(video, args.video_frames, args.height, args.width, device),
+        (None, None) => bail!("give a conditioning --image or --video"),
+    }
+}
+
+/// An objective's inputs, read and checked before the model loads.
+enum ObjectiveInput {
+    Target { video: Tensor, label: String },
+    Policy { policy: Box<rl::policy::ExportedPolicy>, states: Tensor, actions: Tensor, height: usize, device: Device },
+}
+
+fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Option<ObjectiveInput>> {
+    if let Some(path) = &args.target_video {
+        let video = shared::weights::read_safetensors(path, device)
+            .with_context(|| format!("--target-video {}", path.display()))?
+            .remove("video")
+            .with_context(|| format!("--target-video {}: no tensor 'video'", path.display()))?;
+        let expected = [1, 3, args.num_frames, args.height, args.width];
+        anyhow::ensure!(
+            video.dims() == expected,
+            "--target-video {}: 'video' is {:?}, the run makes {:?}",
+            path.display(),
+            video.dims(),
+            expected
+        );
+        return Ok(Some(ObjectiveInput::Target { video, label: path.display().to_string() }));
+    }
+    let (Some(policy_path), Some(reference)) = (&args.policy, &args.policy_reference) else { return Ok(None) };
+    let policy = rl::policy::ExportedPolicy::load(policy_path, device)
+        .with_context(|| format!("--policy {}: not an exported LAPO policy", policy_path.display()))?;
+    anyhow::ensure!(
+        policy.header.encoder.uses_images(),
+        "--policy {}: a state-only policy (encoder 'none'): generated frames cannot change its actions",
+        policy_path.display()
+    );
+    let (s, a) = (policy.header.state_dim, policy.header.action_dim);
+    let (states, actions) = super::inputs::read_policy_reference(reference, args.num_frames, s, a, device)?;
+    Ok(Some(ObjectiveInput::Policy {
+        policy: Box::new(policy),
+        states,
+        actions,
+        height: args.height,
+        device: device.clone(),
+    }))
+}
+
+/// The objective on the final latents: the inner objective on the decoded video in [0, 1].
+fn build_objective<'a>(
+    input: Option<ObjectiveInput>,
+    pipe: &'a CosmosPipeline,
+    dtype: DType,
+) -> anyhow::Result<Option<Box<dyn Objective + 'a>>> {
+    let inner: Box<dyn Objective> = match input {
+        None => return Ok(None),
+        Some(ObjectiveInput::Target { video, label }) => Box::new(TargetMse { target: video.to_dtype(dtype)?, label }),
+        Some(ObjectiveInput::Policy { policy, states, actions, height, device }) => {
+            Box::new(super::policy::PolicyOnVideo::new(*policy, &states, &actions, height, &device)?)
+        }
+    };
+    Ok(Some(Box::new(DecodedObjective { vae: &pipe.vae, inner })))
+}
+
+/// `--verify-grad`: the gradient the optimiser's first iteration uses (the recomputing backward
+/// through every step and the VAE decode) against central finite differences along random
+/// directions of each learned tensor and of all together.
+fn check_first_gradient(
+    traj: &Trajectory,
+    noise: &NoiseState,
+    objective: &dyn Objective,
+    dtype: DType,
+    seed: u64,
+) -> anyhow::Result<shared::gradcheck::GradCheckReport> {
+    let opts = shared::gradcheck::GradCheckOptions {
+        eps: gradcheck_eps(dtype),
+        directions: 3,
+        seed: seed ^ 0xC4EC,
+        floor: 1e-12,
+    };
+    Ok(verify_gradient(traj, noise, objective, GradMode::Recompute, &opts)?)
+}
+
+/// `video.mp4`: the frames (sample 0 of a (B, 3, F, H, W) tensor in [−1, 1]) as H.264 at `fps`.
+fn write_mp4(dir: &Path, video: &Tensor, fps: f64) -> anyhow::Result<String> {
+    let frames = crate::report::frames_to_images(video, 0, 1)?;
+    let bytes = super::h264::encode_mp4(&frames, fps)?;
+    let name = "video.mp4".to_string();
+    shared::io::write_atomic(&dir.join(&name), &bytes)?;
+    Ok(name)
 }
