@@ -4,9 +4,11 @@
 //!
 //! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
 //! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
+//! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
 //! * [`pipeline`]: diffusers pipeline repositories (local or from the Hub) and their denoising loops.
 
 pub mod app;
 pub mod pipeline;
+pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
