@@ -4,6 +4,7 @@
 //!
 //! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
 //! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
+//! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
 //! * [`pipeline`]: diffusers pipeline repositories (local or from the Hub) and their denoising loops.
 //! * [`inputs`], [`h264`], [`params_file`], [`policy`]: the `sampler cosmos` command line's
 //!   input files, MP4 video, Cosmos-Predict2.5 inference JSON and policy objective.
@@ -14,5 +15,6 @@ pub mod inputs;
 pub mod params_file;
 pub mod pipeline;
 pub mod policy;
+pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
