@@ -211,9 +211,54 @@ fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
     assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
     assert_eq!(std::fs::read(dir.join("latents.safetensors"))?, before, "a refused run changed the outputs");
 
-    let text = run(&args(&["--prompt", "a robot", "--overwrite"]))?;
-    assert_eq!(text.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&text.stderr).contains("--prompt-embeds"));
+    // --prompt and --prompt-embeds together are refused before anything runs.
+    let both = run(&args(&["--prompt", "a robot", "--overwrite"]))?;
+    assert_eq!(both.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&both.stderr).contains("not both"));
+    Ok(())
+}
+
+/// `--prompt TEXT` through the repository's T5 encoder (Rust) gives what diffusers' own prompt
+/// embeddings give: the same run with `--prompt-embeds` holding diffusers'
+/// `_get_t5_prompt_embeds` of that prompt and of the default negative prompt (fixture
+/// `t5.prompt{0,1}`) writes the same latents, to the T5 parity's rounding.
+#[test]
+fn cli_prompt_through_t5_matches_diffusers_prompt_embeddings() -> Result<()> {
+    let cases = cases()?;
+    let prompt = cases["t5_prompts"][0].as_str().context("t5 prompt")?.to_string();
+    let t5 = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &Device::Cpu)?;
+    let tmp = tempfile::tempdir()?;
+    let embeds = tmp.path().join("diffusers_t5.safetensors");
+    let map = std::collections::HashMap::from([
+        ("prompt_embeds".to_string(), t5.get("t5.prompt0.prompt_embeds").context("t5 prompt0")?.clone()),
+        ("negative_prompt_embeds".to_string(), t5.get("t5.prompt1.prompt_embeds").context("t5 prompt1")?.clone()),
+    ]);
+    shared::weights::save_tensors_atomic(&map, &embeds)?;
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let run = |text: &[&str], out: &str| -> Result<Tensor> {
+        let dir = tmp.path().join(out);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+            .args(["cosmos", "--model", "worldgrad-test/tiny-cosmos-predict2", "--image"])
+            .arg(f("cosmos_condition.png"))
+            .args(text)
+            .arg("--latents")
+            .arg(f("cosmos_latents_predict2.safetensors"))
+            .args(["--height", "32", "--width", "48", "--num-frames", "9", "--steps", "4", "--guidance", "3", "-o"])
+            .arg(&dir)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", fixtures().join("hf_cache"))
+            .env_remove("HF_HOME")
+            .output()?;
+        anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        shared::weights::read_safetensors(&dir.join("latents.safetensors"), &Device::Cpu)?
+            .remove("latents")
+            .context("latents")
+    };
+    let from_text = run(&["--prompt", &prompt], "text")?;
+    let from_embeds = run(&["--prompt-embeds", &embeds.display().to_string()], "embeds")?;
+    let rel = max_abs(&(&from_text - &from_embeds)?)? / max_abs(&from_embeds)?;
+    println!("--prompt vs diffusers' T5 embeddings: final latents differ by {rel:.2e} relative");
+    assert!(rel < 1e-4, "{rel:.3e}");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::params_file;
-use super::pipeline::{self, CosmosPipeline, GenerateRequest};
+use super::pipeline::{self, CosmosPipeline, GenerateRequest, PipelineKind};
 use super::vae::DecodedObjective;
 use crate::noise::{Churn, ChurnPlan, NoiseMode, NoiseState, NoiseTensor};
 use crate::objective::{Objective, TargetMse};
@@ -39,10 +39,12 @@ pub struct CosmosArgs {
     /// `ffmpeg -i clip.mp4 frames/%05d.png`). Frames are resized to --height × --width.
     #[arg(long)]
     pub video: Option<PathBuf>,
-    /// Text prompt (needs the T5 text encoder: not available yet; use --prompt-embeds).
+    /// Text prompt, encoded by the repository's T5 encoder (Predict2; its tokenizer/ needs a
+    /// tokenizer.json: scripts/cosmos_tokenizer_json.py makes one). Predict2.5's Qwen2.5-VL
+    /// encoder is not ported: use --prompt-embeds from scripts/cosmos_prompt_embeds.py.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Negative prompt (needs the T5 text encoder, like --prompt).
+    /// Negative prompt with --prompt (default: diffusers' Cosmos-Predict2 negative prompt).
     #[arg(long)]
     pub negative_prompt: Option<String>,
     /// Safetensors with `prompt_embeds` (B, L, D) and optional `negative_prompt_embeds`.
@@ -205,14 +207,17 @@ fn prepare_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
 
 /// Every argument checked before anything is loaded or written.
 fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
-    if args.prompt.is_some() || args.negative_prompt.is_some() {
-        bail!(
-            "--prompt / --negative-prompt need the T5 text encoder, which is not available yet: pass \
-             --prompt-embeds FILE (safetensors with `prompt_embeds` and `negative_prompt_embeds`, e.g. \
-             from diffusers' `pipe.encode_prompt`)"
-        );
+    match (&args.prompt, &args.prompt_embeds) {
+        (Some(_), Some(_)) => bail!("give --prompt TEXT or --prompt-embeds FILE, not both"),
+        (None, None) => bail!("give --prompt TEXT (Predict2) or --prompt-embeds FILE"),
+        (None, Some(_)) if args.negative_prompt.is_some() => bail!(
+            "--negative-prompt goes with --prompt; with --prompt-embeds the file's negative_prompt_embeds are used"
+        ),
+        _ => {}
     }
-    anyhow::ensure!(args.prompt_embeds.is_some(), "--prompt-embeds FILE is required (see --prompt)");
+    if let Some(p) = &args.prompt {
+        anyhow::ensure!(!p.trim().is_empty(), "--prompt is empty");
+    }
     anyhow::ensure!(args.image.is_some() || args.video.is_some(), "give a conditioning --image or --video");
     anyhow::ensure!(
         args.height > 0 && args.width > 0 && args.height.is_multiple_of(16) && args.width.is_multiple_of(16),
@@ -262,6 +267,46 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--prompt` (and `--negative-prompt`, default diffusers' Cosmos-Predict2 one) through the
+/// repository's T5 encoder, as diffusers' `encode_prompt`: 512 tokens, rows past each prompt
+/// zeroed. The encoder is dropped before sampling (T5-XXL is 11 B parameters).
+fn encode_prompt(
+    args: &CosmosArgs,
+    pipe: &CosmosPipeline,
+    text: &str,
+    dtype: DType,
+    device: &Device,
+    log: &mut impl FnMut(&str),
+) -> anyhow::Result<(Tensor, Option<Tensor>)> {
+    use super::text_encoder::{
+        T5PromptEncoder, COSMOS_PREDICT2_DEFAULT_NEGATIVE_PROMPT, COSMOS_PREDICT2_MAX_SEQUENCE_LENGTH,
+    };
+    let started = Instant::now();
+    let encoder = T5PromptEncoder::load(&pipeline::Repository::parse(&args.model)?, dtype, device)?;
+    let negative = args.negative_prompt.as_deref().unwrap_or(COSMOS_PREDICT2_DEFAULT_NEGATIVE_PROMPT);
+    let tokens = encoder.tokenize(&[text, negative], COSMOS_PREDICT2_MAX_SEQUENCE_LENGTH)?;
+    for (which, truncated) in ["--prompt", "--negative-prompt"].iter().zip(&tokens.truncated) {
+        if *truncated {
+            log(&format!(
+                "warning: {which} is longer than {COSMOS_PREDICT2_MAX_SEQUENCE_LENGTH} tokens and was truncated (as diffusers does)"
+            ));
+        }
+    }
+    let embeds = encoder.encode_tokens(&tokens)?;
+    anyhow::ensure!(
+        embeds.dim(2)? == pipe.transformer.config().context_dim(),
+        "the text encoder writes {} features, the transformer reads {}",
+        embeds.dim(2)?,
+        pipe.transformer.config().context_dim()
+    );
+    log(&format!(
+        "encoded the prompts with T5 ({} tokens; {:.1} s)",
+        tokens.lengths()[0],
+        started.elapsed().as_secs_f64()
+    ));
+    Ok((embeds.narrow(0, 0, 1)?, Some(embeds.narrow(0, 1, 1)?)))
+}
+
 /// Runs `sampler cosmos`: samples (and optimises) and writes the outputs into `args.out`.
 pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
     let (args, params_applied) = with_params_file(args)?;
@@ -292,6 +337,22 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
     let objective_input = load_objective_input(args, &device)?;
+    let prompt_embeds = match &args.prompt_embeds {
+        Some(path) => Some(pipeline::read_prompt_embeds(path, &device)?),
+        None => None,
+    };
+    if args.prompt.is_some() {
+        // Before the transformer and VAE load: which pipeline, from model_index.json alone.
+        let kind = CosmosPipeline::kind_of(&args.model)?;
+        anyhow::ensure!(
+            kind == PipelineKind::Predict2VideoToWorld,
+            "--prompt: {} encodes text with Qwen2.5-VL-7B, which is not ported; compute its embeddings with \
+             scripts/cosmos_prompt_embeds.py --model {} --prompt \"...\" -o prompt.safetensors and pass \
+             --prompt-embeds prompt.safetensors",
+            kind.class_name(),
+            args.model
+        );
+    }
 
     let started = Instant::now();
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
@@ -299,8 +360,11 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let seconds_load = started.elapsed().as_secs_f64();
     let steps = args.steps.unwrap_or(pipe.kind.default_steps());
     pipe.check_size(args.num_frames, args.height, args.width)?;
-    let prompt_path = args.prompt_embeds.as_ref().context("--prompt-embeds")?;
-    let (prompt, negative) = pipeline::read_prompt_embeds(prompt_path, &device)?;
+    let (prompt, negative) = match (&args.prompt, &prompt_embeds) {
+        (_, Some(embeds)) => embeds.clone(),
+        (Some(text), None) => encode_prompt(args, &pipe, text, dtype, &device, &mut log)?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-embeds FILE"),
+    };
     let shape = pipe.latent_shape(1, args.num_frames, args.height, args.width);
     let latents = match &args.latents {
         Some(path) => pipeline::read_latents(path, &shape, &device)?,

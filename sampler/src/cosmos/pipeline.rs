@@ -296,6 +296,17 @@ impl CosmosPipeline {
         Self::load_from(Repository::parse(reference)?, dtype, device)
     }
 
+    /// Which pipeline a repository holds, from its `model_index.json` alone (nothing else is
+    /// read or downloaded).
+    pub fn kind_of(reference: &str) -> anyhow::Result<PipelineKind> {
+        let repo = Repository::parse(reference)?;
+        let index_path = repo.file("model_index.json")?;
+        let index = read_json(&index_path)?;
+        let class =
+            index["_class_name"].as_str().with_context(|| format!("{}: no _class_name", index_path.display()))?;
+        PipelineKind::from_class_name(class).with_context(|| format!("in {}", index_path.display()))
+    }
+
     /// [`Self::load`] from a parsed repository (tests point it at a cache of their own).
     pub fn load_from(repo: Repository, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let index_path = repo.file("model_index.json")?;
