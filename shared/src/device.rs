@@ -107,8 +107,48 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Bytes a run on `device` could still allocate: the CUDA driver's free device memory, or the
+/// kernel's `MemAvailable` for the CPU (Linux); `None` where neither can be read (Metal, other
+/// systems). Memory plans compare against it before any work starts.
+pub fn free_memory_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => cpu_available_bytes(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda.cuda_stream().context().mem_get_info().ok().map(|(free, _total)| free as u64),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+fn cpu_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&meminfo)
+}
+
+/// `MemAvailable:  123456 kB` → bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut parts = line.split_whitespace().skip(1);
+    let value: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") => Some(value * 1024),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       16384000 kB\nMemFree:  1000 kB\nMemAvailable:    8192000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(8192000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: x kB\n"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(free_memory_bytes(&Device::Cpu).is_some_and(|b| b > 0));
+        }
+    }
+
     use super::*;
 
     #[test]
