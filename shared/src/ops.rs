@@ -11,9 +11,11 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 mod attention;
+mod checkpoint;
 mod conv;
 mod pad;
 pub use attention::sdpa_tiled;
+pub use checkpoint::checkpoint;
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
