@@ -20,6 +20,10 @@
 //! Candle's fused kernels drop gradients (see `shared::ops`), so norms, softmax and RoPE come
 //! from `shared::ops`. Weights are plain tensors from the `VarBuilder`: backpropagating to the
 //! input latent records no weight gradients.
+//!
+//! [`MemoryMode`] (off by default) puts each block under `shared::ops::checkpoint` and the
+//! attention through `shared::ops::sdpa_tiled`, so that a backward holds the block inputs and one
+//! block's graph, and no tokens × tokens matrix; `cosmos::memory_plan` sizes what that needs.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -363,6 +367,7 @@ impl Attention {
         context: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
+        tile: Option<usize>,
     ) -> Result<Tensor> {
         let kv_source = context.unwrap_or(x);
         let q = self.split_heads(&self.to_q.forward(x)?)?;
@@ -374,7 +379,10 @@ impl Attention {
             q = ops::rope_half(&q, cos, sin)?;
             k = ops::rope_half(&k, cos, sin)?;
         }
-        let out = ops::sdpa(&q, &k, &v, mask, None)?;
+        let out = match tile {
+            Some(tile) => ops::sdpa_tiled(&q, &k, &v, mask, None, tile)?,
+            None => ops::sdpa(&q, &k, &v, mask, None)?,
+        };
         let (b, _, n, _) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
     }
@@ -417,12 +425,17 @@ impl Block {
         let (et, temb) = (&cond.embedded_timestep, &cond.temb);
 
         let m = self.norm1.chunks(et, temb)?;
-        let h = self.attn1.forward(&modulate(&x, &m[0], &m[1])?, None, Some(&cond.rope), None)?;
+        let h = self.attn1.forward(&modulate(&x, &m[0], &m[1])?, None, Some(&cond.rope), None, cond.attention_tile)?;
         let x = gated_residual(&x, &m[2], &h)?;
 
         let m = self.norm2.chunks(et, temb)?;
-        let h =
-            self.attn2.forward(&modulate(&x, &m[0], &m[1])?, Some(&cond.context), None, cond.context_mask.as_ref())?;
+        let h = self.attn2.forward(
+            &modulate(&x, &m[0], &m[1])?,
+            Some(&cond.context),
+            None,
+            cond.context_mask.as_ref(),
+            cond.attention_tile,
+        )?;
         let x = gated_residual(&x, &m[2], &h)?;
 
         let m = self.norm3.chunks(et, temb)?;
@@ -432,6 +445,7 @@ impl Block {
 }
 
 /// What every block receives besides the tokens.
+#[derive(Clone)]
 struct BlockInputs {
     /// (B, F, D), F = 1 or the number of latent frames.
     embedded_timestep: Tensor,
@@ -444,6 +458,34 @@ struct BlockInputs {
     context: Tensor,
     /// Additive, (B, 1, 1, L).
     context_mask: Option<Tensor>,
+    /// Query/key tile of `sdpa_tiled`, or `None` for `sdpa`.
+    attention_tile: Option<usize>,
+}
+
+impl BlockInputs {
+    /// Under block checkpointing only the tokens are differentiated (`shared::ops::checkpoint`
+    /// refuses captured inputs that carry a gradient): names the first input that does. In the
+    /// z0 optimisation none does — the timestep comes from σ (a constant of the schedule), RoPE
+    /// and the positional embedding from the grid and frozen weights, the context from the prompt.
+    fn ensure_constant(&self) -> Result<()> {
+        let named = [
+            ("the embedded timestep", Some(&self.embedded_timestep)),
+            ("the timestep embedding (temb)", Some(&self.temb)),
+            ("the RoPE cosines", Some(&self.rope.0)),
+            ("the RoPE sines", Some(&self.rope.1)),
+            ("the learnable positional embedding", self.extra_pos_emb.as_ref()),
+            ("the context (encoder_hidden_states)", Some(&self.context)),
+            ("the context mask", self.context_mask.as_ref()),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, t)| t.is_some_and(Tensor::track_op)) {
+            bail!(
+                "cosmos forward: block checkpointing differentiates the tokens only, but {name} carries a gradient \
+                 (a trainable weight or an optimised input); turn checkpointing off (MemoryMode::checkpoint_blocks) \
+                 to differentiate it"
+            )
+        }
+        Ok(())
+    }
 }
 
 /// diffusers' `CosmosLearnablePositionalEmbed`: per-axis tables summed, then divided by
@@ -500,10 +542,43 @@ pub struct ForwardOptions {
     pub context_mask: Option<Tensor>,
 }
 
+/// How the forward trades compute for memory under backward. The default (both off) is the plain
+/// graph, as before; both settings give the same values and gradients (tests: `cosmos_grad.rs`,
+/// `dit_trajectory_grad.rs`), to round-off for the tiled attention.
+///
+/// What one backward through the DiT holds (N tokens, D width, L blocks, h heads, f32):
+/// * plain: every block's activations (≈ 40 N·D values per block; see
+///   `cosmos::memory_plan`) and, per block, the (h, N, N) attention scores and probabilities;
+/// * `attention_tile`: no N × N matrix, forward or backward (`shared::ops::sdpa_tiled`; a few
+///   (h, tile, tile) blocks at a time), for self- and cross-attention;
+/// * `checkpoint_blocks`: each block under `shared::ops::checkpoint`: the graph keeps each block's
+///   input (N·D) and the backward rebuilds one block's graph at a time, for one more forward of
+///   the blocks. Only the tokens are differentiated through a checkpointed block: the timestep,
+///   context and positional inputs must be constants (they are in the z0 optimisation; an error
+///   names the one that is not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryMode {
+    pub checkpoint_blocks: bool,
+    /// Query and key tile of the memory-efficient attention; `None`: `shared::ops::sdpa`.
+    pub attention_tile: Option<usize>,
+}
+
+impl MemoryMode {
+    /// Tile of [`Self::low_memory`]: (h, 512, 512) f32 scores are 16 MB for the 2B model's 16
+    /// heads, small beside one block's graph at real sizes, and large enough for efficient GEMMs.
+    pub const DEFAULT_TILE: usize = 512;
+
+    /// Both on, with [`Self::DEFAULT_TILE`]: what the z0 optimisation at real sizes needs.
+    pub fn low_memory() -> Self {
+        Self { checkpoint_blocks: true, attention_tile: Some(Self::DEFAULT_TILE) }
+    }
+}
+
 /// diffusers' `CosmosTransformer3DModel`.
 #[derive(Clone, Debug)]
 pub struct CosmosTransformer3DModel {
     cfg: Config,
+    memory: MemoryMode,
     patch_embed: Linear,
     learnable_pos_embed: Option<LearnablePosEmbed>,
     time_linear_1: Linear,
@@ -543,6 +618,7 @@ impl CosmosTransformer3DModel {
             (0..cfg.num_layers).map(|i| Block::new(cfg, vb.pp("transformer_blocks").pp(i))).collect::<Result<_>>()?;
         Ok(Self {
             cfg: cfg.clone(),
+            memory: MemoryMode::default(),
             patch_embed: Linear::new(embed_in, hidden, vb.pp("patch_embed.proj"))?,
             learnable_pos_embed,
             time_linear_1: Linear::new(hidden, hidden, te.pp("t_embedder.linear_1"))?,
@@ -557,6 +633,20 @@ impl CosmosTransformer3DModel {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Block checkpointing and tiled attention (see [`MemoryMode`]); off by default. A tile of 0
+    /// is refused.
+    pub fn set_memory_mode(&mut self, mode: MemoryMode) -> Result<()> {
+        if mode.attention_tile == Some(0) {
+            bail!("cosmos memory mode: the attention tile must be at least 1")
+        }
+        self.memory = mode;
+        Ok(())
+    }
+
+    pub fn memory_mode(&self) -> MemoryMode {
+        self.memory
     }
 
     /// Routes frozen weights through Candle's own matmul (`true`) instead of the frozen-weight
@@ -757,9 +847,29 @@ impl CosmosTransformer3DModel {
             }
             None => None,
         };
-        let inputs = BlockInputs { embedded_timestep, temb, rope, extra_pos_emb, context, context_mask };
+        let inputs = BlockInputs {
+            embedded_timestep,
+            temb,
+            rope,
+            extra_pos_emb,
+            context,
+            context_mask,
+            attention_tile: self.memory.attention_tile,
+        };
+        let checkpointed = self.memory.checkpoint_blocks;
+        if checkpointed {
+            inputs.ensure_constant()?;
+        }
+        let shared_inputs = std::sync::Arc::new(inputs.clone());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &inputs)?;
+            x = if checkpointed {
+                // The closure owns what the recomputation needs: the block (its weights are
+                // shared tensors, no copy) and the common inputs.
+                let (block, cond) = (block.clone(), shared_inputs.clone());
+                ops::checkpoint(&x, move |x| block.forward(x, &cond))?
+            } else {
+                block.forward(&x, &inputs)?
+            };
             if i == 0 {
                 record("block0", &|| Ok(x.clone()))?;
             }
