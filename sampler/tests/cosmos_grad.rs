@@ -260,16 +260,18 @@ fn max_abs(a: &Tensor) -> Result<f64> {
     Ok(a.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
-/// Output and ∂/∂(latent) with block checkpointing, tiled attention and both, against the plain
-/// graph, in f64: case a (per-frame timesteps, condition and padding masks) and case b (fps RoPE
+/// Output and ∂/∂(latent) with block checkpointing, sub-layer checkpointing (alone and nested),
+/// tiled attention and all, against the plain graph, in f64: case a (per-frame timesteps, condition and padding masks) and case b (fps RoPE
 /// and a context mask through the tiled cross-attention).
 #[test]
 fn memory_modes_equal_the_plain_graph() -> Result<()> {
     let s = setup()?;
     let modes = [
-        MemoryMode { checkpoint_blocks: true, attention_tile: None },
-        MemoryMode { checkpoint_blocks: false, attention_tile: Some(TILE) },
-        MemoryMode { checkpoint_blocks: true, attention_tile: Some(TILE) },
+        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: false, attention_tile: None },
+        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: true, attention_tile: None },
+        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: None },
+        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: false, attention_tile: Some(TILE) },
+        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(TILE) },
     ];
     for case in ["case_a", "case_b"] {
         let latent = Var::from_tensor(&s.input(&format!("{case}.hidden_states"))?)?;
@@ -308,12 +310,15 @@ fn memory_modes_equal_the_plain_graph() -> Result<()> {
     Ok(())
 }
 
-/// Finite differences of ∂/∂(latent) through the checkpointed blocks with tiled attention: the
-/// only variable a checkpointed forward differentiates.
+/// Finite differences of ∂/∂(latent) through the checkpointed blocks and sub-layers with tiled
+/// attention: the only variable a checkpointed forward differentiates.
 #[test]
 fn low_memory_latent_gradient_matches_finite_differences() -> Result<()> {
     let s = setup()?;
-    let model = with_memory(&s, MemoryMode { checkpoint_blocks: true, attention_tile: Some(TILE) })?;
+    let model = with_memory(
+        &s,
+        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(TILE) },
+    )?;
     let latent = Var::from_tensor(&s.input("case_a.hidden_states")?)?;
     let (t, ctx) = (s.input("case_a.timestep")?, s.input("case_a.encoder_hidden_states")?);
     let (cm, pm) = (s.input("case_a.condition_mask")?, s.input("case_a.padding_mask")?);
@@ -333,7 +338,10 @@ fn low_memory_latent_gradient_matches_finite_differences() -> Result<()> {
 #[test]
 fn tiled_attention_latent_and_context_gradients_match_finite_differences() -> Result<()> {
     let s = setup()?;
-    let model = with_memory(&s, MemoryMode { checkpoint_blocks: false, attention_tile: Some(TILE) })?;
+    let model = with_memory(
+        &s,
+        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: false, attention_tile: Some(TILE) },
+    )?;
     let latent = Var::from_tensor(&s.input("case_b.hidden_states")?)?;
     let context = Var::from_tensor(&s.input("case_b.encoder_hidden_states")?)?;
     let t = s.input("case_b.timestep")?;
@@ -386,6 +394,6 @@ fn checkpointing_refuses_other_differentiated_inputs() -> Result<()> {
     let w = weight.as_tensor().clone();
     let err = shared::ops::checkpoint(x.as_tensor(), move |x| x.matmul(&w)).err().map(|e| e.to_string());
     assert!(err.as_deref().is_some_and(|e| e.contains("only the input is differentiable")), "{err:?}");
-    assert!(s.model.clone().set_memory_mode(MemoryMode { checkpoint_blocks: false, attention_tile: Some(0) }).is_err());
+    assert!(s.model.clone().set_memory_mode(MemoryMode { attention_tile: Some(0), ..MemoryMode::default() }).is_err());
     Ok(())
 }

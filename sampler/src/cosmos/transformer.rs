@@ -29,6 +29,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape, Storage, Tensor, D,
 };
+use std::sync::Arc;
+
 use candle_nn::VarBuilder;
 use shared::ops;
 
@@ -306,14 +308,16 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let groups = shift.dim(1)?;
     let normed = ops::layer_norm(x, None, None, NORM_EPS)?.reshape((b, groups, n / groups, d))?;
-    normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?.reshape((b, n, d))
+    // Constant scale and shift (from the timestep) in the z0 optimisation: `scale_shift` keeps no
+    // gradient for them.
+    ops::scale_shift(&normed, Some(&(scale + 1.0)?), Some(shift))?.reshape((b, n, d))
 }
 
 /// x + gate·branch, gate (B, F, 1, D) broadcast per frame group.
 fn gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let groups = gate.dim(1)?;
-    let gated = branch.reshape((b, groups, n / groups, d))?.broadcast_mul(gate)?.reshape((b, n, d))?;
+    let gated = ops::scale_shift(&branch.reshape((b, groups, n / groups, d))?, Some(gate), None)?.reshape((b, n, d))?;
     x + gated
 }
 
@@ -415,33 +419,69 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cond: &BlockInputs) -> Result<Tensor> {
-        // diffusers adds the (normalised) learnable positional embedding at the start of every
-        // block, not once after the patch embedding.
-        let x = match &cond.extra_pos_emb {
-            Some(p) => x.broadcast_add(p)?,
-            None => x.clone(),
-        };
-        let (et, temb) = (&cond.embedded_timestep, &cond.temb);
-
-        let m = self.norm1.chunks(et, temb)?;
-        let h = self.attn1.forward(&modulate(&x, &m[0], &m[1])?, None, Some(&cond.rope), None, cond.attention_tile)?;
-        let x = gated_residual(&x, &m[2], &h)?;
-
-        let m = self.norm2.chunks(et, temb)?;
-        let h = self.attn2.forward(
-            &modulate(&x, &m[0], &m[1])?,
-            Some(&cond.context),
-            None,
-            cond.context_mask.as_ref(),
-            cond.attention_tile,
-        )?;
-        let x = gated_residual(&x, &m[2], &h)?;
-
-        let m = self.norm3.chunks(et, temb)?;
-        let h = self.ff_out.forward(&ops::gelu_erf(&self.ff_in.forward(&modulate(&x, &m[0], &m[1])?)?)?)?;
-        gated_residual(&x, &m[2], &h)
+    /// The block: its three residual sub-layers in turn, each under `shared::ops::checkpoint`
+    /// when `cond.checkpoint_sublayers` (nested inside a checkpointed block, a block's
+    /// recomputation then keeps the sub-layers' inputs and one sub-layer's graph at a time).
+    fn forward(&self, x: &Tensor, cond: &Arc<BlockInputs>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for part in [SubLayer::SelfAttention, SubLayer::CrossAttention, SubLayer::Mlp] {
+            x = if cond.checkpoint_sublayers {
+                let (block, cond) = (self.clone(), cond.clone());
+                ops::checkpoint(&x, move |x| block.sublayer(part, x, &cond))?
+            } else {
+                self.sublayer(part, &x, cond)?
+            };
+        }
+        Ok(x)
     }
+
+    /// x + gate · branch(AdaLN(x)) for one of the three branches.
+    fn sublayer(&self, part: SubLayer, x: &Tensor, cond: &BlockInputs) -> Result<Tensor> {
+        let (et, temb) = (&cond.embedded_timestep, &cond.temb);
+        match part {
+            SubLayer::SelfAttention => {
+                // diffusers adds the (normalised) learnable positional embedding at the start of
+                // every block, not once after the patch embedding.
+                let x = match &cond.extra_pos_emb {
+                    Some(p) => x.broadcast_add(p)?,
+                    None => x.clone(),
+                };
+                let m = self.norm1.chunks(et, temb)?;
+                let h = self.attn1.forward(
+                    &modulate(&x, &m[0], &m[1])?,
+                    None,
+                    Some(&cond.rope),
+                    None,
+                    cond.attention_tile,
+                )?;
+                gated_residual(&x, &m[2], &h)
+            }
+            SubLayer::CrossAttention => {
+                let m = self.norm2.chunks(et, temb)?;
+                let h = self.attn2.forward(
+                    &modulate(x, &m[0], &m[1])?,
+                    Some(&cond.context),
+                    None,
+                    cond.context_mask.as_ref(),
+                    cond.attention_tile,
+                )?;
+                gated_residual(x, &m[2], &h)
+            }
+            SubLayer::Mlp => {
+                let m = self.norm3.chunks(et, temb)?;
+                let h = self.ff_out.forward(&ops::gelu_erf(&self.ff_in.forward(&modulate(x, &m[0], &m[1])?)?)?)?;
+                gated_residual(x, &m[2], &h)
+            }
+        }
+    }
+}
+
+/// The residual branches of a block.
+#[derive(Clone, Copy, Debug)]
+enum SubLayer {
+    SelfAttention,
+    CrossAttention,
+    Mlp,
 }
 
 /// What every block receives besides the tokens.
@@ -460,6 +500,8 @@ struct BlockInputs {
     context_mask: Option<Tensor>,
     /// Query/key tile of `sdpa_tiled`, or `None` for `sdpa`.
     attention_tile: Option<usize>,
+    /// Each residual branch under `shared::ops::checkpoint`.
+    checkpoint_sublayers: bool,
 }
 
 impl BlockInputs {
@@ -559,6 +601,10 @@ pub struct ForwardOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryMode {
     pub checkpoint_blocks: bool,
+    /// Each block's three residual branches (self-attention, cross-attention, MLP) under
+    /// `shared::ops::checkpoint` too: nested in a checkpointed block, its recomputation keeps the
+    /// three branch inputs and one branch's graph at a time instead of the whole block's.
+    pub checkpoint_sublayers: bool,
     /// Query and key tile of the memory-efficient attention; `None`: `shared::ops::sdpa`.
     pub attention_tile: Option<usize>,
 }
@@ -570,7 +616,7 @@ impl MemoryMode {
 
     /// Both on, with [`Self::DEFAULT_TILE`]: what the z0 optimisation at real sizes needs.
     pub fn low_memory() -> Self {
-        Self { checkpoint_blocks: true, attention_tile: Some(Self::DEFAULT_TILE) }
+        Self { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(Self::DEFAULT_TILE) }
     }
 }
 
@@ -633,6 +679,31 @@ impl CosmosTransformer3DModel {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// A model with every weight random and non-zero, for benchmarks and memory measurements:
+    /// linear weights N(0, 1/fan_in), norm gains 1 + N(0, 0.2²), positional tables N(0, 1), the
+    /// context projection's bias N(0, 0.1²). Not a trained model's statistics; the shapes, and so
+    /// the time and memory, are the real ones.
+    pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let recorder = shared::weights::ShapeRecorder::new();
+        Self::new(cfg, recorder.var_builder(dtype, device))?;
+        let mut rng = shared::rng::SplitMix64::new(seed);
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in recorder.shapes() {
+            let t = rng.normal_tensor(shape.as_slice(), DType::F64, device)?;
+            let t = if shape.len() == 2 && !name.contains("pos_emb") {
+                (t * (1.0 / (shape[1] as f64).sqrt()))?
+            } else if name.ends_with("bias") {
+                (t * 0.1)?
+            } else if name.contains("pos_emb") {
+                t
+            } else {
+                ((t * 0.2)? + 1.0)?
+            };
+            tensors.insert(name, t.to_dtype(dtype)?);
+        }
+        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
     }
 
     /// Block checkpointing and tiled attention (see [`MemoryMode`]); off by default. A tile of 0
@@ -855,17 +926,17 @@ impl CosmosTransformer3DModel {
             context,
             context_mask,
             attention_tile: self.memory.attention_tile,
+            checkpoint_sublayers: self.memory.checkpoint_sublayers,
         };
-        let checkpointed = self.memory.checkpoint_blocks;
-        if checkpointed {
+        if self.memory.checkpoint_blocks || self.memory.checkpoint_sublayers {
             inputs.ensure_constant()?;
         }
-        let shared_inputs = std::sync::Arc::new(inputs.clone());
+        let inputs = Arc::new(inputs);
         for (i, block) in self.blocks.iter().enumerate() {
-            x = if checkpointed {
+            x = if self.memory.checkpoint_blocks {
                 // The closure owns what the recomputation needs: the block (its weights are
                 // shared tensors, no copy) and the common inputs.
-                let (block, cond) = (block.clone(), shared_inputs.clone());
+                let (block, cond) = (block.clone(), inputs.clone());
                 ops::checkpoint(&x, move |x| block.forward(x, &cond))?
             } else {
                 block.forward(&x, &inputs)?

@@ -97,7 +97,12 @@ impl CustomOp1 for Checkpoint {
                 grad_y.dims()
             )
         }
-        let grads = (y * grad_y.detach())?.sum_all()?.backward()?;
+        // ⟨y, ȳ⟩ as one node whose backward gives y the gradient ȳ: the product y·ȳ in the graph
+        // would keep a y-sized tensor and a y-sized gradient for the constant ȳ.
+        let grad_y = grad_y.detach();
+        let seed = (y.detach() * &grad_y)?.sum_all()?;
+        let inner = super::fused::with_backward(&y, seed, "checkpoint-seed", move |_y, g| grad_y.broadcast_mul(g))?;
+        let grads = inner.backward()?;
         Ok(grads.get(x_var.as_tensor()).map(Tensor::detach))
     }
 }
