@@ -252,6 +252,16 @@ fn with_memory(s: &Setup, mode: MemoryMode) -> Result<CosmosTransformer3DModel> 
 /// A tile that divides neither the 48 tokens nor the 12 context tokens of the fixture cases.
 const TILE: usize = 7;
 
+/// Checkpointed blocks, branches, segments (the fixture's 2 blocks make one segment), tile.
+fn mode(blocks: bool, branches: bool, segments: bool, tile: Option<usize>) -> MemoryMode {
+    MemoryMode {
+        checkpoint_blocks: blocks,
+        checkpoint_sublayers: branches,
+        checkpoint_segments: segments,
+        attention_tile: tile,
+    }
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
@@ -261,17 +271,18 @@ fn max_abs(a: &Tensor) -> Result<f64> {
 }
 
 /// Output and ∂/∂(latent) with block checkpointing, sub-layer checkpointing (alone and nested),
-/// tiled attention and all, against the plain graph, in f64: case a (per-frame timesteps, condition and padding masks) and case b (fps RoPE
+/// segments of blocks, tiled attention and all, against the plain graph, in f64: case a (per-frame timesteps, condition and padding masks) and case b (fps RoPE
 /// and a context mask through the tiled cross-attention).
 #[test]
 fn memory_modes_equal_the_plain_graph() -> Result<()> {
     let s = setup()?;
     let modes = [
-        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: false, attention_tile: None },
-        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: true, attention_tile: None },
-        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: None },
-        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: false, attention_tile: Some(TILE) },
-        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(TILE) },
+        mode(true, false, false, None),
+        mode(false, true, false, None),
+        mode(true, true, false, None),
+        mode(true, true, true, None),
+        mode(false, false, false, Some(TILE)),
+        mode(true, true, true, Some(TILE)),
     ];
     for case in ["case_a", "case_b"] {
         let latent = Var::from_tensor(&s.input(&format!("{case}.hidden_states"))?)?;
@@ -315,10 +326,7 @@ fn memory_modes_equal_the_plain_graph() -> Result<()> {
 #[test]
 fn low_memory_latent_gradient_matches_finite_differences() -> Result<()> {
     let s = setup()?;
-    let model = with_memory(
-        &s,
-        MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(TILE) },
-    )?;
+    let model = with_memory(&s, mode(true, true, true, Some(TILE)))?;
     let latent = Var::from_tensor(&s.input("case_a.hidden_states")?)?;
     let (t, ctx) = (s.input("case_a.timestep")?, s.input("case_a.encoder_hidden_states")?);
     let (cm, pm) = (s.input("case_a.condition_mask")?, s.input("case_a.padding_mask")?);
@@ -338,10 +346,7 @@ fn low_memory_latent_gradient_matches_finite_differences() -> Result<()> {
 #[test]
 fn tiled_attention_latent_and_context_gradients_match_finite_differences() -> Result<()> {
     let s = setup()?;
-    let model = with_memory(
-        &s,
-        MemoryMode { checkpoint_blocks: false, checkpoint_sublayers: false, attention_tile: Some(TILE) },
-    )?;
+    let model = with_memory(&s, mode(false, false, false, Some(TILE)))?;
     let latent = Var::from_tensor(&s.input("case_b.hidden_states")?)?;
     let context = Var::from_tensor(&s.input("case_b.encoder_hidden_states")?)?;
     let t = s.input("case_b.timestep")?;

@@ -160,13 +160,13 @@ fn rectified_flow_sde_gradient_through_dit_matches_finite_differences() -> Resul
     Ok(())
 }
 
-/// With block and sub-layer checkpointing and tiled attention in the DiT, ∇z0 through the trajectory (per-step
+/// With block, sub-layer and segment checkpointing and tiled attention in the DiT, ∇z0 through the trajectory (per-step
 /// recomputation, each step's VJP backpropagating through the checkpointed blocks) equals the
 /// plain DiT's to round-off, and matches finite differences. Rectified flow with learnable step
 /// noises: the gradient reaches the step noises too.
 #[test]
 fn low_memory_dit_gradient_equals_plain_and_matches_finite_differences() -> Result<()> {
-    let low = MemoryMode { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(7) };
+    let low = MemoryMode { attention_tile: Some(7), ..MemoryMode::low_memory() };
     let schedule = Schedule::flow_shift(3, 5.0)?;
     let param = Parameterization::RectifiedFlow;
     let mode = NoiseMode::SdeLearnable;

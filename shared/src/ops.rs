@@ -16,7 +16,7 @@ mod conv;
 mod fused;
 mod pad;
 pub use attention::sdpa_tiled;
-pub use checkpoint::checkpoint;
+pub use checkpoint::{checkpoint, checkpoint_many};
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
@@ -257,10 +257,17 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// vector (or any with ‖x‖ < eps) has the finite gradient of x / eps instead of the 0·∞ = NaN
 /// that √ of an exact 0 gives in backward. Half-precision inputs are normalised in f32 (eps² of
 /// 1e-12 underflows f16).
+///
+/// The graph keeps only x; the backward is the closed form (see `fused.rs`).
 pub fn l2_normalize(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
     if dim >= x.rank() {
         candle_core::bail!("l2_normalize: dim {dim} of a rank-{} tensor", x.rank());
     }
+    fused::l2_normalize(x, dim, eps, internal_dtype(x.dtype()))
+}
+
+/// [`l2_normalize`] from primitives.
+fn l2_normalize_composed(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
     let internal = internal_dtype(x.dtype());
     let xf = x.to_dtype(internal)?;
     let norm = xf.sqr()?.sum_keepdim(dim)?.maximum(eps * eps)?.sqrt()?;

@@ -607,6 +607,11 @@ pub struct MemoryMode {
     pub checkpoint_sublayers: bool,
     /// Query and key tile of the memory-efficient attention; `None`: `shared::ops::sdpa`.
     pub attention_tile: Option<usize>,
+    /// The blocks grouped into ⌈√layers⌉-block segments, each segment under
+    /// `shared::ops::checkpoint` too (with `checkpoint_blocks`): the graph then keeps the segment
+    /// inputs, and a segment's recomputation its blocks' inputs — ~2√layers N·D per DiT call
+    /// instead of layers + 1 — for one more forward of the blocks.
+    pub checkpoint_segments: bool,
 }
 
 impl MemoryMode {
@@ -614,9 +619,23 @@ impl MemoryMode {
     /// heads, small beside one block's graph at real sizes, and large enough for efficient GEMMs.
     pub const DEFAULT_TILE: usize = 512;
 
-    /// Both on, with [`Self::DEFAULT_TILE`]: what the z0 optimisation at real sizes needs.
+    /// Everything on, with [`Self::DEFAULT_TILE`]: what the z0 optimisation at real sizes needs.
     pub fn low_memory() -> Self {
-        Self { checkpoint_blocks: true, checkpoint_sublayers: true, attention_tile: Some(Self::DEFAULT_TILE) }
+        Self {
+            checkpoint_blocks: true,
+            checkpoint_sublayers: true,
+            attention_tile: Some(Self::DEFAULT_TILE),
+            checkpoint_segments: true,
+        }
+    }
+
+    /// Blocks per checkpointed segment for `layers` blocks (1: no segments).
+    pub fn segment_len(&self, layers: usize) -> usize {
+        if self.checkpoint_blocks && self.checkpoint_segments {
+            ((layers as f64).sqrt().ceil() as usize).max(1)
+        } else {
+            1
+        }
     }
 }
 
@@ -807,6 +826,7 @@ impl CosmosTransformer3DModel {
         opts: &ForwardOptions,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        let tracing = trace.is_some();
         let mut record = |name: &str, t: &dyn Fn() -> Result<Tensor>| -> Result<()> {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push((name.to_string(), t()?));
@@ -932,18 +952,33 @@ impl CosmosTransformer3DModel {
             inputs.ensure_constant()?;
         }
         let inputs = Arc::new(inputs);
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = if self.memory.checkpoint_blocks {
-                // The closure owns what the recomputation needs: the block (its weights are
-                // shared tensors, no copy) and the common inputs.
-                let (block, cond) = (block.clone(), inputs.clone());
-                ops::checkpoint(&x, move |x| block.forward(x, &cond))?
-            } else {
-                block.forward(&x, &inputs)?
+        // Blocks per checkpointed segment; 1 (no segments) when tracing, which records block 0.
+        let segment = if tracing { 1 } else { self.memory.segment_len(self.blocks.len()) };
+        let mut first = 0;
+        while first < self.blocks.len() {
+            let blocks: Vec<Block> = self.blocks[first..(first + segment).min(self.blocks.len())].to_vec();
+            let checkpointed = self.memory.checkpoint_blocks;
+            // The closures own what the recomputation needs: the blocks (their weights are
+            // shared tensors, no copy) and the common inputs.
+            let cond = inputs.clone();
+            let run = move |x: &Tensor| -> Result<Tensor> {
+                let mut x = x.clone();
+                for block in &blocks {
+                    x = if checkpointed {
+                        let (block, cond) = (block.clone(), cond.clone());
+                        ops::checkpoint(&x, move |x| block.forward(x, &cond))?
+                    } else {
+                        block.forward(&x, &cond)?
+                    };
+                }
+                Ok(x)
             };
-            if i == 0 {
+            x = if segment > 1 { ops::checkpoint(&x, run)? } else { run(&x)? };
+            if first == 0 {
+                // Traced forwards use segments of one block (see `segment`).
                 record("block0", &|| Ok(x.clone()))?;
             }
+            first += segment;
         }
 
         // 6. Final AdaLN, projection, unpatchify. diffusers lays out each token's output as

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use super::conv::{on_cpu as cpu, on_cuda as cuda, on_metal as metal, take_precomputed};
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Storage, Tensor, Var,
+};
 
 /// `f(x)`, with the gradient with respect to `x` computed by recomputing `f` in the backward
 /// instead of keeping its graph.
@@ -26,35 +28,55 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Resu
 /// closure and must be a constant — a plain tensor that depends on no `Var`. A capture that does
 /// (a weight being trained, a context that is optimised) is refused with an error instead of
 /// silently getting no gradient: it is detected by running `f` on the detached `x` and finding
-/// that its output still records a graph.
+/// that its output still records a graph. (Several differentiable inputs: [`checkpoint_many`].)
 ///
 /// `f` must be deterministic (it is evaluated twice and the backward differentiates the second
 /// evaluation at the point of the first), and may itself contain custom ops with their own
-/// backward (tiled attention, frozen matmuls). When `x` records no graph (inference), this is
-/// just `f(x)`.
+/// backward (tiled attention, frozen matmuls) and checkpoints (nested checkpointing: each level
+/// keeps its inputs, and the backward rebuilds one innermost graph at a time). When `x` records no
+/// graph (inference), this is just `f(x)`.
 pub fn checkpoint<F>(x: &Tensor, f: F) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
-    let value = f(&x.detach())?;
+    checkpoint_many(std::slice::from_ref(x), move |inputs| f(&inputs[0]))
+}
+
+/// [`checkpoint`] of a function of one to three inputs, each differentiable: the backward
+/// returns a gradient for every input that records a graph. Everything else `f` reads must be a
+/// constant, as for [`checkpoint`].
+pub fn checkpoint_many<F>(inputs: &[Tensor], f: F) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if inputs.is_empty() || inputs.len() > 3 {
+        candle_core::bail!("checkpoint: 1 to 3 inputs, got {}", inputs.len())
+    }
+    let detached: Vec<Tensor> = inputs.iter().map(Tensor::detach).collect();
+    let value = f(&detached)?;
     if value.track_op() {
         candle_core::bail!(
-            "checkpoint: the function's output depends on a Var other than its input (a captured weight or \
+            "checkpoint: the function's output depends on a Var other than its inputs (a captured weight or \
              input that carries a gradient); only the input is differentiable through a checkpoint"
         )
     }
-    if !x.track_op() {
+    if !inputs.iter().any(Tensor::track_op) {
         return Ok(value);
     }
     let op = Checkpoint { value: Mutex::new(Some(value)), f: Box::new(f) };
-    x.apply_op1_arc(Arc::new(Box::new(op)))
+    match inputs {
+        [a] => a.apply_op1_arc(Arc::new(Box::new(op))),
+        [a, b] => a.apply_op2_arc(b, Arc::new(Box::new(op))),
+        [a, b, c] => a.apply_op3_arc(b, c, Arc::new(Box::new(op))),
+        _ => unreachable!("checked above"),
+    }
 }
 
-type Function = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type Function = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync>;
 
-/// The graph node of [`checkpoint`].
+/// The graph node of [`checkpoint_many`].
 struct Checkpoint {
-    /// f(x) from the forward, handed over once.
+    /// f(inputs) from the forward, handed over once.
     value: Mutex<Option<Tensor>>,
     f: Function,
 }
@@ -66,6 +88,39 @@ impl Checkpoint {
         S::Device: BackendDevice<Storage = S>,
     {
         take_precomputed(&self.value, pick, "checkpoint")
+    }
+
+    /// The gradient of ⟨f(inputs), ȳ⟩ for each input that records a graph: f evaluated again
+    /// on fresh leaves, one backward through that graph, which is dropped on return.
+    fn gradients(&self, inputs: &[&Tensor], grad_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let vars: Vec<Option<Var>> = inputs
+            .iter()
+            .map(|t| if t.track_op() { Var::from_tensor(&t.detach()).map(Some) } else { Ok(None) })
+            .collect::<Result<_>>()?;
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .zip(&vars)
+            .map(|(t, v)| match v {
+                Some(v) => v.as_tensor().clone(),
+                None => t.detach(),
+            })
+            .collect();
+        let y = (self.f)(&leaves)?;
+        drop(leaves);
+        if y.shape() != grad_y.shape() {
+            candle_core::bail!(
+                "checkpoint: the recomputed output has shape {:?}, the forward's {:?} (f is not deterministic)",
+                y.dims(),
+                grad_y.dims()
+            )
+        }
+        // ⟨y, ȳ⟩ as one node whose backward gives y the gradient ȳ: the product y·ȳ in the graph
+        // would keep a y-sized tensor and a y-sized gradient for the constant ȳ.
+        let grad_y = grad_y.detach();
+        let seed = (y.detach() * &grad_y)?.sum_all()?;
+        let inner = super::fused::with_backward(&y, seed, "checkpoint-seed", move |_y, g| grad_y.broadcast_mul(g))?;
+        let grads = inner.backward()?;
+        Ok(vars.iter().map(|v| v.as_ref().and_then(|v| grads.get(v.as_tensor())).map(Tensor::detach)).collect())
     }
 }
 
@@ -87,23 +142,84 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        // A fresh leaf: the recomputed graph starts here and is dropped when this returns.
-        let x_var = Var::from_tensor(&x.detach())?;
-        let y = (self.f)(x_var.as_tensor())?;
-        if y.shape() != grad_y.shape() {
-            candle_core::bail!(
-                "checkpoint: the recomputed output has shape {:?}, the forward's {:?} (f is not deterministic)",
-                y.dims(),
-                grad_y.dims()
-            )
-        }
-        // ⟨y, ȳ⟩ as one node whose backward gives y the gradient ȳ: the product y·ȳ in the graph
-        // would keep a y-sized tensor and a y-sized gradient for the constant ȳ.
-        let grad_y = grad_y.detach();
-        let seed = (y.detach() * &grad_y)?.sum_all()?;
-        let inner = super::fused::with_backward(&y, seed, "checkpoint-seed", move |_y, g| grad_y.broadcast_mul(g))?;
-        let grads = inner.backward()?;
-        Ok(grads.get(x_var.as_tensor()).map(Tensor::detach))
+        Ok(self.gradients(&[x], grad_y)?.pop().flatten())
+    }
+}
+
+impl CustomOp2 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.take_value(cpu)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.take_value(cuda)
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.take_value(metal)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.gradients(&[a, b], grad_y)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.take_value(cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.take_value(cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.take_value(metal)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.gradients(&[a, b, c], grad_y)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
 }
 
@@ -266,6 +382,52 @@ mod tests {
         let y = model.output(&x, true).unwrap();
         assert!(!y.track_op());
         assert_eq!(max_abs(&(y - model.output(&x, false).unwrap()).unwrap()), 0.0);
+    }
+
+    /// f(x, a, b) = block(x + a·b) with a, b broadcast over the tokens: three differentiable
+    /// inputs of different shapes.
+    fn three_inputs(model: &TwoBlocks, t: &[Tensor]) -> Result<Tensor> {
+        model.blocks[0].forward(&t[0].broadcast_add(&t[1].broadcast_mul(&t[2])?)?)
+    }
+
+    #[test]
+    fn checkpoint_many_equals_full_graph_and_finite_differences() {
+        let model = std::sync::Arc::new(TwoBlocks::new(true));
+        let x = input();
+        let a = Var::from_tensor(&normal(&[1, 1, WIDTH], 11)).unwrap();
+        let b = Var::from_tensor(&normal(&[2, TOKENS, 1], 12)).unwrap();
+        let inputs = || vec![x.as_tensor().clone(), a.as_tensor().clone(), b.as_tensor().clone()];
+        let m = model.clone();
+        let checkpointed = move || -> Result<Tensor> {
+            let inner = m.clone();
+            let y = checkpoint_many(&inputs(), move |t| three_inputs(&inner, t))?;
+            (y * &m.readout)?.sum_all()
+        };
+        let full = || {
+            (three_inputs(&model, &[x.as_tensor().clone(), a.as_tensor().clone(), b.as_tensor().clone()])?
+                * &model.readout)?
+                .sum_all()
+        };
+        let (g_c, g_f) = (checkpointed().unwrap().backward().unwrap(), full().unwrap().backward().unwrap());
+        for (name, v) in [("x", &x), ("a", &a), ("b", &b)] {
+            let (c, f) = (g_c.get(v.as_tensor()).unwrap(), g_f.get(v.as_tensor()).unwrap());
+            assert_eq!(max_abs(&(c - f).unwrap()), 0.0, "{name}: checkpointed differs from the full graph");
+        }
+        let report = check_gradients(
+            &[("x", x.clone()), ("a", a.clone()), ("b", b.clone())],
+            checkpointed,
+            &GradCheckOptions { eps: 1e-6, directions: 4, ..Default::default() },
+        )
+        .unwrap();
+        assert!(report.vars_without_grad().is_empty());
+        report.assert_nondegenerate(1e-8, "checkpoint_many").unwrap();
+        report.assert_close(1e-6, "checkpoint_many").unwrap();
+        // A constant among the inputs gets no gradient and changes nothing.
+        let y =
+            checkpoint_many(&[x.as_tensor().clone(), a.as_tensor().detach()], |t| t[0].broadcast_mul(&t[1])).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+        assert!(checkpoint_many(&[], |t| Ok(t[0].clone())).is_err());
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! * SiLU: d/dx x·σ(x) = σ(x)·(1 + x·(1 − σ(x)));
 //! * layer norm, x̂ = (x − μ)/σ, σ = √(var + ε), ḡ = g·w: x̄ = (ḡ − mean(ḡ) − x̂·mean(ḡ·x̂))/σ;
 //! * RMS norm, x̂ = x/r, r = √(mean(x²) + ε): x̄ = (ḡ − x̂·mean(ḡ·x̂))/r;
+//! * L2 normalisation y = x/‖x‖ (norm clamped to ≥ eps): x̄ = (g − y·Σ(g·y))/‖x‖, or g/eps where
+//!   the clamp holds;
 //! * RoPE: the rotation's transpose, the same rotation by −θ;
 //! * scale-and-shift x·a + b: x̄ = g·a.
 //!
@@ -213,6 +215,22 @@ pub(super) fn norm(
     })
 }
 
+/// `F.normalize(x, 2, dim, eps)`: x / n, n = √max(Σx², eps²) along `dim`. Where Σx² > eps²,
+/// x̄ = (g − y·Σ(g·y))/n; where the norm is clamped to eps, x̄ = g/eps.
+pub(super) fn l2_normalize(x: &Tensor, dim: usize, eps: f64, internal: DType) -> Result<Tensor> {
+    let value = super::l2_normalize_composed(&x.detach(), dim, eps)?;
+    with_backward(x, value, "l2-normalize", move |x, g| {
+        let xf = x.to_dtype(internal)?;
+        let squares = xf.sqr()?.sum_keepdim(dim)?;
+        let norm = squares.maximum(eps * eps)?.sqrt()?;
+        let y = xf.broadcast_div(&norm)?;
+        let active = squares.gt(eps * eps)?.to_dtype(internal)?;
+        let g = g.to_dtype(internal)?;
+        let projection = ((&g * &y)?.sum_keepdim(dim)? * active)?;
+        (g - y.broadcast_mul(&projection)?)?.broadcast_div(&norm)?.to_dtype(x.dtype())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // RoPE (half-split pairs) with constant tables
 
@@ -315,6 +333,11 @@ mod tests {
                 "rope_half",
                 Box::new(move |x: &Tensor| rope_half(x, &cos, &sin)),
                 Box::new(move |x: &Tensor| super::super::rope_half_composed(x, &c2, &s2)),
+            ),
+            (
+                "l2_normalize (dim 2)",
+                Box::new(move |x: &Tensor| l2_normalize(x, 2, 1e-12, internal)),
+                Box::new(|x: &Tensor| super::super::l2_normalize_composed(x, 2, 1e-12)),
             ),
             (
                 "scale_shift",
