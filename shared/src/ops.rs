@@ -11,9 +11,12 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 mod attention;
+mod checkpoint;
 mod conv;
+mod fused;
 mod pad;
 pub use attention::sdpa_tiled;
+pub use checkpoint::{checkpoint, checkpoint_many};
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
@@ -38,7 +41,18 @@ pub fn log_softmax<Dm: candle_core::shape::Dim>(x: &Tensor, dim: Dm) -> Result<T
 }
 
 /// Layer norm over the last dimension, with optional affine weight and bias.
+///
+/// With constant (or no) weight and bias the graph keeps only x and the backward is the closed
+/// form (see `fused.rs`); a weight or bias that carries a gradient takes the composition.
 pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if weight.is_some_and(Tensor::track_op) || bias.is_some_and(Tensor::track_op) {
+        return layer_norm_composed(x, weight, bias, eps);
+    }
+    fused::norm(fused::Norm::Layer, x, weight, bias, eps, internal_dtype(x.dtype()))
+}
+
+/// [`layer_norm`] from primitives (every parameter differentiable).
+fn layer_norm_composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let internal = internal_dtype(x.dtype());
     let xf = x.to_dtype(internal)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
@@ -55,7 +69,18 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
 }
 
 /// RMS norm over the last dimension: x / sqrt(mean(x²) + eps) · weight.
+///
+/// With a constant (or no) weight the graph keeps only x and the backward is the closed form
+/// (see `fused.rs`); a weight that carries a gradient takes the composition.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if weight.is_some_and(Tensor::track_op) {
+        return rms_norm_composed(x, weight, eps);
+    }
+    fused::norm(fused::Norm::Rms, x, weight, None, eps, internal_dtype(x.dtype()))
+}
+
+/// [`rms_norm`] from primitives.
+fn rms_norm_composed(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let internal = internal_dtype(x.dtype());
     let xf = x.to_dtype(internal)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -92,8 +117,17 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// Rotary embedding, half-split pairs (xᵢ, x_{i+d/2}) — GPT-NeoX / Candle `rope` layout, the one
 /// diffusers' Cosmos uses (`use_real_unbind_dim=-2`).
 ///
-/// `x`: (b, h, t, d); `cos`, `sin`: (t, d/2).
+/// `x`: (b, h, t, d); `cos`, `sin`: (t, d/2). With constant tables the graph keeps only x and
+/// the backward is the inverse rotation (see `fused.rs`).
 pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.track_op() || sin.track_op() {
+        return rope_half_composed(x, cos, sin);
+    }
+    fused::rope_half(x, cos, sin)
+}
+
+/// [`rope_half`] from primitives.
+fn rope_half_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_b, _h, t, d) = x.dims4()?;
     let x0 = x.narrow(D::Minus1, 0, d / 2)?;
     let x1 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -184,15 +218,32 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     (x * 0.5)?.mul(&(inner.tanh()? + 1.0)?)
 }
 
-/// Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2)) (PyTorch's default).
+/// Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2)) (PyTorch's default). The graph keeps only x; the
+/// backward is the closed-form derivative (see `fused.rs`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let phi = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?;
-    (x * 0.5)?.mul(&phi)
+    fused::Activation::GeluErf.apply(x)
 }
 
-/// SiLU / swish: x·σ(x), with σ built from exp so its backward is Candle's primitive one.
+/// SiLU / swish: x·σ(x). The graph keeps only x; the backward is the closed-form derivative.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.div(&(x.neg()?.exp()? + 1.0)?)
+    fused::Activation::Silu.apply(x)
+}
+
+/// x·scale + shift, each broadcast to x's shape (either may be absent). With constant scale and
+/// shift the graph keeps nothing of them (Candle's broadcast product would keep a full-size
+/// gradient for the constant until the backward ends); otherwise the composition.
+pub fn scale_shift(x: &Tensor, scale: Option<&Tensor>, shift: Option<&Tensor>) -> Result<Tensor> {
+    if scale.is_some_and(Tensor::track_op) || shift.is_some_and(Tensor::track_op) {
+        let mut y = x.clone();
+        if let Some(a) = scale {
+            y = y.broadcast_mul(a)?;
+        }
+        if let Some(b) = shift {
+            y = y.broadcast_add(b)?;
+        }
+        return Ok(y);
+    }
+    fused::scale_shift(x, scale, shift)
 }
 
 /// Logistic sigmoid from primitives.
@@ -206,10 +257,17 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// vector (or any with ‖x‖ < eps) has the finite gradient of x / eps instead of the 0·∞ = NaN
 /// that √ of an exact 0 gives in backward. Half-precision inputs are normalised in f32 (eps² of
 /// 1e-12 underflows f16).
+///
+/// The graph keeps only x; the backward is the closed form (see `fused.rs`).
 pub fn l2_normalize(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
     if dim >= x.rank() {
         candle_core::bail!("l2_normalize: dim {dim} of a rank-{} tensor", x.rank());
     }
+    fused::l2_normalize(x, dim, eps, internal_dtype(x.dtype()))
+}
+
+/// [`l2_normalize`] from primitives.
+fn l2_normalize_composed(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
     let internal = internal_dtype(x.dtype());
     let xf = x.to_dtype(internal)?;
     let norm = xf.sqr()?.sum_keepdim(dim)?.maximum(eps * eps)?.sqrt()?;

@@ -5,6 +5,7 @@
 //! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
 //! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
 //! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
+//! * [`memory_plan`]: the memory one z0 optimisation iteration needs, predicted before loading.
 //! * [`pipeline`]: diffusers pipeline repositories (local or from the Hub) and their denoising loops.
 //! * [`inputs`], [`h264`], [`params_file`], [`policy`]: the `sampler cosmos` command line's
 //!   input files, MP4 video, Cosmos-Predict2.5 inference JSON and policy objective.
@@ -12,6 +13,7 @@
 pub mod app;
 pub mod h264;
 pub mod inputs;
+pub mod memory_plan;
 pub mod params_file;
 pub mod pipeline;
 pub mod policy;

@@ -20,11 +20,17 @@
 //! Candle's fused kernels drop gradients (see `shared::ops`), so norms, softmax and RoPE come
 //! from `shared::ops`. Weights are plain tensors from the `VarBuilder`: backpropagating to the
 //! input latent records no weight gradients.
+//!
+//! [`MemoryMode`] (off by default) puts each block under `shared::ops::checkpoint` and the
+//! attention through `shared::ops::sdpa_tiled`, so that a backward holds the block inputs and one
+//! block's graph, and no tokens × tokens matrix; `cosmos::memory_plan` sizes what that needs.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape, Storage, Tensor, D,
 };
+use std::sync::Arc;
+
 use candle_nn::VarBuilder;
 use shared::ops;
 
@@ -302,14 +308,16 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let groups = shift.dim(1)?;
     let normed = ops::layer_norm(x, None, None, NORM_EPS)?.reshape((b, groups, n / groups, d))?;
-    normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?.reshape((b, n, d))
+    // Constant scale and shift (from the timestep) in the z0 optimisation: `scale_shift` keeps no
+    // gradient for them.
+    ops::scale_shift(&normed, Some(&(scale + 1.0)?), Some(shift))?.reshape((b, n, d))
 }
 
 /// x + gate·branch, gate (B, F, 1, D) broadcast per frame group.
 fn gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let groups = gate.dim(1)?;
-    let gated = branch.reshape((b, groups, n / groups, d))?.broadcast_mul(gate)?.reshape((b, n, d))?;
+    let gated = ops::scale_shift(&branch.reshape((b, groups, n / groups, d))?, Some(gate), None)?.reshape((b, n, d))?;
     x + gated
 }
 
@@ -363,6 +371,7 @@ impl Attention {
         context: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
+        tile: Option<usize>,
     ) -> Result<Tensor> {
         let kv_source = context.unwrap_or(x);
         let q = self.split_heads(&self.to_q.forward(x)?)?;
@@ -374,7 +383,10 @@ impl Attention {
             q = ops::rope_half(&q, cos, sin)?;
             k = ops::rope_half(&k, cos, sin)?;
         }
-        let out = ops::sdpa(&q, &k, &v, mask, None)?;
+        let out = match tile {
+            Some(tile) => ops::sdpa_tiled(&q, &k, &v, mask, None, tile)?,
+            None => ops::sdpa(&q, &k, &v, mask, None)?,
+        };
         let (b, _, n, _) = out.dims4()?;
         self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
     }
@@ -407,31 +419,73 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cond: &BlockInputs) -> Result<Tensor> {
-        // diffusers adds the (normalised) learnable positional embedding at the start of every
-        // block, not once after the patch embedding.
-        let x = match &cond.extra_pos_emb {
-            Some(p) => x.broadcast_add(p)?,
-            None => x.clone(),
-        };
+    /// The block: its three residual sub-layers in turn, each under `shared::ops::checkpoint`
+    /// when `cond.checkpoint_sublayers` (nested inside a checkpointed block, a block's
+    /// recomputation then keeps the sub-layers' inputs and one sub-layer's graph at a time).
+    fn forward(&self, x: &Tensor, cond: &Arc<BlockInputs>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for part in [SubLayer::SelfAttention, SubLayer::CrossAttention, SubLayer::Mlp] {
+            x = if cond.checkpoint_sublayers {
+                let (block, cond) = (self.clone(), cond.clone());
+                ops::checkpoint(&x, move |x| block.sublayer(part, x, &cond))?
+            } else {
+                self.sublayer(part, &x, cond)?
+            };
+        }
+        Ok(x)
+    }
+
+    /// x + gate · branch(AdaLN(x)) for one of the three branches.
+    fn sublayer(&self, part: SubLayer, x: &Tensor, cond: &BlockInputs) -> Result<Tensor> {
         let (et, temb) = (&cond.embedded_timestep, &cond.temb);
-
-        let m = self.norm1.chunks(et, temb)?;
-        let h = self.attn1.forward(&modulate(&x, &m[0], &m[1])?, None, Some(&cond.rope), None)?;
-        let x = gated_residual(&x, &m[2], &h)?;
-
-        let m = self.norm2.chunks(et, temb)?;
-        let h =
-            self.attn2.forward(&modulate(&x, &m[0], &m[1])?, Some(&cond.context), None, cond.context_mask.as_ref())?;
-        let x = gated_residual(&x, &m[2], &h)?;
-
-        let m = self.norm3.chunks(et, temb)?;
-        let h = self.ff_out.forward(&ops::gelu_erf(&self.ff_in.forward(&modulate(&x, &m[0], &m[1])?)?)?)?;
-        gated_residual(&x, &m[2], &h)
+        match part {
+            SubLayer::SelfAttention => {
+                // diffusers adds the (normalised) learnable positional embedding at the start of
+                // every block, not once after the patch embedding.
+                let x = match &cond.extra_pos_emb {
+                    Some(p) => x.broadcast_add(p)?,
+                    None => x.clone(),
+                };
+                let m = self.norm1.chunks(et, temb)?;
+                let h = self.attn1.forward(
+                    &modulate(&x, &m[0], &m[1])?,
+                    None,
+                    Some(&cond.rope),
+                    None,
+                    cond.attention_tile,
+                )?;
+                gated_residual(&x, &m[2], &h)
+            }
+            SubLayer::CrossAttention => {
+                let m = self.norm2.chunks(et, temb)?;
+                let h = self.attn2.forward(
+                    &modulate(x, &m[0], &m[1])?,
+                    Some(&cond.context),
+                    None,
+                    cond.context_mask.as_ref(),
+                    cond.attention_tile,
+                )?;
+                gated_residual(x, &m[2], &h)
+            }
+            SubLayer::Mlp => {
+                let m = self.norm3.chunks(et, temb)?;
+                let h = self.ff_out.forward(&ops::gelu_erf(&self.ff_in.forward(&modulate(x, &m[0], &m[1])?)?)?)?;
+                gated_residual(x, &m[2], &h)
+            }
+        }
     }
 }
 
+/// The residual branches of a block.
+#[derive(Clone, Copy, Debug)]
+enum SubLayer {
+    SelfAttention,
+    CrossAttention,
+    Mlp,
+}
+
 /// What every block receives besides the tokens.
+#[derive(Clone)]
 struct BlockInputs {
     /// (B, F, D), F = 1 or the number of latent frames.
     embedded_timestep: Tensor,
@@ -444,6 +498,36 @@ struct BlockInputs {
     context: Tensor,
     /// Additive, (B, 1, 1, L).
     context_mask: Option<Tensor>,
+    /// Query/key tile of `sdpa_tiled`, or `None` for `sdpa`.
+    attention_tile: Option<usize>,
+    /// Each residual branch under `shared::ops::checkpoint`.
+    checkpoint_sublayers: bool,
+}
+
+impl BlockInputs {
+    /// Under block checkpointing only the tokens are differentiated (`shared::ops::checkpoint`
+    /// refuses captured inputs that carry a gradient): names the first input that does. In the
+    /// z0 optimisation none does — the timestep comes from σ (a constant of the schedule), RoPE
+    /// and the positional embedding from the grid and frozen weights, the context from the prompt.
+    fn ensure_constant(&self) -> Result<()> {
+        let named = [
+            ("the embedded timestep", Some(&self.embedded_timestep)),
+            ("the timestep embedding (temb)", Some(&self.temb)),
+            ("the RoPE cosines", Some(&self.rope.0)),
+            ("the RoPE sines", Some(&self.rope.1)),
+            ("the learnable positional embedding", self.extra_pos_emb.as_ref()),
+            ("the context (encoder_hidden_states)", Some(&self.context)),
+            ("the context mask", self.context_mask.as_ref()),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, t)| t.is_some_and(Tensor::track_op)) {
+            bail!(
+                "cosmos forward: block checkpointing differentiates the tokens only, but {name} carries a gradient \
+                 (a trainable weight or an optimised input); turn checkpointing off (MemoryMode::checkpoint_blocks) \
+                 to differentiate it"
+            )
+        }
+        Ok(())
+    }
 }
 
 /// diffusers' `CosmosLearnablePositionalEmbed`: per-axis tables summed, then divided by
@@ -500,10 +584,66 @@ pub struct ForwardOptions {
     pub context_mask: Option<Tensor>,
 }
 
+/// How the forward trades compute for memory under backward. The default (both off) is the plain
+/// graph, as before; both settings give the same values and gradients (tests: `cosmos_grad.rs`,
+/// `dit_trajectory_grad.rs`), to round-off for the tiled attention.
+///
+/// What one backward through the DiT holds (N tokens, D width, L blocks, h heads, f32):
+/// * plain: every block's activations (≈ 40 N·D values per block; see
+///   `cosmos::memory_plan`) and, per block, the (h, N, N) attention scores and probabilities;
+/// * `attention_tile`: no N × N matrix, forward or backward (`shared::ops::sdpa_tiled`; a few
+///   (h, tile, tile) blocks at a time), for self- and cross-attention;
+/// * `checkpoint_blocks`: each block under `shared::ops::checkpoint`: the graph keeps each block's
+///   input (N·D) and the backward rebuilds one block's graph at a time, for one more forward of
+///   the blocks. Only the tokens are differentiated through a checkpointed block: the timestep,
+///   context and positional inputs must be constants (they are in the z0 optimisation; an error
+///   names the one that is not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryMode {
+    pub checkpoint_blocks: bool,
+    /// Each block's three residual branches (self-attention, cross-attention, MLP) under
+    /// `shared::ops::checkpoint` too: nested in a checkpointed block, its recomputation keeps the
+    /// three branch inputs and one branch's graph at a time instead of the whole block's.
+    pub checkpoint_sublayers: bool,
+    /// Query and key tile of the memory-efficient attention; `None`: `shared::ops::sdpa`.
+    pub attention_tile: Option<usize>,
+    /// The blocks grouped into ⌈√layers⌉-block segments, each segment under
+    /// `shared::ops::checkpoint` too (with `checkpoint_blocks`): the graph then keeps the segment
+    /// inputs, and a segment's recomputation its blocks' inputs — ~2√layers N·D per DiT call
+    /// instead of layers + 1 — for one more forward of the blocks.
+    pub checkpoint_segments: bool,
+}
+
+impl MemoryMode {
+    /// Tile of [`Self::low_memory`]: (h, 512, 512) f32 scores are 16 MB for the 2B model's 16
+    /// heads, small beside one block's graph at real sizes, and large enough for efficient GEMMs.
+    pub const DEFAULT_TILE: usize = 512;
+
+    /// Everything on, with [`Self::DEFAULT_TILE`]: what the z0 optimisation at real sizes needs.
+    pub fn low_memory() -> Self {
+        Self {
+            checkpoint_blocks: true,
+            checkpoint_sublayers: true,
+            attention_tile: Some(Self::DEFAULT_TILE),
+            checkpoint_segments: true,
+        }
+    }
+
+    /// Blocks per checkpointed segment for `layers` blocks (1: no segments).
+    pub fn segment_len(&self, layers: usize) -> usize {
+        if self.checkpoint_blocks && self.checkpoint_segments {
+            ((layers as f64).sqrt().ceil() as usize).max(1)
+        } else {
+            1
+        }
+    }
+}
+
 /// diffusers' `CosmosTransformer3DModel`.
 #[derive(Clone, Debug)]
 pub struct CosmosTransformer3DModel {
     cfg: Config,
+    memory: MemoryMode,
     patch_embed: Linear,
     learnable_pos_embed: Option<LearnablePosEmbed>,
     time_linear_1: Linear,
@@ -543,6 +683,7 @@ impl CosmosTransformer3DModel {
             (0..cfg.num_layers).map(|i| Block::new(cfg, vb.pp("transformer_blocks").pp(i))).collect::<Result<_>>()?;
         Ok(Self {
             cfg: cfg.clone(),
+            memory: MemoryMode::default(),
             patch_embed: Linear::new(embed_in, hidden, vb.pp("patch_embed.proj"))?,
             learnable_pos_embed,
             time_linear_1: Linear::new(hidden, hidden, te.pp("t_embedder.linear_1"))?,
@@ -557,6 +698,45 @@ impl CosmosTransformer3DModel {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// A model with every weight random and non-zero, for benchmarks and memory measurements:
+    /// linear weights N(0, 1/fan_in), norm gains 1 + N(0, 0.2²), positional tables N(0, 1), the
+    /// context projection's bias N(0, 0.1²). Not a trained model's statistics; the shapes, and so
+    /// the time and memory, are the real ones.
+    pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let recorder = shared::weights::ShapeRecorder::new();
+        Self::new(cfg, recorder.var_builder(dtype, device))?;
+        let mut rng = shared::rng::SplitMix64::new(seed);
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in recorder.shapes() {
+            let t = rng.normal_tensor(shape.as_slice(), DType::F64, device)?;
+            let t = if shape.len() == 2 && !name.contains("pos_emb") {
+                (t * (1.0 / (shape[1] as f64).sqrt()))?
+            } else if name.ends_with("bias") {
+                (t * 0.1)?
+            } else if name.contains("pos_emb") {
+                t
+            } else {
+                ((t * 0.2)? + 1.0)?
+            };
+            tensors.insert(name, t.to_dtype(dtype)?);
+        }
+        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
+    /// Block checkpointing and tiled attention (see [`MemoryMode`]); off by default. A tile of 0
+    /// is refused.
+    pub fn set_memory_mode(&mut self, mode: MemoryMode) -> Result<()> {
+        if mode.attention_tile == Some(0) {
+            bail!("cosmos memory mode: the attention tile must be at least 1")
+        }
+        self.memory = mode;
+        Ok(())
+    }
+
+    pub fn memory_mode(&self) -> MemoryMode {
+        self.memory
     }
 
     /// Routes frozen weights through Candle's own matmul (`true`) instead of the frozen-weight
@@ -646,6 +826,7 @@ impl CosmosTransformer3DModel {
         opts: &ForwardOptions,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        let tracing = trace.is_some();
         let mut record = |name: &str, t: &dyn Fn() -> Result<Tensor>| -> Result<()> {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push((name.to_string(), t()?));
@@ -757,12 +938,47 @@ impl CosmosTransformer3DModel {
             }
             None => None,
         };
-        let inputs = BlockInputs { embedded_timestep, temb, rope, extra_pos_emb, context, context_mask };
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &inputs)?;
-            if i == 0 {
+        let inputs = BlockInputs {
+            embedded_timestep,
+            temb,
+            rope,
+            extra_pos_emb,
+            context,
+            context_mask,
+            attention_tile: self.memory.attention_tile,
+            checkpoint_sublayers: self.memory.checkpoint_sublayers,
+        };
+        if self.memory.checkpoint_blocks || self.memory.checkpoint_sublayers {
+            inputs.ensure_constant()?;
+        }
+        let inputs = Arc::new(inputs);
+        // Blocks per checkpointed segment; 1 (no segments) when tracing, which records block 0.
+        let segment = if tracing { 1 } else { self.memory.segment_len(self.blocks.len()) };
+        let mut first = 0;
+        while first < self.blocks.len() {
+            let blocks: Vec<Block> = self.blocks[first..(first + segment).min(self.blocks.len())].to_vec();
+            let checkpointed = self.memory.checkpoint_blocks;
+            // The closures own what the recomputation needs: the blocks (their weights are
+            // shared tensors, no copy) and the common inputs.
+            let cond = inputs.clone();
+            let run = move |x: &Tensor| -> Result<Tensor> {
+                let mut x = x.clone();
+                for block in &blocks {
+                    x = if checkpointed {
+                        let (block, cond) = (block.clone(), cond.clone());
+                        ops::checkpoint(&x, move |x| block.forward(x, &cond))?
+                    } else {
+                        block.forward(&x, &cond)?
+                    };
+                }
+                Ok(x)
+            };
+            x = if segment > 1 { ops::checkpoint(&x, run)? } else { run(&x)? };
+            if first == 0 {
+                // Traced forwards use segments of one block (see `segment`).
                 record("block0", &|| Ok(x.clone()))?;
             }
+            first += segment;
         }
 
         // 6. Final AdaLN, projection, unpatchify. diffusers lays out each token's output as

@@ -27,8 +27,11 @@
 //!
 //! Every chunk is a pure function (input, cache in) → (output, cache out) ([`AutoencoderKLWan::
 //! decode_chunk`]), which is what makes the recomputing backward ([`DecodeTape::vjp`]) possible:
-//! the forward stores only each chunk's latent frame and incoming cache, and the backward rebuilds
-//! one chunk's graph at a time, last to first, carrying the caches' adjoints.
+//! the forward stores each chunk's latent frame and the incoming cache of every ⌈√chunks⌉-th
+//! chunk, and the backward decodes each such segment again to rebuild its caches, then rebuilds
+//! one chunk's graph at a time, last to first, carrying the caches' adjoints. Inside a chunk the
+//! residual blocks and up-samplers are checkpointed (`shared::ops::checkpoint_many`, with their
+//! cached frames as inputs), so one chunk's backward holds their inputs and one layer's graph.
 
 use candle_core::{bail, DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
@@ -224,15 +227,17 @@ struct CacheCursor<'a> {
     input: &'a [CacheSlot],
     output: FeatureCache,
     adjoints: Option<&'a [Option<Tensor>]>,
+    /// Residual blocks under `shared::ops::checkpoint_many` (the backward only).
+    checkpoint: bool,
 }
 
 impl<'a> CacheCursor<'a> {
     fn new(input: &'a [CacheSlot]) -> Self {
-        Self { input, output: Vec::with_capacity(input.len()), adjoints: None }
+        Self { input, output: Vec::with_capacity(input.len()), adjoints: None, checkpoint: false }
     }
 
-    fn with_adjoints(input: &'a [CacheSlot], adjoints: &'a [Option<Tensor>]) -> Self {
-        Self { adjoints: Some(adjoints), ..Self::new(input) }
+    fn with_adjoints(input: &'a [CacheSlot], adjoints: &'a [Option<Tensor>], checkpoint: bool) -> Self {
+        Self { adjoints: Some(adjoints), checkpoint, ..Self::new(input) }
     }
 
     /// The slot the next layer reads (Empty when the incoming cache is empty: first chunk).
@@ -252,6 +257,19 @@ impl<'a> CacheCursor<'a> {
 
     fn push(&mut self, slot: CacheSlot) {
         self.output.push(slot);
+    }
+
+    /// In the backward: the frames of the slot the next cached conv reads and the adjoint of the
+    /// one it writes, consumed (an `Empty` outgoing slot is recorded).
+    fn take_slot(&mut self) -> (Option<Tensor>, Option<Tensor>) {
+        let taken = (self.current().frames().cloned(), self.adjoint().cloned());
+        self.push(CacheSlot::Empty);
+        taken
+    }
+
+    /// Whether layers are to be checkpointed: in the backward, when asked for.
+    fn checkpoints(&self) -> bool {
+        self.adjoints.is_some() && self.checkpoint
     }
 }
 
@@ -374,7 +392,9 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // `l2_normalize` computes half-precision inputs in f32 and rounds once, as upstream.
-        (ops::l2_normalize(x, 1, 1e-12)? * self.scale)?.broadcast_mul(&self.gamma)
+        // `scale_shift`: the same product as a broadcast multiply, without keeping a full-size
+        // gradient for the (frozen) γ in the backward.
+        ops::scale_shift(&(ops::l2_normalize(x, 1, 1e-12)? * self.scale)?, Some(&self.gamma), None)
     }
 }
 
@@ -404,6 +424,9 @@ impl ResidualBlock {
     }
 
     fn forward(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
+        if cache.checkpoints() {
+            return self.forward_checkpointed(x, cache);
+        }
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x, None, None)?,
             None => x.clone(),
@@ -414,7 +437,45 @@ impl ResidualBlock {
         let h = self.conv2.forward_cached(&h, cache)?;
         h + shortcut
     }
+
+    /// The block with its two convs' cached frames and outgoing-cache adjoints given.
+    fn forward_with_caches(
+        &self,
+        x: &Tensor,
+        caches: [Option<&Tensor>; 2],
+        adjoints: [Option<&Tensor>; 2],
+    ) -> Result<Tensor> {
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x, None, None)?,
+            None => x.clone(),
+        };
+        let h = ops::silu(&self.norm1.forward(x)?)?;
+        let h = self.conv1.forward(&h, caches[0], adjoints[0])?;
+        let h = ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h, caches[1], adjoints[1])?;
+        h + shortcut
+    }
+
+    /// In the backward: the block as one `checkpoint_many` node of its input and its cached
+    /// frames (whose gradients are the adjoints carried to the previous chunk); its graph is
+    /// rebuilt when the backward reaches it.
+    fn forward_checkpointed(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
+        let (c1, a1) = cache.take_slot();
+        let (c2, a2) = cache.take_slot();
+        let present = [c1.is_some(), c2.is_some()];
+        let inputs: Vec<Tensor> = std::iter::once(x.clone()).chain(c1).chain(c2).collect();
+        let block = self.clone();
+        ops::checkpoint_many(&inputs, move |t| {
+            let mut rest = t[1..].iter();
+            let c1 = if present[0] { rest.next() } else { None };
+            let c2 = if present[1] { rest.next() } else { None };
+            block.forward_with_caches(&t[0], [c1, c2], [a1.as_ref(), a2.as_ref()])
+        })
+    }
 }
+
+/// Query/key tile of the VAE's attention (`shared::ops::sdpa_tiled`).
+const ATTENTION_TILE: usize = 1024;
 
 /// `WanAttentionBlock`: single-head self-attention over H·W within each frame.
 #[derive(Clone, Debug)]
@@ -447,7 +508,9 @@ impl AttentionBlock {
         let q = qkv.narrow(D::Minus1, 0, c)?.contiguous()?;
         let k = qkv.narrow(D::Minus1, c, c)?.contiguous()?;
         let v = qkv.narrow(D::Minus1, 2 * c, c)?.contiguous()?;
-        let attended = ops::sdpa(&q, &k, &v, None, None)?;
+        // Tiled: no (H·W)² matrix (at 704×1280 the mid block's 88·160 pixels would make 0.8 GB
+        // per f32 score matrix); equal to `sdpa` to round-off.
+        let attended = ops::sdpa_tiled(&q, &k, &v, None, None, ATTENTION_TILE)?;
         let attended = attended.squeeze(1)?.transpose(1, 2)?.reshape((bt, c, h, w))?;
         let out = ops::conv2d(&attended, &self.proj.0, Some(&self.proj.1), 1, 0)?;
         batch_to_frames(&out, b)? + x
@@ -490,6 +553,9 @@ impl Resample {
     }
 
     fn forward(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
+        if cache.checkpoints() && matches!(self.mode, ResampleMode::Upsample2d | ResampleMode::Upsample3d) {
+            return self.forward_checkpointed(x, cache);
+        }
         let (b, c, t, h, w) = x.dims5()?;
         let mut x = x.clone();
         if let (ResampleMode::Upsample3d, Some(time_conv)) = (self.mode, &self.time_conv) {
@@ -513,22 +579,10 @@ impl Resample {
                 // "Rep" pads with zeros, exactly what an absent cache does.
                 let y = time_conv.forward(&x, previous.frames(), cache.adjoint())?;
                 cache.push(next);
-                // (B, 2C, T, H, W) → (B, 2, C, T, H, W) → frames interleaved: (B, C, 2T, H, W).
-                x = y.reshape((b, 2, c, t, h, w))?.permute((0, 2, 3, 1, 4, 5))?.reshape((b, c, 2 * t, h, w))?;
+                x = Self::interleave(&y, (b, c, t, h, w))?;
             }
         }
-        let frames = frames_to_batch(&x)?;
-        let frames = match self.mode {
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                ops::conv2d(&ops::upsample_nearest2x(&frames)?, &self.conv.0, Some(&self.conv.1), 1, 1)?
-            }
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                // ZeroPad2d((0, 1, 0, 1)): one column right, one row below; then stride 2.
-                let padded = frames.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-                ops::conv2d(&padded, &self.conv.0, Some(&self.conv.1), 2, 0)?
-            }
-        };
-        let mut x = batch_to_frames(&frames, b)?;
+        let mut x = self.spatial(&x)?;
         if let (ResampleMode::Downsample3d, Some(time_conv)) = (self.mode, &self.time_conv) {
             match cache.current() {
                 CacheSlot::Frames(prev) => {
@@ -543,6 +597,58 @@ impl Resample {
             }
         }
         Ok(x)
+    }
+
+    /// (B, 2C, T, H, W) from the temporal conv → (B, 2, C, T, H, W) → frames interleaved:
+    /// (B, C, 2T, H, W).
+    fn interleave(y: &Tensor, (b, c, t, h, w): (usize, usize, usize, usize, usize)) -> Result<Tensor> {
+        y.reshape((b, 2, c, t, h, w))?.permute((0, 2, 3, 1, 4, 5))?.reshape((b, c, 2 * t, h, w))
+    }
+
+    /// The per-frame part: nearest ×2 and a 3×3 conv (up), or zero pad and a stride-2 conv (down).
+    fn spatial(&self, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let frames = frames_to_batch(x)?;
+        let frames = match self.mode {
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
+                ops::conv2d(&ops::upsample_nearest2x(&frames)?, &self.conv.0, Some(&self.conv.1), 1, 1)?
+            }
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
+                // ZeroPad2d((0, 1, 0, 1)): one column right, one row below; then stride 2.
+                let padded = frames.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+                ops::conv2d(&padded, &self.conv.0, Some(&self.conv.1), 2, 0)?
+            }
+        };
+        batch_to_frames(&frames, b)
+    }
+
+    /// An up-sampler in the backward, as one `checkpoint_many` node of its input and (temporal
+    /// up-sampling after the first chunk) its cached frames.
+    fn forward_checkpointed(&self, x: &Tensor, cache: &mut CacheCursor) -> Result<Tensor> {
+        let temporal = match (self.mode, &self.time_conv) {
+            (ResampleMode::Upsample3d, Some(_)) if matches!(cache.current(), CacheSlot::Empty) => {
+                cache.push(CacheSlot::Replicate);
+                None
+            }
+            (ResampleMode::Upsample3d, Some(_)) => Some(cache.take_slot()),
+            _ => None,
+        };
+        let layer = self.clone();
+        let (cached, adjoint, temporal) = match temporal {
+            Some((frames, adjoint)) => (frames, adjoint, true),
+            None => (None, None, false),
+        };
+        let has_cache = cached.is_some();
+        let inputs: Vec<Tensor> = std::iter::once(x.clone()).chain(cached).collect();
+        ops::checkpoint_many(&inputs, move |t| {
+            let mut x = t[0].clone();
+            if let (true, Some(time_conv)) = (temporal, &layer.time_conv) {
+                let cached = if has_cache { Some(&t[1]) } else { None };
+                let y = time_conv.forward(&x, cached, adjoint.as_ref())?;
+                x = Self::interleave(&y, x.dims5()?)?;
+            }
+            layer.spatial(&x)
+        })
     }
 }
 
@@ -740,6 +846,10 @@ impl DiagonalGaussian {
 #[derive(Clone, Debug)]
 pub struct AutoencoderKLWan {
     cfg: Config,
+    /// Residual blocks checkpointed inside each chunk of the decode VJP (default on).
+    vjp_checkpointing: bool,
+    /// Chunks per tape segment (`None`: ⌈√chunks⌉); see [`AutoencoderKLWan::set_tape_segment`].
+    tape_segment: Option<usize>,
     encoder: Encoder,
     quant_conv: CausalConv3d,
     post_quant_conv: CausalConv3d,
@@ -759,6 +869,8 @@ impl AutoencoderKLWan {
         let z = cfg.z_dim;
         Ok(Self {
             cfg: cfg.clone(),
+            vjp_checkpointing: true,
+            tape_segment: None,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             quant_conv: CausalConv3d::cube(2 * z, 2 * z, 1, vb.pp("quant_conv"))?,
             post_quant_conv: CausalConv3d::cube(z, z, 1, vb.pp("post_quant_conv"))?,
@@ -807,6 +919,35 @@ impl AutoencoderKLWan {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Whether [`DecodeTape::vjp`] checkpoints each residual block inside a chunk (default:
+    /// yes). The gradient is the same (test); one chunk's backward then holds the blocks' inputs
+    /// and one block's graph instead of the whole chunk's graph (at 704×1280 a chunk's graph is
+    /// ~0.1 GB per latent pixel … see `cosmos::memory_plan`), for one more forward of the blocks.
+    pub fn set_vjp_checkpointing(&mut self, enabled: bool) {
+        self.vjp_checkpointing = enabled;
+    }
+
+    /// How many chunks share one stored feature cache in [`Self::decode_taped`]'s tape: the tape
+    /// keeps the cache entering every `segment`-th chunk, and [`DecodeTape::vjp`] decodes each
+    /// segment forward again (no graph) to rebuild the caches between. `Some(1)` stores every
+    /// chunk's cache (no extra forward); `None` (the default) takes ⌈√chunks⌉, so that the tape
+    /// and one segment's rebuilt caches together hold ~2√chunks caches instead of one per chunk,
+    /// for one more decode forward. Why: one chunk's cache is 2 frames of every cached conv's
+    /// input at its resolution, ~4.9 KB per output pixel in bf16 — 1.9 GB per chunk at 480×832,
+    /// 4.3 GB at 704×1280, times 23 chunks for 93 frames. A segment of 0 is refused.
+    pub fn set_tape_segment(&mut self, segment: Option<usize>) -> Result<()> {
+        if segment == Some(0) {
+            bail!("Wan VAE: a tape segment must hold at least one chunk")
+        }
+        self.tape_segment = segment;
+        Ok(())
+    }
+
+    /// Chunks per tape segment for `chunks` latent frames.
+    pub fn tape_segment(&self, chunks: usize) -> usize {
+        self.tape_segment.unwrap_or_else(|| (chunks as f64).sqrt().ceil() as usize).max(1)
     }
 
     /// The weights' dtype (inputs are cast to it).
@@ -874,7 +1015,10 @@ impl AutoencoderKLWan {
         cache: &[CacheSlot],
         cache_adjoint: &[Option<Tensor>],
     ) -> Result<Tensor> {
-        self.decode_chunk_with(latent_frame, &mut CacheCursor::with_adjoints(cache, cache_adjoint))
+        self.decode_chunk_with(
+            latent_frame,
+            &mut CacheCursor::with_adjoints(cache, cache_adjoint, self.vjp_checkpointing),
+        )
     }
 
     fn decode_chunk_with(&self, latent_frame: &Tensor, cursor: &mut CacheCursor) -> Result<Tensor> {
@@ -899,18 +1043,22 @@ impl AutoencoderKLWan {
     }
 
     /// Decodes with no graph and keeps what the recomputing backward needs: each chunk's latent
-    /// frame and incoming cache (detached).
+    /// frame, and the incoming cache of every segment's first chunk (detached; see
+    /// [`Self::set_tape_segment`]).
     pub fn decode_taped(&self, z: &Tensor) -> Result<(Tensor, DecodeTape)> {
         self.check_input(z, self.cfg.z_dim, "decode")?;
         let z = z.detach();
-        let mut tape = DecodeTape { latent_frames: Vec::new(), caches: Vec::new(), chunk_lengths: Vec::new() };
+        let n = z.dim(2)?;
+        let segment = self.tape_segment(n);
+        let mut tape = DecodeTape { latent_frames: Vec::new(), caches: Vec::new(), chunk_lengths: Vec::new(), segment };
         let mut cache: FeatureCache = Vec::new();
-        let mut chunks = Vec::with_capacity(z.dim(2)?);
-        for i in 0..z.dim(2)? {
+        let mut chunks = Vec::with_capacity(n);
+        for i in 0..n {
             let frame = owned(&z.narrow(2, i, 1)?)?;
             let chunk = self.decode_chunk(&frame, &cache)?;
             tape.latent_frames.push(frame);
-            tape.caches.push(std::mem::replace(&mut cache, chunk.cache));
+            let read = std::mem::replace(&mut cache, chunk.cache);
+            tape.caches.push((i % segment == 0).then_some(read));
             tape.chunk_lengths.push(chunk.frames.dim(2)?);
             chunks.push(chunk.frames);
         }
@@ -937,12 +1085,14 @@ impl AutoencoderKLWan {
     }
 }
 
-/// What [`AutoencoderKLWan::decode_taped`] keeps for the backward: per chunk, its latent frame
-/// and the cache it read. Nothing else of the forward survives.
+/// What [`AutoencoderKLWan::decode_taped`] keeps for the backward: per chunk, its latent frame,
+/// and the cache read by the first chunk of each segment. Nothing else of the forward survives.
 pub struct DecodeTape {
     latent_frames: Vec<Tensor>,
-    caches: Vec<FeatureCache>,
+    /// The cache chunk i read, for i a multiple of `segment`.
+    caches: Vec<Option<FeatureCache>>,
     chunk_lengths: Vec<usize>,
+    segment: usize,
 }
 
 impl DecodeTape {
@@ -950,50 +1100,65 @@ impl DecodeTape {
     pub fn bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.latent_frames.iter().map(size).sum::<usize>()
-            + self.caches.iter().flatten().filter_map(CacheSlot::frames).map(size).sum::<usize>()
+            + self.caches.iter().flatten().flatten().filter_map(CacheSlot::frames).map(size).sum::<usize>()
     }
 
     /// The vector–Jacobian product of the decode: ∂⟨video, grad_video⟩/∂z, rebuilding one chunk's
-    /// graph at a time from the last, with the adjoints of the caches carried between chunks.
+    /// graph at a time from the last, with the adjoints of the caches carried between chunks. Per
+    /// segment (last first), the caches its chunks read are decoded again from the stored one.
     /// Equals the full-graph backward of [`AutoencoderKLWan::decode`] (test).
     pub fn vjp(&self, vae: &AutoencoderKLWan, grad_video: &Tensor) -> Result<Tensor> {
         let total: usize = self.chunk_lengths.iter().sum();
         if grad_video.dim(2)? != total {
             bail!("decode vjp: gradient has {} frames, the decode produced {total}", grad_video.dim(2)?)
         }
-        let mut grad_frames = vec![None; self.latent_frames.len()];
+        let n = self.latent_frames.len();
+        let mut grad_frames = vec![None; n];
         // Adjoint of the cache that chunk i + 1 read (= chunk i's outgoing cache).
         let mut cache_adjoint: Vec<Option<Tensor>> = Vec::new();
         let mut end = total;
-        for i in (0..self.latent_frames.len()).rev() {
-            let len = self.chunk_lengths[i];
-            end -= len;
-            let frame = Var::from_tensor(&self.latent_frames[i])?;
-            // The incoming cache as vars, so its adjoint can be read off.
-            let cache_vars: Vec<Option<Var>> = self.caches[i]
-                .iter()
-                .map(|slot| slot.frames().map(Var::from_tensor).transpose())
-                .collect::<Result<_>>()?;
-            let cache_in: FeatureCache = self.caches[i]
-                .iter()
-                .zip(&cache_vars)
-                .map(|(slot, var)| match var {
-                    Some(v) => CacheSlot::Frames(v.as_tensor().clone()),
-                    None => slot.clone(),
-                })
-                .collect();
-            // ⟨frames, g⟩; the outgoing cache's adjoint enters inside (see `causal_pad`).
-            let frames = vae.decode_chunk_adjoint(frame.as_tensor(), &cache_in, &cache_adjoint)?;
-            let g = grad_video.narrow(2, end, len)?.to_dtype(frames.dtype())?;
-            let grads = (frames * g)?.sum_all()?.backward()?;
-            grad_frames[i] = Some(match grads.get(frame.as_tensor()) {
-                Some(g) => g.detach(),
-                None => frame.as_tensor().zeros_like()?,
-            });
-            cache_adjoint = cache_vars
-                .iter()
-                .map(|v| v.as_ref().and_then(|v| grads.get(v.as_tensor())).map(Tensor::detach))
-                .collect();
+        let starts: Vec<usize> = (0..n).step_by(self.segment).collect();
+        for &start in starts.iter().rev() {
+            let stop = (start + self.segment).min(n);
+            // The caches chunks start..stop read: the stored one, then decoded forward again.
+            let stored = self.caches[start].clone().ok_or_else(|| {
+                candle_core::Error::Msg(format!("decode vjp: the tape has no cache for chunk {start}"))
+            })?;
+            let mut caches = vec![stored];
+            for i in start..stop - 1 {
+                let next = vae.decode_chunk(&self.latent_frames[i], &caches[i - start])?.cache;
+                caches.push(next);
+            }
+            for i in (start..stop).rev() {
+                let len = self.chunk_lengths[i];
+                end -= len;
+                let frame = Var::from_tensor(&self.latent_frames[i])?;
+                let read = caches.pop().expect("one cache per chunk of the segment");
+                // The incoming cache as vars, so its adjoint can be read off.
+                let cache_vars: Vec<Option<Var>> =
+                    read.iter().map(|slot| slot.frames().map(Var::from_tensor).transpose()).collect::<Result<_>>()?;
+                let cache_in: FeatureCache = read
+                    .iter()
+                    .zip(&cache_vars)
+                    .map(|(slot, var)| match var {
+                        Some(v) => CacheSlot::Frames(v.as_tensor().clone()),
+                        None => slot.clone(),
+                    })
+                    .collect();
+                drop(read);
+                // ⟨frames, g⟩; the outgoing cache's adjoint enters inside (see `causal_pad`).
+                let frames = vae.decode_chunk_adjoint(frame.as_tensor(), &cache_in, &cache_adjoint)?;
+                let g = grad_video.narrow(2, end, len)?.to_dtype(frames.dtype())?;
+                let grads = (frames * g)?.sum_all()?.backward()?;
+                grad_frames[i] = Some(match grads.get(frame.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => frame.as_tensor().zeros_like()?,
+                });
+                cache_adjoint = cache_vars
+                    .iter()
+                    .map(|v| v.as_ref().and_then(|v| grads.get(v.as_tensor())).map(Tensor::detach))
+                    .collect();
+            }
         }
         let frames: Vec<Tensor> = grad_frames.into_iter().map(|g| g.expect("every chunk visited")).collect();
         Tensor::cat(&frames, 2)

@@ -70,6 +70,11 @@ fn layer_norm_matches_finite_differences() {
         contract(&layer_norm(x.as_tensor(), Some(g.as_tensor()), Some(b.as_tensor()), 1e-5)?, &w)
     });
     check("layer_norm no affine", &[("x", &x)], || contract(&layer_norm(x.as_tensor(), None, None, 1e-6)?, &w));
+    // Constant weight and bias: the closed-form backward (`fused.rs`).
+    let (g_c, b_c) = (g.as_tensor().detach(), b.as_tensor().detach());
+    check("layer_norm constant affine", &[("x", &x)], || {
+        contract(&layer_norm(x.as_tensor(), Some(&g_c), Some(&b_c), 1e-5)?, &w)
+    });
     // The fused kernels have no f64 path: compare forwards in f32.
     let (x, g, b) = (f32_of(&x), f32_of(&g), f32_of(&b));
     let fused = candle_nn::ops::layer_norm(&x, &g, &b, 1e-5).unwrap();
@@ -86,6 +91,8 @@ fn rms_norm_matches_finite_differences() {
         contract(&rms_norm(x.as_tensor(), Some(g.as_tensor()), 1e-6)?, &w)
     });
     check("rms_norm no weight", &[("x", &x)], || contract(&rms_norm(x.as_tensor(), None, 1e-6)?, &w));
+    let g_c = g.as_tensor().detach();
+    check("rms_norm constant weight", &[("x", &x)], || contract(&rms_norm(x.as_tensor(), Some(&g_c), 1e-6)?, &w));
     let (x, g) = (f32_of(&x), f32_of(&g));
     let fused = candle_nn::ops::rms_norm(&x, &g, 1e-6).unwrap();
     let ours = rms_norm(&x, Some(&g), 1e-6).unwrap();
@@ -156,6 +163,22 @@ fn sdpa_matches_finite_differences_with_and_without_mask() {
     .unwrap();
     let y2 = sdpa(q.as_tensor(), k.as_tensor(), &v2, Some(&mask), None).unwrap();
     assert_close(&y.narrow(2, 0, 3).unwrap(), &y2.narrow(2, 0, 3).unwrap(), 1e-9);
+}
+
+#[test]
+fn scale_shift_matches_finite_differences() {
+    let x = var(&[2, 3, 8], 40);
+    let a = var(&[3, 1], 41);
+    let b = var(&[8], 42);
+    let w = weights(&[2, 3, 8], 40);
+    // Learned scale and shift: the composition, every input differentiated.
+    check("scale_shift learned", &[("x", &x), ("scale", &a), ("shift", &b)], || {
+        contract(&scale_shift(x.as_tensor(), Some(a.as_tensor()), Some(b.as_tensor()))?, &w)
+    });
+    // Constants: the fused op.
+    let (a_c, b_c) = (a.as_tensor().detach(), b.as_tensor().detach());
+    check("scale_shift constant", &[("x", &x)], || contract(&scale_shift(x.as_tensor(), Some(&a_c), Some(&b_c))?, &w));
+    check("scale only", &[("x", &x)], || contract(&scale_shift(x.as_tensor(), Some(&a_c), None)?, &w));
 }
 
 #[test]
