@@ -381,3 +381,58 @@ fn video_conditioning_matches_diffusers() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--dry-run` for the real 2B Predict2 and Predict2.5 configs (a repository holding only their
+/// config files: the plan reads nothing else) at 704×1280×93 and 480×832×93 in bf16: exit 0,
+/// nothing written, the DiT's parameter count as diffusers' model has it (the meta-device key
+/// lists, `parameter_count`), and the peak the plan prints is at least the weights plus the
+/// stored latents. The calibration of the plan against measured peaks is in
+/// tests/cosmos_memory_plan.rs.
+#[test]
+fn dry_run_plans_the_real_2b_models_without_loading_anything() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (stem, class) in [
+        ("cosmos_predict2_2b_video2world", "Cosmos2VideoToWorldPipeline"),
+        ("cosmos_predict25_2b", "Cosmos2_5_PredictBasePipeline"),
+    ] {
+        let repo = tmp.path().join(stem);
+        std::fs::create_dir_all(repo.join("transformer"))?;
+        std::fs::create_dir_all(repo.join("vae"))?;
+        std::fs::write(repo.join("model_index.json"), format!("{{\"_class_name\": \"{class}\"}}"))?;
+        std::fs::copy(fixtures().join(format!("{stem}_config.json")), repo.join("transformer/config.json"))?;
+        std::fs::copy(fixtures().join("wan2_1_vae_config.json"), repo.join("vae/config.json"))?;
+        let keys: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("{stem}_keys.json")))?)?;
+        let parameters = keys["parameter_count"].as_f64().context("parameter_count")?;
+        for (h, w) in [(704, 1280), (480, 832)] {
+            let out = tmp.path().join("never-written");
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+                .args(["cosmos", "--model"])
+                .arg(&repo)
+                .args(["--dry-run", "--dtype", "bf16", "--num-frames", "93"])
+                .args(["--height", &h.to_string(), "--width", &w.to_string(), "-o"])
+                .arg(&out)
+                .output()?;
+            let text =
+                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            assert!(output.status.success(), "{text}");
+            assert!(!out.exists(), "--dry-run created the output directory");
+            let line = |name: &str| -> Result<Vec<f64>> {
+                let l = text
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(name))
+                    .with_context(|| format!("{name}: {text}"))?;
+                Ok(l.split_whitespace().filter_map(|t| t.trim_end_matches("·10⁹").parse::<f64>().ok()).collect())
+            };
+            let dit = line("weights: DiT")?;
+            assert!((dit[1] * 1e9 - parameters).abs() <= 1e-3 * parameters, "{stem}: {dit:?} vs {parameters}");
+            let gib = 1024f64.powi(3);
+            assert!((dit[0] - parameters * 2.0 / gib).abs() < 0.01, "{stem}: bf16 weights {dit:?}");
+            let peak = line("peak")?[0];
+            let latents = 16.0 * 24.0 * (h / 8) as f64 * (w / 8) as f64 * 2.0 / gib;
+            assert!(peak > dit[0] + 36.0 * latents, "{stem} {h}×{w}: peak {peak}");
+            println!("{stem} {h}×{w}×93 bf16: predicted peak {peak:.1} GiB");
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::memory_plan::{MemoryPlan, PlanRequest};
 use super::params_file;
 use super::pipeline::{self, CosmosPipeline, GenerateRequest, PipelineKind};
 use super::vae::DecodedObjective;
@@ -23,6 +24,7 @@ use crate::objective::{Objective, TargetMse};
 use crate::optimize::{gradcheck_eps, optimize, verify_gradient, Direction, OptimizeSettings};
 use crate::schedule::Schedule;
 use crate::trajectory::{GradMode, Trajectory};
+use shared::device::describe;
 
 /// The `cosmos` subcommand's arguments (diffusers' defaults where it has them).
 #[derive(clap::Args, Debug, Clone)]
@@ -142,14 +144,24 @@ pub struct CosmosArgs {
     /// unused).
     #[arg(long)]
     pub policy_reference: Option<PathBuf>,
+    /// Print the memory plan of one z0 optimisation iteration at this size (weights, stored
+    /// trajectory, one step's VJP through the DiT, the VAE decode's VJP) and whether it fits
+    /// the device's free memory, reading only the repository's config files; nothing is loaded
+    /// or written. Needs no --image/--prompt.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Optimise even when the memory plan predicts more than the device's free memory (a run
+    /// with --iterations > 0 is refused up front otherwise).
+    #[arg(long)]
+    pub ignore_memory_plan: bool,
     /// Arguments the command line gave (clap ids), filled by the binary: these win over a params
     /// file's values.
     #[arg(skip)]
     pub command_line: Vec<String>,
 }
 
-/// What the run measured.
-#[derive(Debug, serde::Serialize)]
+/// What the run measured (all zero for `--dry-run`).
+#[derive(Debug, Default, serde::Serialize)]
 pub struct CosmosSummary {
     pub seconds_load: f64,
     pub seconds_sample: f64,
@@ -209,7 +221,7 @@ fn prepare_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
 fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     match (&args.prompt, &args.prompt_embeds) {
         (Some(_), Some(_)) => bail!("give --prompt TEXT or --prompt-embeds FILE, not both"),
-        (None, None) => bail!("give --prompt TEXT (Predict2) or --prompt-embeds FILE"),
+        (None, None) if !args.dry_run => bail!("give --prompt TEXT (Predict2) or --prompt-embeds FILE"),
         (None, Some(_)) if args.negative_prompt.is_some() => bail!(
             "--negative-prompt goes with --prompt; with --prompt-embeds the file's negative_prompt_embeds are used"
         ),
@@ -218,7 +230,10 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.prompt {
         anyhow::ensure!(!p.trim().is_empty(), "--prompt is empty");
     }
-    anyhow::ensure!(args.image.is_some() || args.video.is_some(), "give a conditioning --image or --video");
+    anyhow::ensure!(
+        args.dry_run || args.image.is_some() || args.video.is_some(),
+        "give a conditioning --image or --video"
+    );
     anyhow::ensure!(
         args.height > 0 && args.width > 0 && args.height.is_multiple_of(16) && args.width.is_multiple_of(16),
         "--height and --width must be positive multiples of 16, got {}×{}",
@@ -307,6 +322,25 @@ fn encode_prompt(
     Ok((embeds.narrow(0, 0, 1)?, Some(embeds.narrow(0, 1, 1)?)))
 }
 
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// The memory plan of one optimisation iteration for the arguments, from the repository's
+/// `model_index.json`, `transformer/config.json` and `vae/config.json` alone.
+fn memory_plan(args: &CosmosArgs, dtype: DType) -> anyhow::Result<MemoryPlan> {
+    let repo = pipeline::Repository::parse(&args.model)?;
+    let kind = CosmosPipeline::kind_of(&args.model)?;
+    let transformer = super::transformer::Config::from_json_file(&repo.file("transformer/config.json")?)?;
+    let vae = super::vae::Config::from_json_file(&repo.file("vae/config.json")?)?;
+    let request = PlanRequest {
+        steps: args.steps.unwrap_or(kind.default_steps()),
+        guidance: args.guidance > 1.0,
+        dtype,
+        solver_state_per_step: kind.solver_state_per_step(),
+        ..PlanRequest::new(args.height, args.width, args.num_frames)
+    };
+    MemoryPlan::new(&transformer, &vae, &request)
+}
+
 /// Runs `sampler cosmos`: samples (and optimises) and writes the outputs into `args.out`.
 pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
     let (args, params_applied) = with_params_file(args)?;
@@ -333,6 +367,31 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         !args.verify_grad || matches!(dtype, DType::F32 | DType::F64),
         "--verify-grad: finite differences in {dtype:?} measure rounding, not the gradient; use --dtype f32 or f64"
     );
+    if args.dry_run || args.iterations > 0 {
+        let plan = memory_plan(args, dtype)?;
+        let free = shared::device::free_memory_bytes(&device);
+        let verdict = match free {
+            Some(free) => match plan.fits(free) {
+                Ok(()) => Ok(format!("fits the {:.1} GiB free on {}", free as f64 / GIB, describe(&device))),
+                Err(advice) => Err(advice),
+            },
+            None => Ok(format!("free memory of {} unknown: not checked", describe(&device))),
+        };
+        if args.dry_run {
+            log(&format!("{plan}"));
+            match &verdict {
+                Ok(v) => log(v),
+                Err(advice) => log(&format!("does not fit: {advice}")),
+            }
+            return Ok(CosmosSummary::default());
+        }
+        if let Err(advice) = verdict {
+            bail!(
+                "the memory plan of one optimisation iteration does not fit (see --dry-run): {advice}; or pass \
+                 --ignore-memory-plan to try anyway"
+            );
+        }
+    }
     check_out_dir(&args.out, args.overwrite)?;
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
@@ -356,7 +415,12 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
 
     let started = Instant::now();
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
-    let pipe = CosmosPipeline::load(&args.model, dtype, &device)?;
+    let mut pipe = CosmosPipeline::load(&args.model, dtype, &device)?;
+    if args.iterations > 0 {
+        // What the memory plan assumes: each step's VJP keeps block inputs, not block graphs,
+        // and attention never holds a tokens × tokens matrix (gradients equal: tests/cosmos_grad.rs).
+        pipe.transformer.set_memory_mode(super::transformer::MemoryMode::low_memory())?;
+    }
     let seconds_load = started.elapsed().as_secs_f64();
     let steps = args.steps.unwrap_or(pipe.kind.default_steps());
     pipe.check_size(args.num_frames, args.height, args.width)?;

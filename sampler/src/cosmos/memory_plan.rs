@@ -58,6 +58,8 @@ pub struct PlanRequest {
     pub vae_tape_segment: Option<usize>,
     /// Prompt tokens (T5 embeddings: 512).
     pub context_tokens: usize,
+    /// Latent-sized solver-state tensors stored per step (Euler 0; UniPC 3, Predict2.5).
+    pub solver_state_per_step: usize,
 }
 
 impl PlanRequest {
@@ -76,6 +78,7 @@ impl PlanRequest {
             vae_checkpointing: true,
             vae_tape_segment: None,
             context_tokens: 512,
+            solver_state_per_step: 0,
         }
     }
 }
@@ -203,8 +206,9 @@ impl MemoryPlan {
         let dit_weights = parameters.0 as f64 * sizes.model;
         let vae_weights = parameters.1 as f64 * sizes.model;
         let latent_bytes = latent.iter().product::<usize>() as f64 * sizes.model;
-        // x_0 … x_N; z0, its gradient, the adjoint, the conditioning latents and the target.
-        let trajectory = (r.steps + 1) as f64 * latent_bytes + 5.0 * latent_bytes;
+        // x_0 … x_N and the solver state entering each step; z0, its gradient, the adjoint, the
+        // conditioning latents and the target.
+        let trajectory = ((r.steps + 1) + r.steps * r.solver_state_per_step) as f64 * latent_bytes + 5.0 * latent_bytes;
 
         let step_vjp = dit_step_terms(transformer, r, tokens, latent_bytes, sizes);
         let decode_vjp = if r.decode { decode_terms(vae, r, latent, sizes) } else { Vec::new() };

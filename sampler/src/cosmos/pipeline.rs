@@ -132,6 +132,15 @@ impl PipelineKind {
         }
     }
 
+    /// Latent-sized tensors the solver carries between steps, stored per step by the
+    /// recomputing backward (UniPC: the corrected sample and two model outputs).
+    pub fn solver_state_per_step(self) -> usize {
+        match self {
+            Self::Predict2VideoToWorld => 0,
+            Self::Predict25 => 3,
+        }
+    }
+
     /// diffusers' default `num_inference_steps` (Predict2.5's 36 levels are the original's 35
     /// steps plus the step to 0).
     pub fn default_steps(self) -> usize {
