@@ -68,7 +68,7 @@ fn measure_iteration(cfg: &Config, vae: &VaeConfig, req: &PlanRequest) -> Result
     let schedule = Schedule::karras_flow_match(req.steps, PREDICT2_SIGMA_MIN, PREDICT2_SIGMA_MAX, 7.0)?;
     let plan = Churn::default().plan(&schedule.sigmas, false);
     let solver = SolverKind::Euler.build();
-    let cond = Conditioning { frames: None, mask: None, context: Some(prompt) };
+    let cond = Conditioning { frames: None, mask: None, context: Some(prompt), initial_noise: None };
     let traj = Trajectory { denoiser: denoiser.as_ref(), solver: solver.as_ref(), cond: &cond, schedule, plan };
     let objective = TargetMse { target, label: "random target".into() };
     let noises = vec![None; traj.num_steps()];
