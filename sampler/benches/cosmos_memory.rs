@@ -418,7 +418,7 @@ fn main() -> anyhow::Result<()> {
             let beyond = |r: &Row| heap(&r.low).zip(r.low.stored_blocks).map(|(h, s)| h - s);
             if let (Some(x2), Some(x8)) = (beyond(a), beyond(b)) {
                 println!(
-                    "  beyond the stored block inputs (2 calls × (L + 1) × N·D, what any checkpointing keeps): {:.1} MB → {:.1} MB ({:+.1} %)",
+                    "  beyond the stored segment inputs (2 calls × (⌈L/⌈√L⌉⌉ + 1) × N·D, what checkpointing must keep): {:.1} MB → {:.1} MB ({:+.1} %)",
                     x2 / MB,
                     x8 / MB,
                     100.0 * (x8 / x2 - 1.0)

@@ -207,7 +207,8 @@ fn real_predict2_2b_figures() -> Result<()> {
         let plain = plan.with_request(&PlanRequest { dit: MemoryMode::default(), ..plan.request.clone() })?;
         let unchecked_decode = plan.with_request(&PlanRequest { vae_checkpointing: false, ..plan.request.clone() })?;
         println!(
-            "  {height}×{width}: one step's VJP without DiT checkpointing/tiling {:.0} GiB (with: {:.1}); decode VJP              without checkpointing inside chunks {:.0} GiB (with: {:.1})",
+            "  {height}×{width}: one step's VJP without DiT checkpointing/tiling {:.0} GiB (with: {:.1}); decode VJP \
+             without checkpointing inside chunks {:.0} GiB (with: {:.1})",
             plain.step_vjp_bytes() / GIB,
             plan.step_vjp_bytes() / GIB,
             unchecked_decode.decode_vjp_bytes() / GIB,

@@ -716,11 +716,20 @@ impl fmt::Display for MemoryPlan {
         // GiB for real sizes, MiB for the small ones the plan is validated on.
         let (unit, scale) = if self.peak_bytes() >= GIB { ("GiB", GIB) } else { ("MiB", GIB / 1024.0) };
         let gib = |b: f64| format!("{:>8.2}", b / scale);
-        let mode = match (r.dit.checkpoint_blocks, r.dit.attention_tile) {
-            (true, Some(t)) => format!("checkpointed blocks, tiled attention ({t})"),
-            (true, None) => "checkpointed blocks, materialised attention".to_string(),
-            (false, Some(t)) => format!("plain graph, tiled attention ({t})"),
-            (false, None) => "plain graph, materialised attention".to_string(),
+        let m = r.dit;
+        let mut parts = Vec::new();
+        match (m.checkpoint_blocks, m.segment_len(self.transformer.num_layers)) {
+            (true, seg) if seg > 1 => parts.push(format!("checkpointed segments of {seg} blocks and blocks")),
+            (true, _) => parts.push("checkpointed blocks".to_string()),
+            (false, _) => {}
+        }
+        if m.checkpoint_sublayers {
+            parts.push("branches".to_string());
+        }
+        let mode = if parts.is_empty() { "plain graph".to_string() } else { parts.join(", ") };
+        let mode = match m.attention_tile {
+            Some(t) => format!("{mode}; tiled attention ({t})"),
+            None => format!("{mode}; materialised attention"),
         };
         let [_, c, t, h, w] = self.latent;
         writeln!(
