@@ -33,6 +33,37 @@ fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
+/// A fixture case's pipeline (loaded offline by repository name, in `dtype`) and request: the
+/// conditioning from `conditioning` (a file or folder under fixtures/), the case's size, steps,
+/// guidance, fps, latents, prompt embeddings and conditioning latent frames.
+fn case_request(
+    case: &serde_json::Value,
+    conditioning: &str,
+    dtype: DType,
+) -> Result<(CosmosPipeline, GenerateRequest)> {
+    let dev = Device::Cpu;
+    let text = |key: &str| case[key].as_str().unwrap_or_default().to_string();
+    let number = |key: &str| case[key].as_u64().unwrap_or(0) as usize;
+    let pipe = CosmosPipeline::load_from(offline_hub(&text("model")), dtype, &dev)?;
+    let (h, w, num_frames) = (number("height"), number("width"), number("num_frames"));
+    let video = pipeline::load_conditioning(&fixtures().join(conditioning), h, w, &dev)?;
+    let (prompt, negative) = pipeline::read_prompt_embeds(&fixtures().join(text("prompt_embeds")), &dev)?;
+    let shape = pipe.latent_shape(1, num_frames, h, w);
+    let latents = pipeline::read_latents(&fixtures().join(text("latents")), &shape, &dev)?;
+    let req = GenerateRequest {
+        video,
+        prompt_embeds: prompt,
+        negative_prompt_embeds: negative,
+        num_frames,
+        steps: number("num_inference_steps"),
+        guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
+        fps: case["fps_passed_to_transformer"].as_f64(),
+        latents,
+        condition_latent_frames: case["condition_latent_frames"].as_u64().map(|n| n as usize),
+    };
+    Ok((pipe, req))
+}
+
 /// One case of the fixture, in `dtype`: (latent relative error, video max |Δ|).
 fn pipeline_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
     let cases = cases()?;
@@ -40,26 +71,7 @@ fn pipeline_case(name: &str, dtype: DType) -> Result<(f64, f64)> {
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == name))
         .with_context(|| format!("no case {name}"))?;
-    let dev = Device::Cpu;
-    let pipe = CosmosPipeline::load_from(offline_hub(case["model"].as_str().unwrap_or_default()), dtype, &dev)?;
-    let (h, w) = (case["height"].as_u64().unwrap_or(0) as usize, case["width"].as_u64().unwrap_or(0) as usize);
-    let num_frames = case["num_frames"].as_u64().unwrap_or(0) as usize;
-    let video = pipeline::load_conditioning(&fixtures().join(case["image"].as_str().unwrap_or_default()), h, w, &dev)?;
-    let (prompt, negative) =
-        pipeline::read_prompt_embeds(&fixtures().join(case["prompt_embeds"].as_str().unwrap_or_default()), &dev)?;
-    let shape = pipe.latent_shape(1, num_frames, h, w);
-    let latents = pipeline::read_latents(&fixtures().join(case["latents"].as_str().unwrap_or_default()), &shape, &dev)?;
-    let req = GenerateRequest {
-        video,
-        prompt_embeds: prompt,
-        negative_prompt_embeds: negative,
-        num_frames,
-        steps: case["num_inference_steps"].as_u64().unwrap_or(0) as usize,
-        guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
-        fps: case["fps_passed_to_transformer"].as_f64(),
-        latents,
-        condition_latent_frames: None,
-    };
+    let (pipe, req) = case_request(case, case["image"].as_str().unwrap_or_default(), dtype)?;
     let (final_latents, video) = pipe.generate(&req)?;
     let r = reference(name)?;
     let expected = r.get("final_latents").context("final_latents")?;
@@ -338,35 +350,13 @@ fn video_conditioning_matches_diffusers() -> Result<()> {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("cosmos_pipeline_video_cases.json"))?)?;
     let all =
         shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_video_cases.safetensors"), &Device::Cpu)?;
-    let dev = Device::Cpu;
     let cases = cases["cases"].as_array().context("cases")?;
     assert_eq!(cases.len(), 3);
     for case in cases {
         let name = case["name"].as_str().context("name")?;
         let get = |key: &str| all.get(&format!("{name}.{key}")).cloned().with_context(|| format!("{name}.{key}"));
-        let pipe =
-            CosmosPipeline::load_from(offline_hub(case["model"].as_str().unwrap_or_default()), DType::F32, &dev)?;
-        let (h, w) = (case["height"].as_u64().unwrap_or(0) as usize, case["width"].as_u64().unwrap_or(0) as usize);
-        let num_frames = case["num_frames"].as_u64().unwrap_or(0) as usize;
-        let video =
-            pipeline::load_conditioning(&fixtures().join(case["video_dir"].as_str().unwrap_or_default()), h, w, &dev)?;
-        assert_eq!(video.dim(2)?, 6);
-        let (prompt, negative) =
-            pipeline::read_prompt_embeds(&fixtures().join(case["prompt_embeds"].as_str().unwrap_or_default()), &dev)?;
-        let shape = pipe.latent_shape(1, num_frames, h, w);
-        let latents =
-            pipeline::read_latents(&fixtures().join(case["latents"].as_str().unwrap_or_default()), &shape, &dev)?;
-        let req = GenerateRequest {
-            video,
-            prompt_embeds: prompt,
-            negative_prompt_embeds: negative,
-            num_frames,
-            steps: case["num_inference_steps"].as_u64().unwrap_or(0) as usize,
-            guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
-            fps: None,
-            latents,
-            condition_latent_frames: case["condition_latent_frames"].as_u64().map(|n| n as usize),
-        };
+        let (pipe, req) = case_request(case, case["video_dir"].as_str().unwrap_or_default(), DType::F32)?;
+        assert_eq!(req.video.dim(2)?, 6);
         let (final_latents, video) = pipe.generate(&req)?;
         let expected = get("final_latents")?;
         let rel = max_abs(&(&final_latents - &expected)?)? / max_abs(&expected)?;
