@@ -391,6 +391,27 @@ pub fn varbuilder_for_model_files(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
+    checked_model_varbuilder(paths, expected, dtype, false, device)
+}
+
+/// [`varbuilder_for_model`] for our own file formats, which are written in one dtype: a tensor
+/// stored in any other dtype is a problem too (not silently converted).
+pub fn varbuilder_for_model_exact(
+    path: &Path,
+    expected: &std::collections::BTreeMap<String, Vec<usize>>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    checked_model_varbuilder(&[path.to_path_buf()], expected, dtype, true, device)
+}
+
+fn checked_model_varbuilder(
+    paths: &[PathBuf],
+    expected: &std::collections::BTreeMap<String, Vec<usize>>,
+    dtype: DType,
+    exact_dtype: bool,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
     let Some(path) = paths.first() else {
         return Err(WeightsError::NotFound(PathBuf::from("(no weight files)")));
     };
@@ -400,9 +421,12 @@ pub fn varbuilder_for_model_files(
     for shard in paths {
         // Memory-mapped and converted to `dtype` tensor by tensor: the host never holds a whole
         // shard, nor a tensor in two dtypes for longer than its conversion.
-        let (shard_tensors, bad) = read_checked(shard, device, Some(dtype))?;
+        let (shard_tensors, bad) = read_checked(shard, device, (!exact_dtype).then_some(dtype))?;
         non_finite.extend(bad);
         for (key, t) in shard_tensors {
+            if exact_dtype && t.dtype() != dtype {
+                problems.push(format!("'{key}': stored as {:?}, the format is {dtype:?}", t.dtype()));
+            }
             if tensors.insert(key.clone(), t).is_some() {
                 problems.push(format!("'{key}' appears twice (again in {})", shard.display()));
             }

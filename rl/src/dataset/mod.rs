@@ -59,6 +59,27 @@ pub const FINAL_PREFIX: &str = "final.";
 pub const META_FILE: &str = "meta.json";
 pub const FORMAT: &str = "worldgrad-bimanual-pucks/v1";
 
+/// What a dataset directory holds, before it is opened or collected into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatasetState {
+    /// Absent or empty: a dataset may be collected there.
+    Absent,
+    /// `meta.json` is there: a complete dataset (open it with [`Dataset::open`], which validates it).
+    Complete,
+    /// Files but no `meta.json` — what an interrupted collection leaves (`meta.json` is written
+    /// last), or another kind of directory. Never collected over or read without `--overwrite`.
+    Incomplete { files: Vec<String> },
+}
+
+/// Classifies `dir` (see [`DatasetState`]); the lock file of a running collection is not content.
+pub fn dataset_state(dir: &Path) -> anyhow::Result<DatasetState> {
+    if dir.join(META_FILE).is_file() {
+        return Ok(DatasetState::Complete);
+    }
+    let files = shared::outputs::contents(dir)?;
+    Ok(if files.is_empty() { DatasetState::Absent } else { DatasetState::Incomplete { files } })
+}
+
 /// `observation.images.<camera>`.
 pub fn image_key(camera: &str) -> String {
     format!("observation.images.{camera}")

@@ -237,3 +237,23 @@ fn non_finite_values_are_counted_in_every_float_dtype_of_a_mapped_file() {
     assert_eq!(as_f16["ints"].dtype(), DType::U32);
     assert!(bad.contains(&("wide".to_string(), 1)), "{bad:?}");
 }
+
+#[test]
+fn an_exact_format_refuses_other_dtypes_nan_and_stray_keys_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("w.safetensors");
+    let tensors = HashMap::from([
+        ("a".to_string(), Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap()),
+        ("b".to_string(), Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap()),
+        ("extra".to_string(), Tensor::new(&[0f32], &Device::Cpu).unwrap()),
+    ]);
+    save_tensors_atomic(&tensors, &path).unwrap();
+    let expected = std::collections::BTreeMap::from([("a".to_string(), vec![2]), ("b".to_string(), vec![2])]);
+    let err = varbuilder_for_model_exact(&path, &expected, DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("'a': 1 NaN/Inf"), "{err}");
+    assert!(err.contains("'b': stored as F16"), "{err}");
+    assert!(err.contains("unexpected 'extra'"), "{err}");
+    // The lenient loader converts the f16 tensor, as Hub checkpoints need.
+    let err = varbuilder_for_model(&path, &expected, DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(!err.contains("stored as"), "{err}");
+}

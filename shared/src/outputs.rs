@@ -1,0 +1,226 @@
+//! Nothing lost: where a command may write.
+//!
+//! Every binary that writes a directory (a training run, a dataset, a sampler report) or a named
+//! file (an exported policy, a GIF, a preview) goes through this module, so the rules are the
+//! same everywhere:
+//!
+//! * a directory that holds anything is refused unless the user asked for it — `--overwrite`
+//!   (its old contents are removed whole before the first write, so a new run never mixes with
+//!   an old one's files) or `--resume` (the caller continues what is there);
+//! * an existing file is refused unless `--overwrite`; a path that is a directory, or whose
+//!   parent is a file, is refused;
+//! * every check runs before any work ([`check_dir`], [`check_output_file`]), and again when the
+//!   directory is claimed ([`claim_dir`]);
+//! * a claimed directory holds an exclusive lock ([`LOCK_FILE`], an OS file lock: released when
+//!   the process ends, even by `kill -9`), so two processes never write one run or dataset.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The lock file inside a claimed directory. It is not content: a directory holding only this
+/// file counts as empty.
+pub const LOCK_FILE: &str = ".worldgrad.lock";
+
+/// What the user allowed for a directory that already holds files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Only an absent or empty directory (the default).
+    Refuse,
+    /// `--overwrite`: the old contents are removed when the directory is claimed.
+    Overwrite,
+    /// `--resume`: the directory must exist with contents; they are kept.
+    Resume,
+}
+
+impl Existing {
+    /// From the usual pair of flags; both at once is a contradiction the caller names.
+    pub fn from_flags(overwrite: bool, resume: bool) -> Result<Self> {
+        match (overwrite, resume) {
+            (true, true) => bail!("--overwrite and --resume contradict each other: give one"),
+            (true, false) => Ok(Self::Overwrite),
+            (false, true) => Ok(Self::Resume),
+            (false, false) => Ok(Self::Refuse),
+        }
+    }
+}
+
+/// The entries of `dir` other than the lock file, sorted (empty when `dir` is absent).
+pub fn contents(dir: &Path) -> Result<Vec<String>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading directory {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LOCK_FILE)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A few names for an error message.
+fn sample(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Checks, without writing anything, that `dir` may be written under `mode`. `flag` names the
+/// option that chose the directory (`--out`, `-o`, `--name`), so the error says what to change.
+pub fn check_dir(dir: &Path, flag: &str, mode: Existing) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {}: exists and is not a directory", dir.display());
+    }
+    if let Some(file) = dir.ancestors().skip(1).find(|a| !a.as_os_str().is_empty() && a.exists() && !a.is_dir()) {
+        bail!("{flag} {}: {} is a file, not a directory", dir.display(), file.display());
+    }
+    let names = contents(dir)?;
+    match mode {
+        Existing::Refuse if !names.is_empty() => bail!(
+            "{flag} {}: the directory is not empty (it holds {}); pass --overwrite to replace it, or choose another",
+            dir.display(),
+            sample(&names)
+        ),
+        Existing::Resume if names.is_empty() => {
+            bail!(
+                "{flag} {}: --resume needs an existing run there, but the directory is absent or empty",
+                dir.display()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A directory this process writes, holding its lock until dropped.
+#[derive(Debug)]
+pub struct ClaimedDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl ClaimedDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// `self.path().join(name)`.
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+/// Claims `dir` for writing: creates it, takes its lock (refusing when another process holds
+/// it), re-checks `mode` and, for [`Existing::Overwrite`], removes the old contents. Call it
+/// once the inputs are loaded and checked, just before the first write.
+pub fn claim_dir(dir: &Path, flag: &str, mode: Existing) -> Result<ClaimedDir> {
+    check_dir(dir, flag, mode)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: creating the directory", dir.display()))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("{flag} {}: opening its lock file", dir.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{flag} {}: another process is writing this directory (it holds {}); wait for it or choose another",
+            dir.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("{flag} {}: locking {}", dir.display(), lock_path.display()))
+        }
+    }
+    // Checked again under the lock: another process may have written between the two checks.
+    check_dir(dir, flag, mode)?;
+    if mode == Existing::Overwrite {
+        for name in contents(dir)? {
+            let path = dir.join(&name);
+            let removed = if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("{flag} {}: removing the old {}", dir.display(), path.display()))?;
+        }
+    }
+    Ok(ClaimedDir { path: dir.to_path_buf(), _lock: lock })
+}
+
+/// Checks, before any work, that a file can be written at `path`: not a directory, its parent
+/// not a file, and absent unless `overwrite`.
+pub fn check_output_file(path: &Path, flag: &str, overwrite: bool) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("{flag}: the path is empty");
+    }
+    if path.is_dir() {
+        bail!("{flag} {}: is a directory; give a file path", path.display());
+    }
+    if let Some(file) = path.ancestors().skip(1).find(|a| !a.as_os_str().is_empty() && a.exists() && !a.is_dir()) {
+        bail!("{flag} {}: {} is a file, not a directory", path.display(), file.display());
+    }
+    if path.exists() && !overwrite {
+        bail!("{flag} {}: the file exists; pass --overwrite to replace it, or choose another path", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_empty_directory_needs_overwrite_and_is_then_replaced_whole() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("run");
+        std::fs::create_dir_all(dir.join("sub"))?;
+        std::fs::write(dir.join("old.txt"), b"old")?;
+        let err = check_dir(&dir, "--out", Existing::Refuse).unwrap_err().to_string();
+        assert!(err.contains("--out") && err.contains("not empty") && err.contains("old.txt"), "{err}");
+        assert!(claim_dir(&dir, "--out", Existing::Refuse).is_err());
+        assert_eq!(std::fs::read(dir.join("old.txt"))?, b"old");
+        let claimed = claim_dir(&dir, "--out", Existing::Overwrite)?;
+        assert!(contents(claimed.path())?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn resume_needs_contents_and_a_lock_excludes_a_second_writer() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("run");
+        let err = check_dir(&dir, "--name", Existing::Resume).unwrap_err().to_string();
+        assert!(err.contains("--resume"), "{err}");
+        let first = claim_dir(&dir, "--name", Existing::Refuse)?;
+        // Only the lock file: still empty for the next claim's purposes, but locked.
+        assert!(contents(&dir)?.is_empty());
+        let err = claim_dir(&dir, "--name", Existing::Refuse).unwrap_err().to_string();
+        assert!(err.contains("another process"), "{err}");
+        drop(first);
+        claim_dir(&dir, "--name", Existing::Refuse)?;
+        Ok(())
+    }
+
+    #[test]
+    fn output_files_are_checked_before_work() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let err = check_output_file(tmp.path(), "--gif", false).unwrap_err().to_string();
+        assert!(err.contains("--gif") && err.contains("directory"), "{err}");
+        let file = tmp.path().join("a.gif");
+        check_output_file(&file, "--gif", false)?;
+        std::fs::write(&file, b"x")?;
+        assert!(check_output_file(&file, "--gif", false).unwrap_err().to_string().contains("--overwrite"));
+        check_output_file(&file, "--gif", true)?;
+        let under_file = file.join("b.gif");
+        assert!(check_output_file(&under_file, "--gif", true).unwrap_err().to_string().contains("is a file"));
+        assert!(check_dir(&file, "--out", Existing::Overwrite).unwrap_err().to_string().contains("not a directory"));
+        Ok(())
+    }
+}
