@@ -112,25 +112,65 @@ impl WorldModelConfig {
         [3, self.frames, self.view_size, 3 * self.view_size]
     }
 
+    /// Every field's range, all problems at once, naming the field. Beyond the shapes the DiT
+    /// itself checks: counts ≥ 1, finite positive noise levels, a DiT position table that covers
+    /// the clip, and upper bounds far above any model this crate trains on a CPU but low enough
+    /// that a config's numbers can never make building the model (or rendering its data)
+    /// exhaust memory — a json saying 10⁹ layers is refused, not attempted.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.dit.validate()?;
-        anyhow::ensure!(self.frames >= 2, "world model: frames must be ≥ 2 (condition + prediction)");
-        anyhow::ensure!(
-            self.view_size >= 4 && self.render_size >= 16 && self.render_size.is_multiple_of(self.view_size),
-            "world model: render_size {} must be ≥ 16 and a multiple of view_size {}",
-            self.render_size,
-            self.view_size
-        );
-        anyhow::ensure!(self.frame_stride >= 1, "world model: frame_stride must be ≥ 1");
-        anyhow::ensure!(
-            self.dit.in_channels == 7 && self.dit.out_channels == 3,
-            "world model: the DiT must map RGB + condition RGB + mask (7 channels) → RGB"
-        );
-        anyhow::ensure!(!self.dit.concat_padding_mask, "world model: the DiT takes no padding mask");
-        anyhow::ensure!(self.action_dim == ACTION_DIM, "world model: action_dim must be {ACTION_DIM}");
-        Ok(())
+        let mut c = shared::checks::ArgChecks::new();
+        let d = &self.dit;
+        c.require((2..=MAX_FRAMES).contains(&(self.frames as u64)), || {
+            format!("frames must be in 2..={MAX_FRAMES} (the condition frame + predictions), got {}", self.frames)
+        })
+        .require((4..=MAX_VIEW).contains(&(self.view_size as u64)), || {
+            format!("view_size must be in 4..={MAX_VIEW} (pixels per camera view side), got {}", self.view_size)
+        })
+        .count_at_most(
+            "render_size",
+            self.render_size as u64,
+            MAX_RENDER,
+            "the environment renders three cameras at it",
+        )
+        .count_at_most("frame_stride", self.frame_stride as u64, MAX_STRIDE, "control steps between frames")
+        .count_at_most("dit.num_layers", d.num_layers as u64, MAX_LAYERS, "transformer blocks")
+        .count_at_most("dit.num_attention_heads", d.num_attention_heads as u64, MAX_HEADS, "heads")
+        .count_at_most("dit.attention_head_dim", d.attention_head_dim as u64, MAX_HEAD_DIM, "per-head width")
+        .count_at_most("dit.text_embed_dim", d.text_embed_dim as u64, MAX_WIDTH, "action-token width")
+        .count_at_most("dit.adaln_lora_dim", d.adaln_lora_dim as u64, MAX_WIDTH, "AdaLN-LoRA rank")
+        .positive("dit.mlp_ratio", d.mlp_ratio)
+        .require(d.mlp_ratio <= 16.0, || {
+            format!("dit.mlp_ratio {} is beyond 16 (the MLP width per hidden unit)", d.mlp_ratio)
+        })
+        .positive("sigma_data", self.sigma_data)
+        .positive("condition_sigma", self.condition_sigma);
+        c.require(self.render_size >= 16 && self.render_size.is_multiple_of(self.view_size.max(1)), || {
+            format!("render_size {} must be ≥ 16 and a multiple of view_size {}", self.render_size, self.view_size)
+        });
+        c.require(d.hidden_size() as u64 <= MAX_WIDTH, || {
+            format!("dit hidden size (heads × head dim) {} is beyond {MAX_WIDTH}", d.hidden_size())
+        });
+        let clip = [self.frames, self.view_size, 3 * self.view_size];
+        c.require(d.max_size.iter().zip(&clip).all(|(m, n)| m >= n), || {
+            format!("dit.max_size {:?} must cover the clip (frames, view_size, 3·view_size) = {clip:?}", d.max_size)
+        });
+        c.require(d.max_size.iter().zip(&clip).all(|(m, n)| *m <= n.saturating_mul(4)), || {
+            format!("dit.max_size {:?} is far beyond the clip {clip:?} (at most 4× per axis)", d.max_size)
+        });
+        c.require(d.in_channels == 7 && d.out_channels == 3, || {
+            "the DiT must map RGB + condition RGB + mask (dit.in_channels 7) → RGB (dit.out_channels 3)".into()
+        });
+        c.require(!d.concat_padding_mask, || {
+            "dit.concat_padding_mask must be false (the DiT takes no padding mask)".into()
+        });
+        c.require(self.action_dim == ACTION_DIM, || {
+            format!("action_dim must be {ACTION_DIM}, got {}", self.action_dim)
+        });
+        c.finish().context("world-model config")
     }
 
+    /// Reads and validates a `world_model.json`.
     pub fn from_json_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let cfg: Self = serde_json::from_str(&text)
@@ -138,7 +178,30 @@ impl WorldModelConfig {
         cfg.validate().with_context(|| format!("invalid world-model config {}", path.display()))?;
         Ok(cfg)
     }
+
+    /// Every weight the model built from this config asks for, with its shape (nothing is
+    /// allocated: [`shared::weights::ShapeRecorder`]).
+    pub fn expected_weights(&self) -> anyhow::Result<std::collections::BTreeMap<String, Vec<usize>>> {
+        let recorder = shared::weights::ShapeRecorder::new();
+        WorldModel::new(self, recorder.var_builder(DType::F32, &Device::Cpu))?;
+        Ok(recorder.shapes())
+    }
 }
+
+/// Upper bounds of [`WorldModelConfig::validate`] (the embedded model: 3 frames, 16 px views
+/// rendered at 32, stride 3, 2 layers, 4 heads × 16).
+const MAX_FRAMES: u64 = 256;
+const MAX_VIEW: u64 = 512;
+const MAX_RENDER: u64 = 2048;
+const MAX_STRIDE: u64 = 10_000;
+const MAX_LAYERS: u64 = 256;
+const MAX_HEADS: u64 = 256;
+const MAX_HEAD_DIM: u64 = 1024;
+const MAX_WIDTH: u64 = 16_384;
+
+/// The file names of a world-model directory.
+pub const CONFIG_FILE: &str = "world_model.json";
+pub const WEIGHTS_FILE: &str = "world_model.safetensors";
 
 /// The DiT plus the action embedding.
 pub struct WorldModel {
@@ -171,17 +234,39 @@ impl WorldModel {
         Ok(model)
     }
 
-    /// Frozen weights (plain tensors: no weight gradients) from a safetensors file.
+    /// Frozen weights (plain tensors: no weight gradients) from a safetensors file, computing in
+    /// `dtype`. The file must hold exactly the weights the config's model has — every name, with
+    /// its shape, stored as f32 (the format `train-world-model` writes), finite — or the error
+    /// lists every problem (missing, unexpected, wrong shape or dtype, NaN/Inf) naming the file:
+    /// a config saying fewer layers than the file holds is refused, not run on a subset.
     pub fn load(cfg: &WorldModelConfig, weights: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let vb = shared::weights::varbuilder_from_file(weights, dtype, device)
+        cfg.validate()?;
+        let expected = cfg.expected_weights()?;
+        let vb = shared::weights::varbuilder_for_model_exact(weights, &expected, DType::F32, device)
             .with_context(|| format!("loading world-model weights {}", weights.display()))?;
-        Self::new(cfg, vb).with_context(|| format!("{}: weights do not match the config", weights.display()))
+        Self::new(cfg, vb.set_dtype(dtype))
+            .with_context(|| format!("{}: weights do not match the config", weights.display()))
     }
 
-    /// Loads `<dir>/world_model.json` + `<dir>/world_model.safetensors`.
+    /// Loads `<dir>/world_model.json` + `<dir>/world_model.safetensors`, the weights checked
+    /// against the config ([`Self::load`]).
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let cfg = WorldModelConfig::from_json_file(&dir.join("world_model.json"))?;
-        Self::load(&cfg, &dir.join("world_model.safetensors"), dtype, device)
+        let config = dir.join(CONFIG_FILE);
+        let weights = dir.join(WEIGHTS_FILE);
+        let missing: Vec<&str> = [(CONFIG_FILE, &config), (WEIGHTS_FILE, &weights)]
+            .iter()
+            .filter(|(_, p)| !p.is_file())
+            .map(|(n, _)| *n)
+            .collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "world-model directory {}: missing {} (it must hold {CONFIG_FILE} and {WEIGHTS_FILE})",
+            dir.display(),
+            missing.join(" and ")
+        );
+        let cfg = WorldModelConfig::from_json_file(&config)?;
+        Self::load(&cfg, &weights, dtype, device)
+            .with_context(|| format!("the weights do not fit the config {}", config.display()))
     }
 
     /// Actions (B, L, A) → context tokens (B, L, D).
@@ -589,4 +674,57 @@ pub fn denoising_psnr(model: &WorldModel, clips: &Clips, sigmas: &[f64], seed: u
             Ok((sigma, psnr(&d, x0)?.0))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configs_validate_and_expect_exactly_what_training_saves() -> anyhow::Result<()> {
+        for cfg in [WorldModelConfig::small(), WorldModelConfig::tiny()] {
+            cfg.validate()?;
+            let varmap = VarMap::new();
+            WorldModel::new_trainable(&cfg, &varmap, 0, &Device::Cpu)?;
+            let saved: std::collections::BTreeMap<String, Vec<usize>> =
+                trainable_vars(&varmap)?.into_iter().map(|(k, v)| (k, v.dims().to_vec())).collect();
+            assert_eq!(cfg.expected_weights()?, saved);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn zero_and_absurd_config_values_are_refused_by_name() {
+        type Edit = fn(&mut WorldModelConfig);
+        let cases: &[(&str, Edit)] = &[
+            ("frames", |c| c.frames = 0),
+            ("frames", |c| c.frames = 1),
+            ("frames", |c| c.frames = 1_000_000),
+            ("view_size", |c| c.view_size = 0),
+            ("render_size", |c| c.render_size = 0),
+            ("render_size", |c| c.render_size = 17),
+            ("render_size", |c| c.render_size = 1 << 40),
+            ("frame_stride", |c| c.frame_stride = 0),
+            ("dit.num_layers", |c| c.dit.num_layers = 0),
+            ("dit.num_layers", |c| c.dit.num_layers = 1_000_000_000),
+            ("dit.mlp_ratio", |c| c.dit.mlp_ratio = f64::NAN),
+            ("dit.mlp_ratio", |c| c.dit.mlp_ratio = 1e9),
+            ("dit.text_embed_dim", |c| c.dit.text_embed_dim = 0),
+            ("sigma_data", |c| c.sigma_data = 0.0),
+            ("sigma_data", |c| c.sigma_data = f64::INFINITY),
+            ("condition_sigma", |c| c.condition_sigma = -1.0),
+            ("dit.max_size", |c| c.dit.max_size = [3, 8, 8]),
+            ("dit.max_size", |c| c.dit.max_size = [3, 16, 1 << 30]),
+            ("action_dim", |c| c.action_dim = 0),
+        ];
+        for (field, edit) in cases {
+            let mut cfg = WorldModelConfig::tiny();
+            edit(&mut cfg);
+            let err = match cfg.validate() {
+                Ok(()) => panic!("{field}: accepted {cfg:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
 }
