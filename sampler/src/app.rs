@@ -22,9 +22,31 @@ pub struct RunSummary {
     pub files: Vec<String>,
 }
 
-pub fn run(params: &Params, out_dir: &Path, mut log: impl FnMut(&str)) -> anyhow::Result<RunSummary> {
-    let started = Instant::now();
+/// Opens the params' device, checks the run fits ([`check_fits`]) and runs it ([`run_on`]),
+/// writing into `out_dir` (created if absent; the caller decides whether it may hold anything —
+/// the binary goes through `shared::outputs`).
+pub fn run(params: &Params, out_dir: &Path, log: impl FnMut(&str)) -> anyhow::Result<RunSummary> {
     let device = shared::device::parse_device(&params.device).context("opening the device")?;
+    check_fits(params, &device)?;
+    run_on(params, &device, out_dir, log)
+}
+
+/// Refuses a trajectory whose stored tensors alone cannot fit in what `device` has free (a
+/// lower bound of the working set: [`Params::working_set_bytes`]), naming the fields that set
+/// its size — before anything is allocated.
+pub fn check_fits(params: &Params, device: &candle_core::Device) -> anyhow::Result<()> {
+    shared::checks::ensure_fits(device, params.working_set_bytes(), &params.size_description())
+}
+
+/// [`run`] on an opened device, the size already checked.
+pub fn run_on(
+    params: &Params,
+    device: &candle_core::Device,
+    out_dir: &Path,
+    mut log: impl FnMut(&str),
+) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let device = device.clone();
     let setup = crate::demo::build(params, &device)?;
     let noise = NoiseState::draw(
         params.seed,

@@ -226,15 +226,26 @@ pub struct ConfigError(pub String);
 #[derive(Clone, Debug)]
 pub enum Origin {
     File(String),
-    CommandLine,
+    /// The flag that set the field (see [`flag_of`]).
+    CommandLine(String),
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(name) => write!(f, "{name}"),
-            Self::CommandLine => write!(f, "command line"),
+            Self::CommandLine(flag) => write!(f, "command line ({flag})"),
         }
+    }
+}
+
+/// The `sampler` flag that sets a params field: `--iterations` for `noise_steps`, `--lr` for
+/// `noise_lr`, otherwise the field's name in kebab case (`num_steps` → `--num-steps`).
+pub fn flag_of(field: &str) -> String {
+    match field {
+        "noise_steps" => "--iterations".into(),
+        "noise_lr" => "--lr".into(),
+        other => format!("--{}", other.replace('_', "-")),
     }
 }
 
@@ -275,7 +286,7 @@ pub fn parse_params(
         }
     }
     for (k, v) in overrides {
-        origins.insert(k.clone(), Origin::CommandLine);
+        origins.insert(k.clone(), Origin::CommandLine(flag_of(k)));
         fields.insert(k.clone(), v.clone());
     }
     // Check each field on its own so the error can name it (serde_json's messages do not).
@@ -296,7 +307,83 @@ pub fn parse_params(
     Ok(params)
 }
 
+/// Sample-sized tensors the solver carries from one step to the next (Euler none, RES
+/// `D_{i−1}`, UniPC the last sample and two model outputs).
+pub fn solver_state_tensors(solver: SolverKind) -> u128 {
+    match solver {
+        SolverKind::Euler => 0,
+        SolverKind::Res => 1,
+        SolverKind::Unipc => 3,
+    }
+}
+
+/// Tensors the size of the sample that one gradient evaluation stores per denoising step: x_i,
+/// the solver's state entering the step and, where noise is injected, the step noise.
+pub fn stored_tensors_per_step(solver: SolverKind, injects: bool) -> u128 {
+    1 + solver_state_tensors(solver) + u128::from(injects)
+}
+
+/// The bytes a trajectory of `num_steps` = N steps over samples of `sample_elems` elements
+/// stores for its gradient — what the recomputation backward keeps besides one step's graph
+/// (the full graph keeps these and every intermediate): x_0 … x_N, the solver state entering
+/// steps 1 … N−1 (step 0 starts without one), the N step noises where noise is injected, and
+/// the three f64 schedules (σ_i, σ̂_i, noise scales). Measured against `checkpoint_bytes` in the
+/// tests (at most one tensor over, UniPC's second step carrying two of its three). Saturating,
+/// so absurd sizes give a huge number, not an overflow.
+pub fn stored_trajectory_bytes(
+    num_steps: u128,
+    sample_elems: u128,
+    dtype_bytes: u128,
+    solver: SolverKind,
+    injects: bool,
+) -> u128 {
+    let tensors = num_steps
+        .saturating_add(1)
+        .saturating_add(num_steps.saturating_mul(u128::from(injects)))
+        .saturating_add(num_steps.saturating_sub(1).saturating_mul(solver_state_tensors(solver)));
+    let tensor_bytes = sample_elems.saturating_mul(dtype_bytes);
+    tensors.saturating_mul(tensor_bytes).saturating_add(num_steps.saturating_add(1).saturating_mul(24))
+}
+
 impl Params {
+    /// Elements of one sample, batch·channels·frames·height·width (saturating).
+    pub fn sample_elems(&self) -> u128 {
+        [self.batch, self.channels, self.frames, self.height, self.width]
+            .iter()
+            .fold(1u128, |acc, &d| acc.saturating_mul(d as u128))
+    }
+
+    /// The stored tensors of one gradient evaluation ([`stored_trajectory_bytes`]): a lower
+    /// bound of the working set (one step's graph, the objective and, for learned step noises,
+    /// their Adam state come on top).
+    pub fn working_set_bytes(&self) -> u128 {
+        let dtype_bytes = self.dtype.dtype().size_in_bytes() as u128;
+        stored_trajectory_bytes(
+            self.num_steps as u128,
+            self.sample_elems(),
+            dtype_bytes,
+            self.solver,
+            self.effective_noise_mode().injects(),
+        )
+    }
+
+    /// The flags and fields that set [`Self::working_set_bytes`], for an error that says what to
+    /// lower.
+    pub fn size_description(&self) -> String {
+        format!(
+            "num_steps (--num-steps) {} over a {}×{}×{}×{}×{} {:?} sample (batch×channels×frames×height×width; at \
+             least {} such tensors stored per step)",
+            self.num_steps,
+            self.batch,
+            self.channels,
+            self.frames,
+            self.height,
+            self.width,
+            self.dtype,
+            stored_tensors_per_step(self.solver, self.effective_noise_mode().injects())
+        )
+    }
+
     /// The noise mode after resolving the source's `learnable_step_noise` flag.
     pub fn effective_noise_mode(&self) -> NoiseMode {
         match (self.noise_mode, self.learnable_step_noise) {
@@ -376,8 +463,24 @@ impl Params {
                 return fail("s_churn", format!("is 0, so noise_mode '{}' would inject nothing (churn is the only injection); set s_churn > 0 or use noise_mode \"ode\"", mode.name()));
             }
         }
-        if self.batch == 0 || self.channels == 0 || self.frames == 0 || self.height == 0 || self.width == 0 {
-            return fail("batch", "batch, channels, frames, height and width must all be ≥ 1".into());
+        for (field, v) in [
+            ("batch", self.batch),
+            ("channels", self.channels),
+            ("frames", self.frames),
+            ("height", self.height),
+            ("width", self.width),
+        ] {
+            if v == 0 {
+                return fail(field, "must be at least 1".into());
+            }
+        }
+        if !self.guidance.is_finite() {
+            return fail("guidance", format!("must be a finite number, got {}", self.guidance));
+        }
+        if let Some(t) = self.s_tmax {
+            if !(t.is_finite() && t >= self.s_tmin) {
+                return fail("s_tmax", format!("must be finite and ≥ s_tmin ({}), got {t}", self.s_tmin));
+            }
         }
         let k = crate::demo::NUM_PATTERNS;
         for (field, v) in [("target_pattern", self.target_pattern), ("condition_pattern", self.condition_pattern)] {
@@ -471,6 +574,8 @@ mod tests {
             (r#"{"device": "tpu"}"#, "params.json: field `device`: unknown device 'tpu'"),
             (r#"{"guidance": 2.0}"#, "params.json: field `guidance`: classifier-free guidance needs a condition"),
             (r#"{"target_pattern": 9}"#, "params.json: field `target_pattern`: pattern index 9 out of range"),
+            (r#"{"height": 0}"#, "params.json: field `height`: must be at least 1"),
+            (r#"{"s_tmin": 2, "s_tmax": 1}"#, "params.json: field `s_tmax`: must be finite and ≥ s_tmin (2), got 1"),
             (r#"{"num_steps": 10,}"#, "params.json: not valid JSON"),
             (r#"[1, 2]"#, "params.json: expected a JSON object of fields"),
         ];
@@ -479,6 +584,47 @@ mod tests {
             assert!(got.starts_with(want), "for {text}:\n  got  {got}\n  want {want}…");
             assert_eq!(got.lines().count(), 1, "one line per error: {got}");
         }
+    }
+
+    /// The memory estimate counts what the recomputation backward really stores: measured
+    /// against `checkpoint_bytes` of a gradient evaluation, for every solver with and without
+    /// injected noise, it is never below, and over by at most one sample-sized tensor (UniPC's
+    /// second step carries two state tensors, not three) plus the schedules.
+    #[test]
+    fn the_working_set_estimate_matches_the_stored_tensors() {
+        use crate::noise::NoiseState;
+        use crate::trajectory::Trajectory;
+        for solver in ["euler", "res", "unipc"] {
+            for mode in ["ode", "sde"] {
+                let text = format!(r#"{{"solver": "{solver}", "noise_mode": "{mode}", "num_steps": 6}}"#);
+                let p = parse_params(Some(("p.json", &text)), &Default::default()).unwrap();
+                let dev = candle_core::Device::Cpu;
+                let setup = crate::demo::build(&p, &dev).unwrap();
+                let noise =
+                    NoiseState::draw(p.seed, &setup.shape, &setup.plan, setup.noise_mode, true, setup.dtype, &dev)
+                        .unwrap();
+                let traj = Trajectory {
+                    denoiser: setup.denoiser.as_ref(),
+                    solver: setup.solver.as_ref(),
+                    cond: &setup.cond,
+                    schedule: setup.schedule.clone(),
+                    plan: setup.plan.clone(),
+                };
+                let measured =
+                    traj.value_and_grad_state(&noise, setup.objective.as_ref(), p.grad_mode).unwrap().checkpoint_bytes
+                        as u128;
+                let estimate = p.working_set_bytes();
+                let tensor = p.sample_elems() * 8;
+                let slack = tensor + 24 * 7;
+                assert!(
+                    estimate >= measured && estimate <= measured + slack,
+                    "{solver}/{mode}: estimate {estimate} B, stored {measured} B"
+                );
+            }
+        }
+        // Absurd sizes saturate instead of overflowing.
+        let huge = Params { height: usize::MAX, width: usize::MAX, num_steps: usize::MAX, ..Params::default() };
+        assert!(huge.working_set_bytes() > u64::MAX as u128);
     }
 
     #[test]
@@ -493,7 +639,7 @@ mod tests {
         assert_eq!(p.effective_noise_mode(), NoiseMode::SdeFromZ0);
         o.insert("solver".into(), "heun".into());
         let e = parse_params(Some(("p.json", "{}")), &o).unwrap_err().to_string();
-        assert_eq!(e, "command line: field `solver`: unknown value 'heun'; allowed: euler, res, unipc");
+        assert_eq!(e, "command line (--solver): field `solver`: unknown value 'heun'; allowed: euler, res, unipc");
         // sde without s_churn puts η at Cosmos' cap on every step.
         let p = parse_params(Some(("p.json", r#"{"noise_mode": "sde"}"#)), &Default::default()).unwrap();
         let plan =

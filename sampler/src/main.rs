@@ -21,9 +21,14 @@ struct Cli {
     /// Run the built-in analytic demo even where the stress test's weights are present.
     #[arg(long)]
     demo: bool,
-    /// Output directory.
-    #[arg(short = 'o', long = "out", default_value = "out/sampler")]
-    out: PathBuf,
+    /// Output directory: absent or empty, or replaced whole with --overwrite. Without -o each
+    /// run writes a new numbered directory out/sampler/run-NNN (never an earlier run's).
+    #[arg(short = 'o', long = "out")]
+    out: Option<PathBuf>,
+    /// With -o DIR: replace DIR's contents (removed whole before the first write) instead of
+    /// refusing a non-empty DIR.
+    #[arg(long)]
+    overwrite: bool,
     /// euler | res | unipc
     #[arg(long)]
     solver: Option<String>,
@@ -37,7 +42,7 @@ struct Cli {
     #[arg(long)]
     iterations: Option<u64>,
     /// Learning rate (params field `noise_lr`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
@@ -54,21 +59,23 @@ struct Cli {
     /// recompute | full-graph
     #[arg(long)]
     grad_mode: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     grad_clip: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     chi_reg: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     s_churn: Option<f64>,
     /// Run the directional finite-difference check of the gradient (on by default).
     #[arg(long, overrides_with = "no_verify_grad")]
     verify_grad: bool,
     #[arg(long)]
     no_verify_grad: bool,
-    /// Exported LAPO policy for the stress test (default: weights/policy.safetensors).
+    /// Exported LAPO policy for the stress test: a file path or a Hugging Face Hub reference
+    /// `org/name[@revision]:path/in/repo.safetensors` (from the local Hub cache; default:
+    /// weights/policy.safetensors).
     #[arg(long)]
-    policy: Option<PathBuf>,
-    /// Directory holding world_model.json + world_model.safetensors (default: weights/).
+    policy: Option<String>,
+    /// A directory holding world_model.json + world_model.safetensors (default: weights/).
     #[arg(long)]
     world_model: Option<PathBuf>,
     /// Stress-test seeds, comma-separated (default 0,1,2).
@@ -83,55 +90,135 @@ enum Command {
     Cosmos(sampler::cosmos::app::CosmosArgs),
 }
 
+/// Where `sampler` writes without `-o`: a new numbered directory under it per run.
+const DEFAULT_OUT: &str = "out/sampler";
+
+/// The output directory of a run, checked before any work.
+enum OutDir {
+    /// `-o DIR`, with what `--overwrite` allows.
+    Given(PathBuf, shared::outputs::Existing),
+    /// No `-o`: the next `run-NNN` under [`DEFAULT_OUT`], created when claimed.
+    Numbered(PathBuf),
+}
+
+impl OutDir {
+    fn check(cli: &Cli) -> anyhow::Result<Self> {
+        use shared::outputs::{check_dir, Existing};
+        match &cli.out {
+            Some(dir) => {
+                let mode = Existing::from_flags(cli.overwrite, false)?;
+                check_dir(dir, "-o", mode)?;
+                Ok(Self::Given(dir.clone(), mode))
+            }
+            None => {
+                anyhow::ensure!(
+                    !cli.overwrite,
+                    "--overwrite replaces an explicit -o DIR; without -o every run writes a new {DEFAULT_OUT}/run-NNN, \
+                     so there is nothing to overwrite"
+                );
+                let parent = PathBuf::from(DEFAULT_OUT);
+                // The same checks as an explicit directory's (the parent not a file, …), on the
+                // first name that is free now.
+                check_dir(&next_numbered(&parent)?, "-o (default)", Existing::Refuse)?;
+                Ok(Self::Numbered(parent))
+            }
+        }
+    }
+
+    /// Claims the directory just before the first write (creating a numbered one).
+    fn claim(&self) -> anyhow::Result<shared::outputs::ClaimedDir> {
+        use shared::outputs::{claim_dir, Existing};
+        match self {
+            Self::Given(dir, mode) => claim_dir(dir, "-o", *mode),
+            Self::Numbered(parent) => {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                // `create_dir` fails when the name exists, so two runs started together never
+                // share a directory: the later one takes the next number.
+                for _ in 0..1000 {
+                    let dir = next_numbered(parent)?;
+                    match std::fs::create_dir(&dir) {
+                        Ok(()) => return claim_dir(&dir, "-o (default)", Existing::Refuse),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+                    }
+                }
+                anyhow::bail!("could not create a new run directory under {}; give -o DIR", parent.display())
+            }
+        }
+    }
+}
+
+/// `parent/run-NNN` with NNN one above the highest existing number (001 first), so the runs
+/// sort in the order they were made.
+fn next_numbered(parent: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let mut highest = 0u64;
+    if parent.is_dir() {
+        for entry in std::fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
+            let name = entry.with_context(|| format!("reading {}", parent.display()))?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| n.strip_prefix("run-")).and_then(|n| n.parse::<u64>().ok()) {
+                highest = highest.max(n);
+            }
+        }
+    }
+    Ok(parent.join(format!("run-{:03}", highest + 1)))
+}
+
 impl Cli {
-    /// Command-line values as params fields; they are validated exactly like the file's.
-    fn overrides(&self) -> Map<String, Value> {
+    /// Command-line values as params fields; they are validated exactly like the file's. A
+    /// non-finite number is refused here, naming its flag (JSON has no NaN/Inf: it would become
+    /// `null` and be reported as a wrong type).
+    fn overrides(&self) -> anyhow::Result<Map<String, Value>> {
         let mut m = Map::new();
         let mut put = |k: &str, v: Option<Value>| {
             if let Some(v) = v {
                 m.insert(k.to_string(), v);
             }
         };
+        let finite = |flag: &str, v: Option<f64>| -> anyhow::Result<Option<Value>> {
+            match v {
+                Some(x) if !x.is_finite() => anyhow::bail!("invalid argument: {flag} must be finite, got {x}"),
+                Some(x) => Ok(Some(json!(x))),
+                None => Ok(None),
+            }
+        };
         put("solver", self.solver.clone().map(Value::from));
         put("noise_mode", self.noise_mode.clone().map(Value::from));
         put("num_steps", self.num_steps.map(Value::from));
         put("noise_steps", self.iterations.map(Value::from));
-        put("noise_lr", self.lr.map(|v| json!(v)));
+        put("noise_lr", finite("--lr", self.lr)?);
         put("seed", self.seed.map(Value::from));
         put("direction", self.direction.clone().map(Value::from));
         put("optimizer", self.optimizer.clone().map(Value::from));
         put("objective", self.objective.clone().map(Value::from));
         put("device", self.device.clone().map(Value::from));
         put("grad_mode", self.grad_mode.clone().map(Value::from));
-        put("grad_clip", self.grad_clip.map(|v| json!(v)));
-        put("chi_reg", self.chi_reg.map(|v| json!(v)));
-        put("s_churn", self.s_churn.map(|v| json!(v)));
+        put("grad_clip", finite("--grad-clip", self.grad_clip)?);
+        put("chi_reg", finite("--chi-reg", self.chi_reg)?);
+        put("s_churn", finite("--s-churn", self.s_churn)?);
         if self.verify_grad {
             put("verify_grad", Some(Value::Bool(true)));
         }
         if self.no_verify_grad {
             put("verify_grad", Some(Value::Bool(false)));
         }
-        m
+        Ok(m)
     }
 }
 
-/// The stress test's settings: defaults, overridden by the flags that apply to it.
+/// The stress test's settings: defaults, overridden by the flags that apply to it, every range
+/// checked (`StressSettings::checks`, naming the flags).
 fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings> {
     let mut s = sampler::stress::StressSettings::default();
     if let Some(seeds) = &cli.seeds {
-        anyhow::ensure!(!seeds.is_empty(), "--seeds: give at least one seed");
         s.seeds = seeds.clone();
     }
     if let Some(n) = cli.iterations {
         s.iterations = usize::try_from(n).context("--iterations")?;
     }
     if let Some(n) = cli.num_steps {
-        anyhow::ensure!(n > 0, "--num-steps must be at least 1");
         s.num_steps = usize::try_from(n).context("--num-steps")?;
     }
     if let Some(lr) = cli.lr {
-        anyhow::ensure!(lr > 0.0 && lr.is_finite(), "--lr must be positive, got {lr}");
         s.lr = lr;
     }
     if let Some(d) = &cli.direction {
@@ -142,6 +229,7 @@ fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings>
         s.solver = serde_json::from_value(Value::from(v.as_str()))
             .map_err(|_| anyhow::anyhow!("--solver: unknown value '{v}'; allowed: euler, res, unipc"))?;
     }
+    s.checks().finish()?;
     Ok(s)
 }
 
@@ -165,25 +253,75 @@ fn demo_only_flags(cli: &Cli) -> Vec<&'static str> {
     .collect()
 }
 
-/// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
-fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
-    let weights = cli.world_model.clone().unwrap_or_else(sampler::stress::weights_dir);
-    let policy = cli.policy.clone().unwrap_or_else(|| weights.join("policy.safetensors"));
-    let explicit = cli.policy.is_some() || cli.world_model.is_some();
-    let missing: Vec<String> =
-        [weights.join("world_model.safetensors"), weights.join("world_model.json"), policy.clone()]
-            .iter()
-            .filter(|p| !p.exists())
-            .map(|p| p.display().to_string())
-            .collect();
+/// Flags that only the stress test reads; the analytic demo must not silently ignore them.
+fn stress_only_flags(cli: &Cli) -> Vec<&'static str> {
+    [("--policy", cli.policy.is_some()), ("--world-model", cli.world_model.is_some()), ("--seeds", cli.seeds.is_some())]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+}
+
+/// The stress test's inputs, or `None` (with the reason) when the defaults are absent and none
+/// was given: then the analytic demo runs. A given `--policy` / `--world-model` that cannot be
+/// found is an error naming the flag.
+fn stress_inputs(cli: &Cli) -> anyhow::Result<Result<(PathBuf, PathBuf), String>> {
+    use sampler::world_model::{CONFIG_FILE, WEIGHTS_FILE};
+    let weights = match &cli.world_model {
+        Some(dir) => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "--world-model {}: {}; give the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}",
+                dir.display(),
+                if dir.exists() { "is not a directory" } else { "not found" }
+            );
+            let missing: Vec<&str> =
+                [CONFIG_FILE, WEIGHTS_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "--world-model {}: missing {} (the directory must hold {CONFIG_FILE} and {WEIGHTS_FILE})",
+                dir.display(),
+                missing.join(" and ")
+            );
+            dir.clone()
+        }
+        None => sampler::stress::weights_dir(),
+    };
+    let policy = match &cli.policy {
+        // One resolver for every weights flag: a local path or a Hub reference.
+        Some(reference) => {
+            shared::weights::resolve(reference).with_context(|| format!("--policy {reference}: cannot resolve it"))?
+        }
+        None => weights.join("policy.safetensors"),
+    };
+    let missing: Vec<String> = [weights.join(WEIGHTS_FILE), weights.join(CONFIG_FILE), policy.clone()]
+        .iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
     if !missing.is_empty() {
-        anyhow::ensure!(!explicit, "stress test inputs missing: {}", missing.join(", "));
-        println!(
-            "policy stress test unavailable (missing {}): running the built-in analytic demo instead (see sampler/README.md)",
+        // Only the defaults can be missing here: a given --policy resolved to a file, and a given
+        // --world-model was checked above.
+        anyhow::ensure!(
+            cli.policy.is_none(),
+            "--policy: the stress test also needs the world model, but {} is missing; give --world-model DIR",
             missing.join(", ")
         );
-        return Ok(false);
+        return Ok(Err(missing.join(", ")));
     }
+    Ok(Ok((weights, policy)))
+}
+
+/// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
+fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
+    let (weights, policy) = match stress_inputs(cli)? {
+        Ok(found) => found,
+        Err(missing) => {
+            println!(
+                "policy stress test unavailable (missing {missing}): running the built-in analytic demo instead (see sampler/README.md)"
+            );
+            return Ok(false);
+        }
+    };
     let ignored = demo_only_flags(cli);
     anyhow::ensure!(
         ignored.is_empty(),
@@ -192,15 +330,23 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
          --iterations --num-steps --lr --direction --solver --policy --world-model",
         ignored.join(", ")
     );
+    // Arguments and the output directory before anything is loaded; then the inputs, each
+    // checked; the directory is claimed only once they all are.
     let settings = stress_settings(cli)?;
+    let out = OutDir::check(cli)?;
+    let device = candle_core::Device::Cpu;
+    let model = sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &device)
+        .with_context(|| format!("--world-model {}", weights.display()))?;
+    settings.check(&model.cfg, &device)?;
+    sampler::stress::load_policy(&policy, &device).with_context(|| format!("--policy {}", policy.display()))?;
+    let claimed = out.claim()?;
     println!(
-        "no -i params file: running the policy stress test (world model {}, policy {})",
+        "no -i params file: running the policy stress test (world model {}, policy {}) → {}",
         weights.display(),
-        policy.display()
+        policy.display(),
+        claimed.path().display()
     );
-    let model =
-        sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-    sampler::stress::run(&model, &policy, &settings, &cli.out, |line| println!("{line}"))?;
+    sampler::stress::run(&model, &policy, &settings, claimed.path(), |line| println!("{line}"))?;
     Ok(true)
 }
 
@@ -219,6 +365,13 @@ fn main() -> anyhow::Result<()> {
     if cli.input.is_none() && !cli.demo && try_stress(&cli)? {
         return Ok(());
     }
+    let ignored = stress_only_flags(&cli);
+    anyhow::ensure!(
+        ignored.is_empty(),
+        "{} apply to the policy stress test, not the analytic demo{}; drop them",
+        ignored.join(", "),
+        if cli.input.is_some() || cli.demo { " (-i / --demo chose the demo)" } else { "" }
+    );
     let text = match &cli.input {
         Some(path) => {
             Some(std::fs::read_to_string(path).with_context(|| format!("reading params file {}", path.display()))?)
@@ -226,10 +379,15 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let name = cli.input.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let params = sampler::config::parse_params(text.as_deref().map(|t| (name.as_str(), t)), &cli.overrides())?;
+    let params = sampler::config::parse_params(text.as_deref().map(|t| (name.as_str(), t)), &cli.overrides()?)?;
+    let out = OutDir::check(&cli)?;
+    let device = shared::device::parse_device(&params.device).context("opening the device")?;
+    sampler::app::check_fits(&params, &device)?;
+    let claimed = out.claim()?;
     if cli.input.is_none() {
         println!("no -i params file: running the built-in analytic demo (see sampler/README.md)");
     }
-    sampler::app::run(&params, &cli.out, |line| println!("{line}"))?;
+    println!("writing to {}", claimed.path().display());
+    sampler::app::run_on(&params, &device, claimed.path(), |line| println!("{line}"))?;
     Ok(())
 }

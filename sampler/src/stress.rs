@@ -196,6 +196,71 @@ impl Default for StressSettings {
     }
 }
 
+impl StressSettings {
+    /// Every setting's range, named by the `sampler` flag that sets it (all problems at once).
+    pub fn checks(&self) -> shared::checks::ArgChecks {
+        let mut c = shared::checks::ArgChecks::new();
+        c.count("--seeds (the number of seeds)", self.seeds.len() as u64)
+            .count("--iterations", self.iterations as u64)
+            .count("--num-steps", self.num_steps as u64)
+            .positive("--lr", self.lr)
+            .positive("sigma_min", self.sigma_min)
+            .positive("sigma_max", self.sigma_max);
+        c.require(self.sigma_min < self.sigma_max, || {
+            format!("sigma_min ({}) must be below sigma_max ({})", self.sigma_min, self.sigma_max)
+        });
+        // Each seed's files are named after it: a repeated seed would overwrite its own outputs.
+        let mut seen = std::collections::BTreeSet::new();
+        let repeated: Vec<String> = self.seeds.iter().filter(|s| !seen.insert(**s)).map(|s| s.to_string()).collect();
+        c.require(repeated.is_empty(), || format!("--seeds repeats {} (each seed runs once)", repeated.join(", ")));
+        c
+    }
+
+    /// A lower bound of one gradient evaluation's stored tensors on `model`'s clips
+    /// ([`crate::config::stored_trajectory_bytes`]; one clip, f32, ODE).
+    pub fn working_set_bytes(&self, model: &crate::world_model::WorldModelConfig) -> u128 {
+        let elems = model.clip_shape().iter().fold(1u128, |acc, &d| acc.saturating_mul(d as u128));
+        crate::config::stored_trajectory_bytes(self.num_steps as u128, elems, 4, self.solver, false)
+    }
+
+    /// Checks the settings, and that the trajectory's stored tensors fit on `device`.
+    pub fn check(&self, model: &crate::world_model::WorldModelConfig, device: &Device) -> anyhow::Result<()> {
+        self.checks().finish()?;
+        shared::checks::ensure_fits(
+            device,
+            self.working_set_bytes(model),
+            &format!(
+                "--num-steps {} over {:?} clips (at least {} such f32 tensors stored per step)",
+                self.num_steps,
+                model.clip_shape(),
+                crate::config::stored_tensors_per_step(self.solver, false)
+            ),
+        )
+    }
+}
+
+/// Loads the policy at `path` and checks the stress test can use it: it sees images (a
+/// state-only policy's actions cannot change with the generated frames) and takes the
+/// environment's joint state.
+pub fn load_policy(path: &Path, device: &Device) -> anyhow::Result<ExportedPolicy> {
+    let policy =
+        ExportedPolicy::load(path, device).with_context(|| format!("loading the policy {}", path.display()))?;
+    let h = &policy.header;
+    anyhow::ensure!(
+        h.encoder.uses_images(),
+        "the policy {} is state-only (encoder 'none'): generated images cannot change its actions; export a policy trained with --encoder conv or resnet18",
+        path.display()
+    );
+    anyhow::ensure!(
+        h.state_dim == rl::env::STATE_DIM,
+        "the policy {} expects {} state values, the environment has {}",
+        path.display(),
+        h.state_dim,
+        rl::env::STATE_DIM
+    );
+    Ok(policy)
+}
+
 /// One seed's measured result.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SeedResult {
@@ -241,6 +306,9 @@ pub fn run(
 ) -> anyhow::Result<StressSummary> {
     let started = Instant::now();
     let device = Device::Cpu;
+    // Everything checked before the first write.
+    settings.check(&model.cfg, &device)?;
+    let mut first_policy = Some(load_policy(policy_path, &device)?);
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     log(&format!("world model: {}", model.describe()));
     let mut metrics = shared::metrics::JsonlWriter::create(&out_dir.join("metrics.jsonl"))?;
@@ -249,8 +317,10 @@ pub fn run(
     for &seed in &settings.seeds {
         let t0 = Instant::now();
         let clip = expert_clip(model, seed, settings.start_frame, &device)?;
-        let policy = ExportedPolicy::load(policy_path, &device)
-            .with_context(|| format!("loading the policy {}", policy_path.display()))?;
+        let policy = match first_policy.take() {
+            Some(p) => p,
+            None => load_policy(policy_path, &device)?,
+        };
         let frame_policy = LapoFramePolicy::new(policy, &clip.states, model.cfg.view_size, &device)?;
         if seed == settings.seeds[0] {
             log(&format!("policy: {}", frame_policy.describe()));
