@@ -3,6 +3,8 @@
 //! (PSNR of sampled predictions vs the copy-the-first-frame baseline), and writes
 //! `weights/world_model.{safetensors,json}`, `weights/world_model_manifest.json` and
 //! `docs/world-model-predictions.png`. Checkpoints and `metrics.jsonl` go to `--run-dir`.
+//! Every argument and output is checked before anything runs: existing outputs are refused
+//! unless `--overwrite` (the run directory is then replaced whole).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,7 +31,7 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
     /// Training episodes (expert, medium, random in turn; seeds 1000…).
     #[arg(long, default_value_t = 30)]
@@ -53,10 +55,10 @@ struct Args {
     /// euler | res | unipc
     #[arg(long, default_value = "res")]
     eval_solver: String,
-    #[arg(long, default_value_t = 80.0)]
+    #[arg(long, default_value_t = 80.0, allow_negative_numbers = true)]
     eval_sigma_max: f64,
     /// Where the solver stops before the final clean pass D(x_N, σ_N).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     eval_sigma_min: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -77,9 +79,99 @@ struct Args {
     run_dir: PathBuf,
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
-    /// Only evaluate the model already in `--out-dir` (prints figures, writes nothing).
+    /// Only evaluate the model already in `--out-dir`: prints the figures, and rewrites
+    /// `--figure` and the manifest's evaluation (which needs --overwrite, as they exist).
     #[arg(long)]
     eval_only: bool,
+    /// Replace existing outputs: the weights, config and manifest in --out-dir, --figure, and
+    /// --run-dir's contents (removed whole first). Without it, any of them existing is refused
+    /// before anything runs.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl Args {
+    /// Every argument's range, all problems at once, before anything runs.
+    fn check(&self, cfg: &WorldModelConfig) -> anyhow::Result<SolverKind> {
+        let mut c = shared::checks::ArgChecks::new();
+        c.count("--steps", self.steps as u64)
+            .count("--batch-size", self.batch_size as u64)
+            .positive("--lr", self.lr)
+            .count("--episodes", self.episodes as u64)
+            .count("--eval-episodes", self.eval_episodes as u64)
+            .count("--eval-clips", self.eval_clips as u64)
+            .count("--eval-solver-steps", self.eval_solver_steps as u64)
+            .count("--checkpoint-every", self.checkpoint_every as u64)
+            .positive("--eval-sigma-min", self.eval_sigma_min)
+            .positive("--eval-sigma-max", self.eval_sigma_max);
+        c.require(self.eval_sigma_min < self.eval_sigma_max, || {
+            format!(
+                "--eval-sigma-min ({}) must be below --eval-sigma-max ({})",
+                self.eval_sigma_min, self.eval_sigma_max
+            )
+        });
+        c.require(self.frames_per_episode >= cfg.frames, || {
+            format!(
+                "--frames-per-episode must be at least the clip length ({} frames), got {}",
+                cfg.frames, self.frames_per_episode
+            )
+        });
+        let solver = serde_json::from_value::<SolverKind>(json!(self.eval_solver));
+        c.require(solver.is_ok(), || {
+            format!("--eval-solver: unknown value '{}'; allowed: {}", self.eval_solver, SolverKind::ALLOWED.join(", "))
+        });
+        c.finish()?;
+        Ok(solver?)
+    }
+
+    /// Lower bounds of what the data and a training step hold, refused when they cannot fit on
+    /// `device`: every recorded frame of every episode lies in up to `frames` overlapping clips
+    /// (f32), and each block's input is kept per batch clip for the backward.
+    fn check_fits(&self, cfg: &WorldModelConfig, device: &candle_core::Device) -> anyhow::Result<()> {
+        let clip: u128 = cfg.clip_shape().iter().map(|&d| d as u128).product();
+        let frame = clip / cfg.frames as u128;
+        let per_episode =
+            (self.frames_per_episode as u128).saturating_mul(frame).saturating_mul(cfg.frames as u128 * 4);
+        shared::checks::ensure_fits(
+            device,
+            (self.episodes as u128 + self.eval_episodes as u128).saturating_mul(per_episode),
+            &format!(
+                "the data of --episodes {} + --eval-episodes {} × --frames-per-episode {}",
+                self.episodes, self.eval_episodes, self.frames_per_episode
+            ),
+        )?;
+        let [pt, ph, pw] = cfg.dit.patch_size;
+        let tokens = clip / 3 / (pt * ph * pw).max(1) as u128;
+        let per_clip = tokens * cfg.dit.hidden_size() as u128 * 4 * (cfg.dit.num_layers as u128 + 1);
+        shared::checks::ensure_fits(
+            device,
+            (self.batch_size as u128).saturating_mul(per_clip),
+            &format!("--batch-size {} (at least {per_clip} bytes of block inputs per clip)", self.batch_size),
+        )?;
+        // The schedules of --eval-solver-steps: three f64 vectors of N + 1 values.
+        shared::checks::ensure_fits(
+            device,
+            (self.eval_solver_steps as u128).saturating_add(1).saturating_mul(24),
+            &format!("--eval-solver-steps {}", self.eval_solver_steps),
+        )
+    }
+
+    /// The files this run writes, checked before any work: (flag, path).
+    fn output_files(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut files = vec![("--figure", self.figure.clone())];
+        let manifest = ("--out-dir", self.out_dir.join("world_model_manifest.json"));
+        if self.eval_only {
+            // Re-measured figures go into an existing manifest only.
+            if manifest.1.exists() {
+                files.push(manifest);
+            }
+        } else {
+            files.push(("--out-dir", self.out_dir.join(sampler::world_model::WEIGHTS_FILE)));
+            files.push(("--out-dir", self.out_dir.join(sampler::world_model::CONFIG_FILE)));
+            files.push(manifest);
+        }
+        files
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,8 +187,18 @@ fn main() -> anyhow::Result<()> {
         "tiny" => WorldModelConfig::tiny(),
         other => anyhow::bail!("--model: unknown value '{other}'; allowed: small, tiny"),
     };
-    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("creating {}", args.run_dir.display()))?;
-    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    // Every argument and output checked before any work.
+    let eval_solver = args.check(&cfg)?;
+    args.check_fits(&cfg, &device)?;
+    for (flag, path) in args.output_files() {
+        shared::outputs::check_output_file(&path, flag, args.overwrite)?;
+    }
+    let run_mode = shared::outputs::Existing::from_flags(args.overwrite, false)?;
+    if !args.eval_only {
+        shared::outputs::check_dir(&args.run_dir, "--run-dir", run_mode)?;
+    }
+    // --eval-only: the model to evaluate, loaded and checked before the data is collected.
+    let existing = if args.eval_only { Some(WorldModel::load_dir(&args.out_dir, DType::F32, &device)?) } else { None };
     println!("device: {}", shared::device::describe(&device));
 
     // Data: training and held-out episodes never share a seed.
@@ -129,9 +231,9 @@ fn main() -> anyhow::Result<()> {
         cfg.clip_shape()
     );
 
-    if args.eval_only {
-        let frozen = WorldModel::load_dir(&args.out_dir, DType::F32, &device)?;
-        let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) = evaluate(&frozen, &eval, &args)?;
+    if let Some(frozen) = existing {
+        let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) =
+            evaluate(&frozen, &eval, &args, eval_solver)?;
         write_figure(&args.figure, &eval, &pred)?;
         // Re-measured figures replace the manifest's evaluation (the training record stays).
         let manifest_path = args.out_dir.join("world_model_manifest.json");
@@ -165,7 +267,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mut opt = GroupOptimizer::new("world_model", vars, OptimizerConfig::adam(args.lr))?;
     let mut rng = shared::rng::SplitMix64::new(args.seed ^ 0x77AA);
-    let mut metrics = shared::metrics::JsonlWriter::create(&args.run_dir.join("metrics.jsonl"))?;
+    // The run directory is claimed (its old contents removed with --overwrite) just before the
+    // first write; the lock keeps a second trainer out of it.
+    let run_dir = shared::outputs::claim_dir(&args.run_dir, "--run-dir", run_mode)?;
+    let mut metrics = shared::metrics::JsonlWriter::create(&run_dir.join("metrics.jsonl"))?;
     let bar = shared::metrics::progress_bar(args.steps as u64, "train");
     let (mut ema, mut final_loss) = (None::<f64>, f64::NAN);
     let t_train = Instant::now();
@@ -198,7 +303,7 @@ fn main() -> anyhow::Result<()> {
         if (step + 1) % args.checkpoint_every == 0 || step + 1 == args.steps {
             shared::weights::save_varmap_atomic(
                 &varmap,
-                &args.run_dir.join(format!("checkpoint_{:06}.safetensors", step + 1)),
+                &run_dir.join(format!("checkpoint_{:06}.safetensors", step + 1)),
             )?;
         }
     }
@@ -209,11 +314,14 @@ fn main() -> anyhow::Result<()> {
     // Save the frozen model and re-load it, so the evaluation sees exactly what ships.
     let weights_path = args.out_dir.join("world_model.safetensors");
     let config_path = args.out_dir.join("world_model.json");
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("--out-dir {}: creating it", args.out_dir.display()))?;
     shared::weights::save_varmap_atomic(&varmap, &weights_path)?;
     shared::io::write_json_atomic(&config_path, &cfg)?;
     let frozen = WorldModel::load_dir(&args.out_dir, DType::F32, &device)?;
 
-    let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) = evaluate(&frozen, &eval, &args)?;
+    let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) =
+        evaluate(&frozen, &eval, &args, eval_solver)?;
     write_figure(&args.figure, &eval, &pred)?;
 
     let bytes = std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
@@ -258,6 +366,7 @@ fn evaluate(
     frozen: &WorldModel,
     eval: &Clips,
     args: &Args,
+    solver: SolverKind,
 ) -> anyhow::Result<(f64, Vec<f64>, f64, Vec<f64>, candle_core::Tensor)> {
     let cfg = &frozen.cfg;
     let probe = [0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0];
@@ -267,8 +376,6 @@ fn evaluate(
         table.iter().map(|(s, p)| format!("σ={s}: {p:.2}")).collect::<Vec<_>>().join(", ")
     );
     let t_eval = Instant::now();
-    let solver: SolverKind = serde_json::from_value(json!(args.eval_solver))
-        .with_context(|| format!("--eval-solver: unknown value '{}'; allowed: euler, res, unipc", args.eval_solver))?;
     let pred = predict(
         frozen,
         eval,
