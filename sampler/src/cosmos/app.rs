@@ -183,38 +183,9 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
     })
 }
 
-/// Refuses an output directory that holds anything unless `overwrite` — checked before any work,
-/// so nothing is loaded or written for a run that would be refused.
-fn check_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
-    if dir.exists() {
-        anyhow::ensure!(dir.is_dir(), "-o {}: exists and is not a directory", dir.display());
-        anyhow::ensure!(
-            overwrite || std::fs::read_dir(dir)?.next().is_none(),
-            "-o {}: the directory is not empty; pass --overwrite to replace its contents, or choose another",
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// The output directory: created, or emptied first when `overwrite` — a new run never mixes with
-/// an earlier one's files. Called once the inputs are loaded and checked.
-fn prepare_out_dir(dir: &Path, overwrite: bool) -> anyhow::Result<()> {
-    check_out_dir(dir, overwrite)?;
-    if dir.exists() {
-        anyhow::ensure!(dir.is_dir(), "-o {}: exists and is not a directory", dir.display());
-        let non_empty = std::fs::read_dir(dir)?.next().is_some();
-        if non_empty {
-            anyhow::ensure!(
-                overwrite,
-                "-o {}: the directory is not empty; pass --overwrite to replace its contents, or choose another",
-                dir.display()
-            );
-            std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
-        }
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(())
+/// What `--overwrite` allows for `-o` (one mechanism for every command: `shared::outputs`).
+fn out_mode(args: &CosmosArgs) -> anyhow::Result<shared::outputs::Existing> {
+    shared::outputs::Existing::from_flags(args.overwrite, false)
 }
 
 /// Every argument checked before anything is loaded or written.
@@ -392,7 +363,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
             );
         }
     }
-    check_out_dir(&args.out, args.overwrite)?;
+    // Refused before any work when not empty (unless --overwrite); claimed below, before the first write.
+    shared::outputs::check_dir(&args.out, "-o", out_mode(args)?)?;
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
     let objective_input = load_objective_input(args, &device)?;
@@ -446,7 +418,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         condition_latent_frames: args.condition_latent_frames,
     };
     let prepared = pipe.prepare(&req)?;
-    prepare_out_dir(&args.out, args.overwrite)?;
+    // Created, or emptied whole with --overwrite, and locked while this run writes it.
+    let _out_claim = shared::outputs::claim_dir(&args.out, "-o", out_mode(args)?)?;
     let plan = churn_plan(args, noise_mode, &prepared.schedule);
     let injected = plan.noise_scales.iter().filter(|s| **s > 0.0).count();
     let traj = Trajectory {
