@@ -1,6 +1,6 @@
 //! `sampler`: optimise the initial noise of a denoising trajectory. Thin over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -92,76 +92,6 @@ enum Command {
 
 /// Where `sampler` writes without `-o`: a new numbered directory under it per run.
 const DEFAULT_OUT: &str = "out/sampler";
-
-/// The output directory of a run, checked before any work.
-enum OutDir {
-    /// `-o DIR`, with what `--overwrite` allows.
-    Given(PathBuf, shared::outputs::Existing),
-    /// No `-o`: the next `run-NNN` under [`DEFAULT_OUT`], created when claimed.
-    Numbered(PathBuf),
-}
-
-impl OutDir {
-    fn check(cli: &Cli) -> anyhow::Result<Self> {
-        use shared::outputs::{check_dir, Existing};
-        match &cli.out {
-            Some(dir) => {
-                let mode = Existing::from_flags(cli.overwrite, false)?;
-                check_dir(dir, "-o", mode)?;
-                Ok(Self::Given(dir.clone(), mode))
-            }
-            None => {
-                anyhow::ensure!(
-                    !cli.overwrite,
-                    "--overwrite replaces an explicit -o DIR; without -o every run writes a new {DEFAULT_OUT}/run-NNN, \
-                     so there is nothing to overwrite"
-                );
-                let parent = PathBuf::from(DEFAULT_OUT);
-                // The same checks as an explicit directory's (the parent not a file, …), on the
-                // first name that is free now.
-                check_dir(&next_numbered(&parent)?, "-o (default)", Existing::Refuse)?;
-                Ok(Self::Numbered(parent))
-            }
-        }
-    }
-
-    /// Claims the directory just before the first write (creating a numbered one).
-    fn claim(&self) -> anyhow::Result<shared::outputs::ClaimedDir> {
-        use shared::outputs::{claim_dir, Existing};
-        match self {
-            Self::Given(dir, mode) => claim_dir(dir, "-o", *mode),
-            Self::Numbered(parent) => {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-                // `create_dir` fails when the name exists, so two runs started together never
-                // share a directory: the later one takes the next number.
-                for _ in 0..1000 {
-                    let dir = next_numbered(parent)?;
-                    match std::fs::create_dir(&dir) {
-                        Ok(()) => return claim_dir(&dir, "-o (default)", Existing::Refuse),
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-                    }
-                }
-                anyhow::bail!("could not create a new run directory under {}; give -o DIR", parent.display())
-            }
-        }
-    }
-}
-
-/// `parent/run-NNN` with NNN one above the highest existing number (001 first), so the runs
-/// sort in the order they were made.
-fn next_numbered(parent: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let mut highest = 0u64;
-    if parent.is_dir() {
-        for entry in std::fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
-            let name = entry.with_context(|| format!("reading {}", parent.display()))?.file_name();
-            if let Some(n) = name.to_str().and_then(|n| n.strip_prefix("run-")).and_then(|n| n.parse::<u64>().ok()) {
-                highest = highest.max(n);
-            }
-        }
-    }
-    Ok(parent.join(format!("run-{:03}", highest + 1)))
-}
 
 impl Cli {
     /// Command-line values as params fields; they are validated exactly like the file's. A
@@ -333,7 +263,7 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
     // Arguments and the output directory before anything is loaded; then the inputs, each
     // checked; the directory is claimed only once they all are.
     let settings = stress_settings(cli)?;
-    let out = OutDir::check(cli)?;
+    let out = shared::outputs::OutputDir::check(cli.out.as_deref(), Path::new(DEFAULT_OUT), cli.overwrite)?;
     let device = candle_core::Device::Cpu;
     let model = sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &device)
         .with_context(|| format!("--world-model {}", weights.display()))?;
@@ -380,7 +310,7 @@ fn main() -> anyhow::Result<()> {
     };
     let name = cli.input.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let params = sampler::config::parse_params(text.as_deref().map(|t| (name.as_str(), t)), &cli.overrides()?)?;
-    let out = OutDir::check(&cli)?;
+    let out = shared::outputs::OutputDir::check(cli.out.as_deref(), Path::new(DEFAULT_OUT), cli.overwrite)?;
     let device = shared::device::parse_device(&params.device).context("opening the device")?;
     sampler::app::check_fits(&params, &device)?;
     let claimed = out.claim()?;

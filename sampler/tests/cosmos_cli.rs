@@ -739,3 +739,68 @@ fn policy_objective_gradient_through_the_pipeline_f64() -> Result<()> {
 /// a dropped factor on the path ([0, 1] → [−1, 1], the resize, the de-normalisation) is off by
 /// ≥ 1e-2.
 const POLICY_PIPELINE_TOL: f64 = 2e-6;
+
+/// `--prompt-embeds` as a Hub reference resolves from the cache (the one resolver every weights
+/// flag uses), and without `-o` each run writes a new `out/cosmos/run-NNN`, never an earlier one.
+#[test]
+fn hub_reference_inputs_and_numbered_default_outputs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A cache holding the fixture's pipeline (linked) and an embeddings repository.
+    let cache = dir.path().join("hf_cache");
+    std::fs::create_dir(&cache)?;
+    for entry in std::fs::read_dir(fixtures().join("hf_cache"))? {
+        let entry = entry?;
+        std::os::unix::fs::symlink(entry.path(), cache.join(entry.file_name()))?;
+    }
+    let hash = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.join("models--worldgrad-test--embeds");
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), hash)?;
+    let snapshot = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::copy(fixtures().join("cosmos_prompt_embeds_predict2.safetensors"), snapshot.join("prompt.safetensors"))?;
+    let image = dir.path().join("first.png");
+    save_png(&pattern(48, 32, 0), &image)?;
+
+    let mut args = base_args(
+        Path::new("unused"),
+        &["--prompt-embeds", "worldgrad-test/embeds:prompt.safetensors", "--image", &image.display().to_string()],
+    );
+    // Drop `-o unused`: the default output directory is what is tested.
+    let o_at = args.iter().position(|a| a == "-o").context("base args hold -o")?;
+    args.drain(o_at..o_at + 2);
+    let run = || -> Result<Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HOME")
+            .output()?)
+    };
+    for n in 1..=2 {
+        let o = run()?;
+        assert!(o.status.success(), "run {n}: {}", stderr(&o));
+        let out = dir.path().join(format!("out/cosmos/run-{n:03}"));
+        let r = report(&out)?;
+        let used = r["prompt_embeds"].as_str().context("report names the embeddings")?;
+        assert!(used.ends_with(&format!("snapshots/{hash}/prompt.safetensors")), "{used}");
+    }
+    // The first run's outputs are still there beside the second's.
+    assert!(dir.path().join("out/cosmos/run-001/video.safetensors").is_file());
+    // A reference the cache does not hold is refused naming the flag, before any work.
+    let mut missing = args.clone();
+    let at = missing.iter().position(|a| a == "worldgrad-test/embeds:prompt.safetensors").context("ref")?;
+    missing[at] = "worldgrad-test/embeds:absent.safetensors".into();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+        .args(&missing)
+        .current_dir(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", &cache)
+        .env_remove("HF_HOME")
+        .output()?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--prompt-embeds"), "{}", stderr(&o));
+    assert!(!dir.path().join("out/cosmos/run-003").exists());
+    Ok(())
+}

@@ -155,6 +155,79 @@ pub fn claim_dir(dir: &Path, flag: &str, mode: Existing) -> Result<ClaimedDir> {
     Ok(ClaimedDir { path: dir.to_path_buf(), _lock: lock })
 }
 
+/// The output directory of a command with an optional `-o DIR`: the directory given (refused
+/// when it holds anything unless `--overwrite`), or without one a new `run-NNN` under a default
+/// parent per run — so re-running a command never loses, or mixes with, an earlier run's outputs.
+#[derive(Clone, Debug)]
+pub enum OutputDir {
+    /// `-o DIR`, with what `--overwrite` allows.
+    Given(PathBuf, Existing),
+    /// No `-o`: the next `run-NNN` under this parent, created when claimed.
+    Numbered(PathBuf),
+}
+
+impl OutputDir {
+    /// Checks, before any work, where a run will write: `given` (the `-o` value) under what
+    /// `overwrite` allows, or the next numbered directory under `default_parent`.
+    pub fn check(given: Option<&Path>, default_parent: &Path, overwrite: bool) -> Result<Self> {
+        match given {
+            Some(dir) => {
+                let mode = Existing::from_flags(overwrite, false)?;
+                check_dir(dir, "-o", mode)?;
+                Ok(Self::Given(dir.to_path_buf(), mode))
+            }
+            None => {
+                anyhow::ensure!(
+                    !overwrite,
+                    "--overwrite replaces an explicit -o DIR; without -o every run writes a new {}/run-NNN, \
+                     so there is nothing to overwrite",
+                    default_parent.display()
+                );
+                // The same checks as an explicit directory's (the parent not a file, …), on the
+                // first name that is free now.
+                check_dir(&next_numbered(default_parent)?, "-o (default)", Existing::Refuse)?;
+                Ok(Self::Numbered(default_parent.to_path_buf()))
+            }
+        }
+    }
+
+    /// Claims the directory just before the first write (creating a numbered one).
+    pub fn claim(&self) -> Result<ClaimedDir> {
+        match self {
+            Self::Given(dir, mode) => claim_dir(dir, "-o", *mode),
+            Self::Numbered(parent) => {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                // `create_dir` fails when the name exists, so two runs started together never
+                // share a directory: the later one takes the next number.
+                for _ in 0..1000 {
+                    let dir = next_numbered(parent)?;
+                    match std::fs::create_dir(&dir) {
+                        Ok(()) => return claim_dir(&dir, "-o (default)", Existing::Refuse),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+                    }
+                }
+                bail!("could not create a new run directory under {}; give -o DIR", parent.display())
+            }
+        }
+    }
+}
+
+/// `parent/run-NNN` with NNN one above the highest existing number (001 first), so the runs
+/// sort in the order they were made.
+pub fn next_numbered(parent: &Path) -> Result<PathBuf> {
+    let mut highest = 0u64;
+    if parent.is_dir() {
+        for entry in std::fs::read_dir(parent).with_context(|| format!("reading {}", parent.display()))? {
+            let name = entry.with_context(|| format!("reading {}", parent.display()))?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| n.strip_prefix("run-")).and_then(|n| n.parse::<u64>().ok()) {
+                highest = highest.max(n);
+            }
+        }
+    }
+    Ok(parent.join(format!("run-{:03}", highest + 1)))
+}
+
 /// Checks, before any work, that a file can be written at `path`: not a directory, its parent
 /// not a file, and absent unless `overwrite`.
 pub fn check_output_file(path: &Path, flag: &str, overwrite: bool) -> Result<()> {
@@ -205,6 +278,20 @@ mod tests {
         assert!(err.contains("another process"), "{err}");
         drop(first);
         claim_dir(&dir, "--name", Existing::Refuse)?;
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_given_directory_each_claim_is_a_new_numbered_one() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let parent = tmp.path().join("out");
+        let out = OutputDir::check(None, &parent, false)?;
+        let first = out.claim()?;
+        std::fs::write(first.join("report.json"), b"{}")?;
+        let second = OutputDir::check(None, &parent, false)?.claim()?;
+        assert_eq!(first.path(), parent.join("run-001"));
+        assert_eq!(second.path(), parent.join("run-002"));
+        assert!(OutputDir::check(None, &parent, true).unwrap_err().to_string().contains("-o"));
         Ok(())
     }
 

@@ -49,7 +49,8 @@ pub struct CosmosArgs {
     /// Negative prompt with --prompt (default: diffusers' Cosmos-Predict2 negative prompt).
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Safetensors with `prompt_embeds` (B, L, D) and optional `negative_prompt_embeds`.
+    /// Safetensors with `prompt_embeds` (B, L, D) and optional `negative_prompt_embeds` (a path or
+    /// a Hub reference `org/name[@revision]:file`).
     #[arg(long)]
     pub prompt_embeds: Option<PathBuf>,
     #[arg(long, default_value_t = 704)]
@@ -72,7 +73,8 @@ pub struct CosmosArgs {
     /// Seed of the initial noise when --latents is not given.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Safetensors with tensor `latents`: the unit-variance initial noise (diffusers' `latents`).
+    /// Safetensors with tensor `latents`: the unit-variance initial noise (diffusers' `latents`);
+    /// a path or a Hub reference.
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// f32 | bf16 | f16 (default: bf16 on CUDA, f32 elsewhere).
@@ -81,10 +83,11 @@ pub struct CosmosArgs {
     /// auto | cpu | cuda[:N] | metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Output directory.
-    #[arg(short = 'o', long = "out", default_value = "out/cosmos")]
-    pub out: PathBuf,
-    /// Replace the contents of a non-empty output directory.
+    /// Output directory: refused when it holds anything unless --overwrite. Without -o each run
+    /// writes a new out/cosmos/run-NNN.
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<PathBuf>,
+    /// Replace the contents of a non-empty -o directory (removed whole first).
     #[arg(long)]
     pub overwrite: bool,
     /// Optimisation iterations of z0 (0 = sample once).
@@ -136,7 +139,7 @@ pub struct CosmosArgs {
     pub verify_grad: bool,
     /// Objective: an exported LAPO policy's action error on the generated frames (the policy
     /// stress test's objective; frames 3× as wide as high: three camera views side by side).
-    /// Needs --policy-reference.
+    /// Needs --policy-reference. A path or a Hub reference `org/name[@revision]:file`.
     #[arg(long, conflicts_with = "target_video")]
     pub policy: Option<PathBuf>,
     /// Safetensors with `states` (1, F, S) — the joint states the policy reads with each frame —
@@ -183,9 +186,12 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
     })
 }
 
-/// What `--overwrite` allows for `-o` (one mechanism for every command: `shared::outputs`).
-fn out_mode(args: &CosmosArgs) -> anyhow::Result<shared::outputs::Existing> {
-    shared::outputs::Existing::from_flags(args.overwrite, false)
+/// Where `sampler cosmos` writes without `-o`: a new numbered directory under it per run.
+pub const DEFAULT_OUT: &str = "out/cosmos";
+
+/// Where this run writes (one mechanism for every command: `shared::outputs`).
+fn out_dir(args: &CosmosArgs) -> anyhow::Result<shared::outputs::OutputDir> {
+    shared::outputs::OutputDir::check(args.out.as_deref(), Path::new(DEFAULT_OUT), args.overwrite)
 }
 
 /// Every argument checked before anything is loaded or written.
@@ -312,10 +318,25 @@ fn memory_plan(args: &CosmosArgs, dtype: DType) -> anyhow::Result<MemoryPlan> {
     MemoryPlan::new(&transformer, &vae, &request)
 }
 
-/// Runs `sampler cosmos`: samples (and optimises) and writes the outputs into `args.out`.
+/// The flags that name weights-like safetensors files take a local path or a Hub reference
+/// (`org/name[@revision]:file`), resolved to a local file by the one resolver every binary uses.
+fn resolve_weight_inputs(mut args: CosmosArgs) -> anyhow::Result<CosmosArgs> {
+    for (flag, value) in
+        [("--prompt-embeds", &mut args.prompt_embeds), ("--latents", &mut args.latents), ("--policy", &mut args.policy)]
+    {
+        if let Some(reference) = value.as_mut() {
+            let text = reference.to_string_lossy().into_owned();
+            *reference = shared::weights::resolve(&text).with_context(|| format!("{flag} {text}"))?;
+        }
+    }
+    Ok(args)
+}
+
+/// Runs `sampler cosmos`: samples (and optimises) and writes the outputs into the `-o`
+/// directory (or a new `out/cosmos/run-NNN`).
 pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
     let (args, params_applied) = with_params_file(args)?;
-    let args = &args;
+    let args = &resolve_weight_inputs(args)?;
     if let Some(a) = &params_applied {
         log(&format!(
             "params file {}: set {}; command line wins for {}; ignored {}",
@@ -364,7 +385,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         }
     }
     // Refused before any work when not empty (unless --overwrite); claimed below, before the first write.
-    shared::outputs::check_dir(&args.out, "-o", out_mode(args)?)?;
+    let out_dir = out_dir(args)?;
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
     let objective_input = load_objective_input(args, &device)?;
@@ -419,7 +440,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     };
     let prepared = pipe.prepare(&req)?;
     // Created, or emptied whole with --overwrite, and locked while this run writes it.
-    let _out_claim = shared::outputs::claim_dir(&args.out, "-o", out_mode(args)?)?;
+    let out_claim = out_dir.claim()?;
+    let out = out_claim.path().to_path_buf();
     let plan = churn_plan(args, noise_mode, &prepared.schedule);
     let injected = plan.noise_scales.iter().filter(|s| **s > 0.0).count();
     let traj = Trajectory {
@@ -490,9 +512,9 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         })?;
         let before = pipe.decode_to_unit(&outcome.initial_output)?.affine(2.0, -1.0)?.to_dtype(DType::F32)?;
         let after = pipe.decode_to_unit(&outcome.final_output)?.affine(2.0, -1.0)?.to_dtype(DType::F32)?;
-        files.extend(crate::report::write_frames(&args.out, "before", &before.to_device(&Device::Cpu)?)?);
+        files.extend(crate::report::write_frames(&out, "before", &before.to_device(&Device::Cpu)?)?);
         files.push(crate::report::write_comparison(
-            &args.out,
+            &out,
             &before.to_device(&Device::Cpu)?,
             &after.to_device(&Device::Cpu)?,
         )?);
@@ -504,17 +526,17 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let save = |name: &str, key: &str, t: &Tensor| -> anyhow::Result<String> {
         let map =
             std::collections::HashMap::from([(key.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)]);
-        shared::weights::save_tensors_atomic(&map, &args.out.join(name))?;
+        shared::weights::save_tensors_atomic(&map, &out.join(name))?;
         Ok(name.to_string())
     };
     files.push(save("video.safetensors", "video", &video)?);
     files.push(save("latents.safetensors", "latents", &final_latents)?);
     let shown = video.affine(2.0, -1.0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    for f in crate::report::write_frames(&args.out, "frames", &shown)? {
+    for f in crate::report::write_frames(&out, "frames", &shown)? {
         files.push(f);
     }
     let mp4_fps = args.fps.unwrap_or(DEFAULT_MP4_FPS);
-    let mp4 = match write_mp4(&args.out, &shown, mp4_fps) {
+    let mp4 = match write_mp4(&out, &shown, mp4_fps) {
         Ok(name) => {
             files.push(name);
             serde_json::json!({"file": "video.mp4", "fps": mp4_fps})
@@ -545,8 +567,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         "history": history,
         "summary": &summary,
     });
-    shared::io::write_json_atomic(&args.out.join("report.json"), &report)?;
-    log(&format!("wrote {} ({} s load, {:.2} s sampling)", args.out.display(), seconds_load.round(), seconds_sample));
+    shared::io::write_json_atomic(&out.join("report.json"), &report)?;
+    log(&format!("wrote {} ({} s load, {:.2} s sampling)", out.display(), seconds_load.round(), seconds_sample));
     Ok(summary)
 }
 
