@@ -93,6 +93,34 @@ pub struct LapoConfig {
     pub seed: u64,
 }
 
+impl LapoConfig {
+    /// The hyperparameter ranges, named by `train`'s flags, so a bad value is refused before any
+    /// work instead of training on nonsense: γ < 1 because a success is the absorbing value
+    /// 1/(1 − γ) (`trainer::Replay`), infinite at γ = 1; the expectile is a weight in (0, 1)
+    /// (0 or 1 drops one sign of the advantage); τ = 0 would freeze the targets; learning rates
+    /// must be finite and positive; m in Qmix = m·min + (1 − m)·max is a convex weight.
+    pub fn checks(&self) -> shared::checks::ArgChecks {
+        let mut c = shared::checks::ArgChecks::new();
+        c.count("--batch-size", self.batch_size as u64)
+            .positive("--critic-lr", self.critic_lr)
+            .positive("--actor-vae-lr", self.actor_vae_lr)
+            .positive("--actor-lr", self.actor_lr)
+            .open_closed("--tau", self.tau, 0.0, 1.0)
+            .open("--gamma", self.gamma, 0.0, 1.0)
+            .open("--expectile", self.expectile, 0.0, 1.0)
+            .non_negative("--kl-beta", self.kl_beta)
+            .positive("--max-latent-action", self.max_latent_action)
+            .closed("--doubleq-min", self.doubleq_min, 0.0, 1.0)
+            .non_negative("--policy-noise", self.policy_noise)
+            .non_negative("--noise-clip", self.noise_clip)
+            .non_negative("--aux-state-weight", self.aux_state_weight);
+        if let Some(latent) = self.latent_dim {
+            c.count("--latent-dim", latent as u64);
+        }
+        c
+    }
+}
+
 impl Default for LapoConfig {
     fn default() -> Self {
         Self {

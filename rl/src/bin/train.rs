@@ -6,21 +6,35 @@
 //! 2-core CPU (measured: 10 min 54 s, collection included) and beat the data's behaviour
 //! score (the reasons are on each option). Writes `runs/<name>/`: config.json, metrics.jsonl,
 //! checkpoint.{safetensors,json}, learning_curve.png, final_eval.json, policy.safetensors.
+//!
+//! Nothing is lost or silently wrong: every argument is checked before any work (ranges, and a
+//! memory estimate for sizes that cannot fit); a run directory that holds anything is refused
+//! unless `--overwrite` (replaced whole) or `--resume` (continued, after comparing the stored
+//! configuration with the command line); a run is locked while it trains; a dataset directory
+//! without `meta.json` (an interrupted collection) is never collected over; and a checkpoint or
+//! policy is written only from a state whose tensors are finite and whose critic is within the
+//! divergence bound (`rl::trainer::DivergenceBound`), so "the last good checkpoint" is good.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::Parser;
 use rl::dataset::writer::{collect_dataset, CollectConfig};
-use rl::dataset::Tier;
+use rl::dataset::{dataset_state, DatasetMeta, DatasetState, Tier};
 use rl::encoders::{load_pretrained_resnet18, EncoderKind, FeatureLayout};
 use rl::env::EnvConfig;
+use rl::env::NUM_CAMERAS;
 use rl::lapo::{EncoderOwner, Lapo, LapoConfig};
 use rl::plot::{line_charts, Series, PALETTE};
-use rl::trainer::{evaluate, load_checkpoint, read_checkpoint_info, save_checkpoint, Evaluation, Replay};
+use rl::trainer::{
+    check_state, checkpoint_paths, evaluate, load_checkpoint, read_checkpoint_info, save_checkpoint, DivergenceBound,
+    Evaluation, Replay,
+};
+use shared::checks::{ensure_fits, ArgChecks};
 use shared::metrics::{progress_bar, read_jsonl, JsonlWriter};
+use shared::outputs::{check_dir, check_output_file, claim_dir, Existing};
 
 /// 3000 noisy-expert episodes (~465k transitions, ~1.1 GB at 16 px, about a minute to
 /// collect): with 300 episodes behaviour cloning generalised poorly to unseen layouts.
@@ -28,6 +42,8 @@ const DEFAULT_DATASET_EPISODES: usize = 3000;
 
 #[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(about = "Train LAPO (optionally multimodal) on a bimanual-pucks dataset")]
+// Negative values reach the range checks (and their message) instead of being taken for flags.
+#[command(allow_negative_numbers = true)]
 struct Args {
     /// Dataset directory; a dataset of `--tier` is collected there from the embedded
     /// environment if missing.
@@ -143,18 +159,51 @@ struct Args {
     name: Option<String>,
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Continue runs/<name> from its checkpoint, bit-exactly.
+    /// Continue runs/<name> from its checkpoint, bit-exactly. The command line must match the
+    /// run's stored configuration except for options that do not change the run (--iterations
+    /// to extend it, --threads, --device, the eval/log/audit/checkpoint intervals, --export).
     #[arg(long)]
     resume: bool,
+    /// Replace runs/<name> whole if it holds a run (and an existing --export file).
+    #[arg(long)]
+    overwrite: bool,
     /// Also copy the exported policy here.
     #[arg(long)]
     export: Option<PathBuf>,
 }
 
+/// Config fields of a run (`config.json` "args") that `--resume` may change, each because it
+/// does not alter what the run computes:
+const MAY_DIFFER_ON_RESUME: &[(&str, &str)] = &[
+    ("iterations", "where the run stops: raising it extends the run"),
+    ("threads", "how many CPU threads run the same kernels"),
+    ("device", "where the kernels run"),
+    ("eval_every", "evaluations use their own environments and only read the model"),
+    ("eval_episodes", "as --eval-every"),
+    ("log_every", "which losses are written to metrics.jsonl"),
+    ("audit_every", "the audit reads gradients and snapshots; it never changes a var or draws a random number"),
+    ("checkpoint_every", "when the state is saved, not what it is"),
+    ("name", "the run is found by it"),
+    ("runs_dir", "as --name"),
+    ("dataset", "the path may move; the dataset itself is compared by its fingerprint"),
+    // How a missing dataset is collected: a resumed run never collects (its dataset must be
+    // there, and is compared by its fingerprint).
+    ("tier", "collection only"),
+    ("dataset_episodes", "collection only"),
+    ("image_size", "collection only"),
+    ("supersample", "collection only"),
+    ("export", "an extra copy of the result"),
+    ("resume", "the mode of this invocation"),
+    ("overwrite", "the mode of this invocation"),
+];
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Every argument first: nothing is read, collected or written with a bad one.
+    check_args(&args)?;
+    let mode = Existing::from_flags(args.overwrite, args.resume)?;
     // Candle's CPU kernels size their pool from this variable on first use.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     let device = shared::device::parse_device(&args.device)?;
     let name = args
         .name
@@ -162,22 +211,41 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| format!("lapo-{:?}-{:?}-s{}", args.encoder, args.encoder_owner, args.seed).to_lowercase());
     let run_dir = args.runs_dir.join(&name);
 
-    // Option conflicts fail before the dataset is collected or opened.
-    anyhow::ensure!(
-        !args.aux_state_input || (args.aux_state_weight > 0.0 && args.encoder.uses_images()),
-        "--aux-state-input needs an image encoder and --aux-state-weight > 0"
-    );
-    anyhow::ensure!(args.pretrain_encoder == 0 || args.aux_state_input, "--pretrain-encoder needs --aux-state-input");
-    anyhow::ensure!(
-        args.feature_layout == FeatureLayout::Fused || args.encoder.uses_images(),
-        "--feature-layout needs an image encoder"
-    );
-    anyhow::ensure!(
-        args.feature_layout != FeatureLayout::State || args.aux_state_input,
-        "--feature-layout state needs --aux-state-input (the images reach the networks only through the head)"
-    );
-    ensure_dataset(&args)?;
+    // Outputs and inputs, before any work.
+    check_run_dir(&run_dir, mode, args.name.is_none())?;
+    if let Some(path) = &args.export {
+        check_export(path, &args, &run_dir)?;
+    }
+    let dataset = check_dataset_dir(&args.dataset)?;
+    let collecting = dataset == DatasetState::Absent;
+    let stored = if args.resume { Some(check_resume(&run_dir, &args, collecting)?) } else { None };
+    if let (Some(reference), None) = (&args.pretrained, &stored) {
+        // Resolved now so a missing file fails before the dataset is collected (a resumed run
+        // takes its weights from the checkpoint).
+        shared::weights::resolve(reference).with_context(|| format!("--pretrained {reference}"))?;
+    }
+    check_memory(&args, &device, collecting)?;
+
+    if collecting {
+        collect(&args)?;
+    }
     let replay = Replay::open(&args.dataset, args.encoder, args.gamma)?;
+    let fingerprint = dataset_fingerprint(&args.dataset)?;
+    if let Some(stored) = &stored {
+        match stored.get("dataset_fingerprint").and_then(|v| v.as_str()) {
+            Some(recorded) if recorded != fingerprint => anyhow::bail!(
+                "--dataset {}: a different dataset than the run was trained on (its meta.json has {fingerprint}, \
+                 {} recorded {recorded}); give the run's dataset, or start a new run with --name",
+                args.dataset.display(),
+                run_dir.join("config.json").display()
+            ),
+            Some(_) => {}
+            None => eprintln!(
+                "note: {} records no dataset fingerprint (written before it was recorded); the dataset is not compared",
+                run_dir.join("config.json").display()
+            ),
+        }
+    }
     let behaviour = replay.dataset.meta().mean_normalized_score as f64;
     eprintln!(
         "dataset {}: {} transitions, behaviour score {:.2}, success {:.2}",
@@ -188,48 +256,38 @@ fn main() -> Result<()> {
     );
     let env_config = EnvConfig { render: args.encoder.uses_images(), ..replay.dataset.meta().env.clone() };
 
-    let config = LapoConfig {
-        batch_size: args.batch_size,
-        critic_lr: args.critic_lr,
-        actor_vae_lr: args.actor_vae_lr,
-        actor_lr: args.actor_lr,
-        tau: args.tau,
-        gamma: args.gamma,
-        expectile: args.expectile,
-        kl_beta: args.kl_beta,
-        max_latent_action: args.max_latent_action,
-        doubleq_min: args.doubleq_min,
-        latent_dim: args.latent_dim,
-        policy_noise: args.policy_noise,
-        noise_clip: args.noise_clip,
-        encoder: args.encoder,
-        encoder_owner: args.encoder_owner,
-        aux_state_weight: args.aux_state_weight,
-        aux_state_input: args.aux_state_input,
-        feature_layout: args.feature_layout,
-        seed: args.seed,
-    };
+    let config = lapo_config(&args);
     let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &device)?;
-    if let Some(reference) = &args.pretrained {
-        anyhow::ensure!(args.encoder == EncoderKind::ResNet18, "--pretrained needs --encoder resnet18");
+    if let (Some(reference), false) = (&args.pretrained, args.resume) {
         for prefix in ["encoder.", "target.encoder."] {
             load_pretrained_resnet18(&lapo.varmap, prefix, reference)?;
         }
     }
-    let metrics_path = run_dir.join("metrics.jsonl");
+    let bound = DivergenceBound::new(&replay.bounds);
+
+    // The first write: from here on this process holds the run's lock (until it exits), and an
+    // overwritten run's old files are gone.
+    let run = claim_dir(&run_dir, "--name", mode)?;
+    let metrics_path = run.join("metrics.jsonl");
     let mut metrics = if args.resume {
-        let info = load_checkpoint(&mut lapo, &run_dir).with_context(|| format!("resuming {}", run_dir.display()))?;
+        let info = load_checkpoint(&mut lapo, run.path()).with_context(|| format!("resuming {}", run_dir.display()))?;
+        // A checkpoint written before checkpoints were checked can hold a diverged state.
+        let probe = replay.sample(args.batch_size, &mut lapo.iteration_rng(lapo.iteration, 3), DType::F32, &device)?;
+        check_state(&lapo, &probe)
+            .with_context(|| format!("{}: cannot be resumed", checkpoint_paths(run.path()).0.display()))?;
         eprintln!("resumed {} at iteration {}", run_dir.display(), info.iteration);
         truncate_metrics(&metrics_path, info.iteration)?;
         JsonlWriter::append(&metrics_path)?
     } else {
+        // On --resume the stored configuration stays as it was written: it is the run's.
+        shared::io::write_json_atomic(
+            &run.join("config.json"),
+            &serde_json::json!({"args": args, "lapo": config, "dims": replay.dims, "bounds": replay.bounds,
+                "normalization": replay.norm, "behaviour_score": behaviour,
+                "dataset_meta_tier": replay.dataset.meta().tier, "dataset_fingerprint": fingerprint}),
+        )?;
         JsonlWriter::create(&metrics_path)?
     };
-    shared::io::write_json_atomic(
-        &run_dir.join("config.json"),
-        &serde_json::json!({"args": args, "lapo": config, "dims": replay.dims, "bounds": replay.bounds,
-            "normalization": replay.norm, "behaviour_score": behaviour, "dataset_meta_tier": replay.dataset.meta().tier}),
-    )?;
 
     if args.pretrain_encoder > 0 && lapo.iteration == 0 {
         // A resumed run already holds its pretrained (and trained) encoder.
@@ -260,8 +318,11 @@ fn main() -> Result<()> {
     let bar = progress_bar(args.iterations, "lapo");
     bar.set_position(lapo.iteration);
     let start = Instant::now();
-    let mut last_checkpoint: Option<PathBuf> = args.resume.then(|| run_dir.join("checkpoint.safetensors"));
+    let mut last_checkpoint: Option<PathBuf> = args.resume.then(|| checkpoint_paths(run.path()).0);
+    let last_good =
+        |last: &Option<PathBuf>| last.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
     let mut last_eval = Evaluation::default();
+    let mut last_batch = None;
     while lapo.iteration < args.iterations {
         let it = lapo.iteration;
         let mut rng = lapo.iteration_rng(it, 1);
@@ -270,14 +331,22 @@ fn main() -> Result<()> {
         let (losses, audit) = match lapo.train_step(&batch, audit_now) {
             Ok(out) => out,
             Err(rl::lapo::LapoError::NonFinite { iteration, stage, losses }) => {
-                let last =
-                    last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
                 anyhow::bail!(
-                    "non-finite {stage} at iteration {iteration}; loss terms {losses:?}; last good checkpoint: {last}"
+                    "non-finite {stage} at iteration {iteration}; loss terms {losses:?}; stopping without writing \
+                     a checkpoint or policy; last good checkpoint: {}",
+                    last_good(&last_checkpoint)
                 );
             }
             Err(e) => return Err(e.into()),
         };
+        // Every iteration: the losses are at hand, and a divergence caught here never reaches a file.
+        if let Err(what) = bound.check_losses(&losses) {
+            anyhow::bail!(
+                "diverged at iteration {it}: {what}; stopping without writing a checkpoint or policy; \
+                 last good checkpoint: {}",
+                last_good(&last_checkpoint)
+            );
+        }
         if let Some(audit) = audit {
             metrics.write(&serde_json::json!({"iteration": it, "audit": audit}))?;
             if !audit.passed() {
@@ -311,35 +380,282 @@ fn main() -> Result<()> {
             ));
         }
         if done % args.checkpoint_every == 0 || done == args.iterations {
-            last_checkpoint = Some(save_checkpoint(&lapo, &replay.norm, &run_dir)?);
+            let saved = save_checkpoint(&lapo, &replay.norm, run.path(), &batch).with_context(|| {
+                format!("iteration {done}: stopping; last good checkpoint: {}", last_good(&last_checkpoint))
+            })?;
+            last_checkpoint = Some(saved);
         }
+        last_batch = Some(batch);
         bar.set_position(done);
     }
     bar.finish();
     let elapsed = start.elapsed().as_secs_f64();
+    // The policy is written from a good state only (a resumed run that trained no further was
+    // checked when its checkpoint was loaded).
+    if let Some(batch) = &last_batch {
+        check_state(&lapo, batch).with_context(|| {
+            format!("not exporting the policy; last good checkpoint: {}", last_good(&last_checkpoint))
+        })?;
+    }
     if last_eval.episodes == 0 {
         // Resumed at (or past) the last iteration: nothing was evaluated in this process, and the
         // summary must not report an empty evaluation as the final score.
         last_eval = evaluate(&(&lapo, &replay.norm), &env_config, args.eval_episodes, 0, |_| {})?;
     }
 
-    rl::policy::export(&lapo, &replay.norm, &run_dir.join("policy.safetensors"))?;
+    rl::policy::export(&lapo, &replay.norm, &run.join("policy.safetensors"))?;
     if let Some(path) = &args.export {
         rl::policy::export(&lapo, &replay.norm, path)?;
     }
-    plot_run(&metrics_path, &run_dir.join("learning_curve.png"), behaviour)?;
+    plot_run(&metrics_path, &run.join("learning_curve.png"), behaviour)?;
     let summary = serde_json::json!({"iterations": lapo.iteration, "train_seconds": elapsed, "eval": last_eval,
         "behaviour_score": behaviour, "beats_behaviour": last_eval.normalized_score > behaviour});
-    shared::io::write_json_atomic(&run_dir.join("final_eval.json"), &summary)?;
+    shared::io::write_json_atomic(&run.join("final_eval.json"), &summary)?;
     println!("{}", serde_json::to_string(&summary)?);
-    let _ = read_checkpoint_info(&run_dir)?;
+    let _ = read_checkpoint_info(run.path())?;
+    drop(run);
     Ok(())
 }
 
-fn ensure_dataset(args: &Args) -> Result<()> {
-    if args.dataset.join(rl::dataset::META_FILE).is_file() {
-        return Ok(());
+fn lapo_config(args: &Args) -> LapoConfig {
+    LapoConfig {
+        batch_size: args.batch_size,
+        critic_lr: args.critic_lr,
+        actor_vae_lr: args.actor_vae_lr,
+        actor_lr: args.actor_lr,
+        tau: args.tau,
+        gamma: args.gamma,
+        expectile: args.expectile,
+        kl_beta: args.kl_beta,
+        max_latent_action: args.max_latent_action,
+        doubleq_min: args.doubleq_min,
+        latent_dim: args.latent_dim,
+        policy_noise: args.policy_noise,
+        noise_clip: args.noise_clip,
+        encoder: args.encoder,
+        encoder_owner: args.encoder_owner,
+        aux_state_weight: args.aux_state_weight,
+        aux_state_input: args.aux_state_input,
+        feature_layout: args.feature_layout,
+        seed: args.seed,
     }
+}
+
+/// Every range and option conflict, reported together in one error.
+fn check_args(args: &Args) -> Result<()> {
+    let mut c = ArgChecks::new();
+    c.extend(lapo_config(args).checks());
+    c.count("--iterations", args.iterations)
+        .count("--log-every", args.log_every)
+        .count("--eval-every", args.eval_every)
+        .count("--checkpoint-every", args.checkpoint_every)
+        .count("--eval-episodes", args.eval_episodes as u64)
+        .count("--dataset-episodes", args.dataset_episodes as u64)
+        // Each pool thread reserves its own stack; far beyond any core count is a typo.
+        .count_at_most("--threads", args.threads as u64, 1024, "threads of the kernel pool")
+        .positive("--pretrain-lr", args.pretrain_lr)
+        // The renderer's limits (`Env::new`), checked here so they fail before anything else.
+        .require((16..=1024).contains(&args.image_size), || {
+            format!("--image-size must be in 16..=1024 (the renderer's range), got {}", args.image_size)
+        })
+        .require((1..=8).contains(&args.supersample), || {
+            format!("--supersample must be in 1..=8, got {}", args.supersample)
+        })
+        .require(!args.aux_state_input || (args.aux_state_weight > 0.0 && args.encoder.uses_images()), || {
+            "--aux-state-input needs an image encoder and --aux-state-weight > 0".into()
+        })
+        .require(args.pretrain_encoder == 0 || args.aux_state_input, || {
+            "--pretrain-encoder needs --aux-state-input".into()
+        })
+        .require(args.feature_layout == FeatureLayout::Fused || args.encoder.uses_images(), || {
+            "--feature-layout needs an image encoder".into()
+        })
+        .require(args.feature_layout != FeatureLayout::State || args.aux_state_input, || {
+            "--feature-layout state needs --aux-state-input (the images reach the networks only through the head)"
+                .into()
+        })
+        .require(args.pretrained.is_none() || args.encoder == EncoderKind::ResNet18, || {
+            "--pretrained needs --encoder resnet18".into()
+        });
+    if let Some(name) = &args.name {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\\'])
+            && Path::new(name).components().count() == 1;
+        c.require(plain, || format!("--name must be a plain directory name (no path separators), got {name:?}"));
+    }
+    c.finish()
+}
+
+/// The run directory may be written in `mode`; a run already there is named with the three
+/// ways on (a default name repeats whenever the same command is run again).
+fn check_run_dir(run_dir: &Path, mode: Existing, default_name: bool) -> Result<()> {
+    check_dir(run_dir, "--name", mode).map_err(|e| {
+        let holds_a_run = mode == Existing::Refuse && !shared::outputs::contents(run_dir).unwrap_or_default().is_empty();
+        if holds_a_run {
+            let whose = if default_name { "the default name (from --encoder, --encoder-owner and --seed) is taken; " } else { "" };
+            anyhow::anyhow!(
+                "{e}\n{whose}pass --name NAME for a new run, --overwrite to replace this one, or --resume to continue it"
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// `--export` must be writable. An existing file is replaced with `--overwrite`, and on
+/// `--resume` when it is this run's own earlier export (the same bytes as its policy).
+fn check_export(path: &Path, args: &Args, run_dir: &Path) -> Result<()> {
+    let own_export = args.resume
+        && path.is_file()
+        && std::fs::read(path).ok().is_some_and(|b| std::fs::read(run_dir.join("policy.safetensors")).ok() == Some(b));
+    check_output_file(path, "--export", args.overwrite || own_export)
+}
+
+/// What the dataset directory holds; an interrupted collection is refused, never collected over.
+fn check_dataset_dir(dir: &Path) -> Result<DatasetState> {
+    anyhow::ensure!(!dir.exists() || dir.is_dir(), "--dataset {}: exists and is not a directory", dir.display());
+    let state = dataset_state(dir).with_context(|| format!("--dataset {}", dir.display()))?;
+    if let DatasetState::Incomplete { files } = &state {
+        let shown: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
+        anyhow::bail!(
+            "--dataset {}: holds {} file(s) ({}{}) but no {} — an interrupted collection? It is neither read nor \
+             collected over: remove the directory, or collect it again with `collect --out {} --overwrite`",
+            dir.display(),
+            files.len(),
+            shown.join(", "),
+            if files.len() > shown.len() { ", …" } else { "" },
+            rl::dataset::META_FILE,
+            dir.display()
+        );
+    }
+    Ok(state)
+}
+
+/// `--resume`: the run's stored configuration, after checking that the run can be continued
+/// and that the command line changes nothing that alters it (all differences in one error).
+fn check_resume(run_dir: &Path, args: &Args, collecting: bool) -> Result<serde_json::Value> {
+    let config_path = run_dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!("--resume: reading {} (is {} a training run?)", config_path.display(), run_dir.display())
+    })?;
+    let stored: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--resume: {} is not valid JSON", config_path.display()))?;
+    let stored_args = stored
+        .get("args")
+        .filter(|a| a.is_object())
+        .with_context(|| format!("--resume: {} has no \"args\" object", config_path.display()))?;
+    anyhow::ensure!(
+        checkpoint_paths(run_dir).1.is_file(),
+        "--resume {}: the run has no checkpoint yet (it stopped before --checkpoint-every iterations); \
+         start it again with --overwrite",
+        run_dir.display()
+    );
+    // Collecting a dataset for a resumed run could only give the run's own dataset by chance
+    // (its fingerprint is compared after): the run's dataset must be given.
+    anyhow::ensure!(
+        !collecting,
+        "--resume {}: --dataset {} is absent or empty; give the dataset the run was trained on (a resumed run \
+         never collects one)",
+        run_dir.display(),
+        args.dataset.display()
+    );
+    let current = serde_json::to_value(args)?;
+    // A field the stored args lack (a run from before the option existed) ran at its default.
+    let defaults = serde_json::to_value(Args::parse_from(["train"]))?;
+    let mut changes = Vec::new();
+    for (field, now) in current.as_object().into_iter().flatten() {
+        if MAY_DIFFER_ON_RESUME.iter().any(|(f, _)| f == field) {
+            continue;
+        }
+        let then = stored_args.get(field).or_else(|| defaults.get(field)).unwrap_or(&serde_json::Value::Null);
+        if then != now {
+            changes.push(format!("--{}: stored {then}, command line {now}", field.replace('_', "-")));
+        }
+    }
+    if !changes.is_empty() {
+        anyhow::bail!(
+            "--resume {}: the command line changes the run, whose configuration is in {}:\n  - {}\n\
+             give the stored values to continue it, or start a new run with --name (or replace it with --overwrite)",
+            run_dir.display(),
+            config_path.display(),
+            changes.join("\n  - ")
+        );
+    }
+    Ok(stored)
+}
+
+/// Peak-memory growth per batch element of one training iteration, measured as the maximum
+/// resident set of `train` at batch 2048 against 64 (`/usr/bin/time -v`, 16 px views): state-only
+/// 58 KiB — the MLPs' activations and their gradients, ~160× the 360 B of inputs. Rounded up.
+const STATE_BYTES_PER_SAMPLE: u128 = 64 << 10;
+
+/// Image-encoder activations per byte of f32 input images (observation and next observation,
+/// 2 × 9 × H × W × 4 B), from the same measurement: conv 247 KiB and ResNet18 1927 KiB per
+/// element (ResNet18 at 512 against 64) beyond the MLPs' 58 KiB, over 18 KiB of images: 10.3×
+/// and 101× (both scale with the pixel count). Rounded up.
+fn image_activation_factor(encoder: EncoderKind) -> u128 {
+    match encoder {
+        EncoderKind::None => 0,
+        EncoderKind::Conv => 12,
+        EncoderKind::ResNet18 => 110,
+    }
+}
+
+/// Refuses sizes that cannot fit, naming the flags that set them, before any work:
+/// * the training batch and its activations, on the training device;
+/// * the evaluation: `--eval-episodes` environments in lockstep (each with its renderer's
+///   buffers when images are used) and one batched forward over them;
+/// * collecting a missing dataset: shards stream to disk, so memory holds one episode per
+///   worker thread (its frames, plus the serialised shard) and a few KiB of statistics per
+///   episode until `meta.json` is written; the disk is not checked (a full disk fails with an
+///   error naming the shard, and the incomplete directory is then refused, never reused).
+fn check_memory(args: &Args, device: &Device, collecting: bool) -> Result<()> {
+    let (h, w, ss, max_steps) = if collecting {
+        (args.image_size, args.image_size, args.supersample, EnvConfig::default().max_steps)
+    } else {
+        let meta_path = args.dataset.join(rl::dataset::META_FILE);
+        let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
+        let meta: DatasetMeta =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid meta.json", meta_path.display()))?;
+        (meta.image_height, meta.image_width, meta.env.supersample, meta.env.max_steps)
+    };
+    let (h, w, ss) = (h as u128, w as u128, ss as u128);
+    let images = args.encoder.uses_images();
+    let image_bytes = if images { 2 * 3 * NUM_CAMERAS as u128 * h * w * 4 } else { 0 };
+    let per_sample = STATE_BYTES_PER_SAMPLE + image_bytes * image_activation_factor(args.encoder);
+    ensure_fits(
+        device,
+        args.batch_size as u128 * per_sample,
+        &format!("--batch-size {} (with --encoder {:?}, {h}×{w} px views)", args.batch_size, args.encoder),
+    )?;
+    // A renderer keeps two frames at the supersampled size; an observation holds three views.
+    let env_bytes = 4096 + if images { 2 * 3 * h * ss * w * ss + 2 * 3 * 3 * h * w } else { 0 };
+    ensure_fits(
+        &Device::Cpu,
+        args.eval_episodes as u128 * env_bytes,
+        &format!("--eval-episodes {}", args.eval_episodes),
+    )?;
+    ensure_fits(device, args.eval_episodes as u128 * per_sample, &format!("--eval-episodes {}", args.eval_episodes))?;
+    if collecting {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u128;
+        let frame = 3 * 3 * h * w + 64 * 4;
+        let per_thread = 2 * max_steps as u128 * frame + 2 * 3 * h * ss * w * ss;
+        ensure_fits(
+            &Device::Cpu,
+            threads * per_thread + args.dataset_episodes as u128 * (4 << 10),
+            &format!(
+                "collecting --dataset-episodes {} at --image-size {} --supersample {}",
+                args.dataset_episodes, args.image_size, args.supersample
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Collects the dataset of `--tier` into the (absent or empty) `--dataset` directory.
+fn collect(args: &Args) -> Result<()> {
     eprintln!(
         "collecting the {} dataset ({} episodes) into {}",
         args.tier.name(),
@@ -360,6 +676,15 @@ fn ensure_dataset(args: &Args) -> Result<()> {
         .with_context(|| format!("collecting into {}", args.dataset.display()))?;
     bar.finish();
     Ok(())
+}
+
+/// `sha256:<hex>` of the dataset's meta.json: it records every episode's seed, length and
+/// return and every key's statistics, so another dataset (or the same directory collected
+/// again differently) has another fingerprint.
+fn dataset_fingerprint(dir: &Path) -> Result<String> {
+    let path = dir.join(rl::dataset::META_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes)))
 }
 
 /// A resumed run drops metric lines past its checkpoint, so the log matches an uninterrupted one.
