@@ -20,6 +20,17 @@ pub fn run(exe: &str, args: &[&str], cwd: &Path) -> Output {
         .unwrap_or_else(|e| panic!("could not start {exe}: {e}"))
 }
 
+/// [`run`] with extra environment variables for the child (e.g. `HF_HUB_CACHE` pointing at a
+/// test's fake Hub cache).
+pub fn run_env(exe: &str, args: &[&str], cwd: &Path, env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(exe);
+    cmd.args(args).current_dir(cwd).env("HF_HUB_OFFLINE", "1").env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap_or_else(|e| panic!("could not start {exe}: {e}"))
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
