@@ -20,6 +20,7 @@ fn small_config(threads: usize) -> CollectConfig {
     }
 }
 
+/// The dataset's files (the lock file a collection leaves is not content).
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -27,6 +28,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let entry = entry.unwrap();
             (entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path()).unwrap())
         })
+        .filter(|(name, _)| name != shared::outputs::LOCK_FILE)
         .collect()
 }
 

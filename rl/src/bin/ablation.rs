@@ -28,6 +28,27 @@ struct Args {
     /// Critic-loss averaging window, in iterations.
     #[arg(long, default_value_t = 500)]
     window: u64,
+    /// Replace ablation.{md,json,png} already in --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// The files written into --out.
+const OUTPUTS: [&str; 3] = ["ablation.md", "ablation.json", "ablation.png"];
+
+/// Every argument and output path, before any run is read.
+fn check_args(args: &Args) -> Result<()> {
+    let mut c = shared::checks::ArgChecks::new();
+    c.count("--window", args.window);
+    c.require(args.threshold.is_finite(), || format!("--threshold must be finite, got {}", args.threshold));
+    for dir in &args.runs {
+        c.require(dir.is_dir(), || format!("run directory {} does not exist or is not a directory", dir.display()));
+    }
+    c.finish()?;
+    for name in OUTPUTS {
+        shared::outputs::check_output_file(&args.out.join(name), "--out", args.overwrite)?;
+    }
+    Ok(())
 }
 
 /// One run's curves.
@@ -91,6 +112,7 @@ fn across(runs: &[&Run], pick: impl Fn(&Run) -> &BTreeMap<u64, f64>) -> Vec<(u64
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    check_args(&args)?;
     let mut by_owner: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for dir in &args.runs {
         let (owner, run) = read_run(dir, args.window)?;
@@ -144,9 +166,9 @@ fn main() -> Result<()> {
         colours.join(", ")
     ));
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    shared::io::write_atomic(&args.out.join("ablation.md"), table.as_bytes())?;
-    shared::io::write_json_atomic(&args.out.join("ablation.json"), &serde_json::Value::Object(json))?;
-    line_charts(&[score_series, critic_series], &args.out.join("ablation.png"))?;
+    shared::io::write_atomic(&args.out.join(OUTPUTS[0]), table.as_bytes())?;
+    shared::io::write_json_atomic(&args.out.join(OUTPUTS[1]), &serde_json::Value::Object(json))?;
+    line_charts(&[score_series, critic_series], &args.out.join(OUTPUTS[2]))?;
     println!("{table}");
     println!("wrote {}/ablation.{{md,json,png}}", args.out.display());
     Ok(())

@@ -6,17 +6,29 @@
 //! cargo run -p rl --release --bin collect -- --preview docs/env-preview.png
 //! cargo run -p rl --release --bin collect -- --evaluate-references --seeds 100
 //! ```
+//!
+//! Every argument and output path is checked before any work. `--out` must be absent or empty:
+//! a directory holding a dataset — complete, or the files an interrupted collection left — is
+//! refused unless `--overwrite`, which removes it whole before the first shard is written (so no
+//! stale shard of the old dataset remains); the directory is locked while the collection runs.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use rl::dataset::{collect_dataset, write_atomically, CollectConfig, Tier};
+use rl::dataset::{check_dataset_dir, claim_dataset_dir, collect_dataset_into, write_atomically, CollectConfig, Tier};
 use rl::env::policy::{rollout, Policy, PolicyKind};
 use rl::env::{
     contact_sheet, normalized_score, Env, EnvConfig, REFERENCE_COMMAND, REFERENCE_EXPERT_RETURN,
     REFERENCE_RANDOM_RETURN,
 };
+use shared::checks::ArgChecks;
+use shared::outputs::Existing;
 use std::path::{Path, PathBuf};
+
+/// Image sides the environment renders.
+const SIDES: (usize, usize) = (16, 1024);
+/// Supersampling factors the environment renders.
+const MAX_SUPERSAMPLE: usize = 8;
 
 #[derive(Parser, Debug)]
 #[command(about = "Collect bimanual-pucks datasets, previews and reference returns")]
@@ -59,6 +71,32 @@ struct Args {
     /// Number of seeds for --evaluate-references.
     #[arg(long, default_value_t = 100)]
     seeds: u64,
+    /// Replace what --out or --preview already holds (a dataset directory is removed whole).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Every out-of-range argument, by flag.
+fn check_args(args: &Args, env: &EnvConfig, threads: usize) -> Result<()> {
+    let mut c = ArgChecks::new();
+    let mut sides = vec![("--image-size", args.image_size)];
+    sides.extend(args.height.map(|h| ("--height", h)));
+    sides.extend(args.width.map(|w| ("--width", w)));
+    for (flag, side) in sides {
+        c.require((SIDES.0..=SIDES.1).contains(&side), || {
+            format!("{flag} must be in {}..={} pixels (what the environment renders), got {side}", SIDES.0, SIDES.1)
+        });
+    }
+    c.count_at_most("--supersample", env.supersample as u64, MAX_SUPERSAMPLE as u64, "the renderer's limit");
+    c.count("--max-steps", args.max_steps as u64);
+    c.count("--threads", threads as u64);
+    if args.out.is_some() {
+        c.count("--episodes", args.episodes as u64);
+    }
+    if args.evaluate_references {
+        c.count("--seeds", args.seeds);
+    }
+    c.finish()
 }
 
 fn main() -> Result<()> {
@@ -70,9 +108,40 @@ fn main() -> Result<()> {
         render: true,
         supersample: args.supersample,
     };
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if !args.evaluate_references && args.preview.is_none() && args.out.is_none() {
         bail!("nothing to do: give --out DIR, --preview FILE.png or --evaluate-references");
+    }
+    // Before any work: arguments, memory, output paths.
+    check_args(&args, &env_config, threads)?;
+    let mode = if args.overwrite { Existing::Overwrite } else { Existing::Refuse };
+    let config =
+        CollectConfig { tier: args.tier, episodes: args.episodes, seed: args.seed, env: env_config.clone(), threads };
+    if let Some(out) = &args.out {
+        shared::checks::ensure_fits(
+            &candle_core::Device::Cpu,
+            config.working_set_bytes(),
+            &format!(
+                "collecting with --image-size {}×{} --supersample {} --max-steps {} --threads {}",
+                env_config.image_height,
+                env_config.image_width,
+                env_config.supersample,
+                env_config.max_steps,
+                config.effective_threads()
+            ),
+        )?;
+        check_dataset_dir(out, "--out", mode)?;
+    }
+    if let Some(path) = &args.preview {
+        shared::outputs::check_output_file(path, "--preview", args.overwrite)?;
+        if let Some(out) = &args.out {
+            anyhow::ensure!(
+                !path.starts_with(out),
+                "--preview {} is inside --out {}: the dataset directory holds only the dataset",
+                path.display(),
+                out.display()
+            );
+        }
     }
     if args.evaluate_references {
         evaluate_references(&env_config, args.seeds, threads)?;
@@ -85,8 +154,7 @@ fn main() -> Result<()> {
         write_preview(&env_config, policy, args.seed, path)?;
     }
     if let Some(out) = &args.out {
-        let config =
-            CollectConfig { tier: args.tier, episodes: args.episodes, seed: args.seed, env: env_config, threads };
+        let claimed = claim_dataset_dir(out, "--out", mode)?;
         let bar = ProgressBar::new(args.episodes as u64);
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} episodes ({per_sec}, eta {eta})")
@@ -95,7 +163,7 @@ fn main() -> Result<()> {
         );
         bar.set_message(format!("collecting {}", args.tier.name()));
         let started = std::time::Instant::now();
-        let summary = collect_dataset(&config, out, &|| bar.inc(1))
+        let summary = collect_dataset_into(&config, &claimed, &|| bar.inc(1))
             .with_context(|| format!("collecting into {}", out.display()))?;
         bar.finish();
         let meta = &summary.meta;

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use rl::encoders::EncoderKind;
@@ -78,11 +78,53 @@ impl Actor for NearestNeighbour {
     }
 }
 
+/// Activation memory of one behaviour-cloning sample: the VAE's encoder and decoder (three layers
+/// of 256 f32 units each), forward and backward, with room for the optimiser's temporaries.
+const BC_BYTES_PER_SAMPLE: u128 = 32 << 10;
+
+/// Every out-of-range argument, by flag, before any work.
+fn check_args(args: &Args) -> Result<()> {
+    let mut c = shared::checks::ArgChecks::new();
+    c.count("--episodes", args.episodes as u64);
+    if args.bc_iterations > 0 && args.checkpoint.is_none() {
+        c.count("--batch-size", args.batch_size as u64);
+        c.positive("--lr", args.lr);
+    }
+    c.finish()?;
+    if let Some(dir) = &args.checkpoint {
+        anyhow::ensure!(dir.is_dir(), "--checkpoint {}: not a training run directory", dir.display());
+    }
+    if args.bc_iterations > 0 && args.checkpoint.is_none() {
+        shared::checks::ensure_fits(
+            &Device::Cpu,
+            (args.batch_size as u128).saturating_mul(BC_BYTES_PER_SAMPLE),
+            &format!("--batch-size {}", args.batch_size),
+        )?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    check_args(&args)?;
     std::env::set_var("RAYON_NUM_THREADS", "1");
-    let replay = Replay::open(&args.dataset, EncoderKind::None, 0.99)?;
+    let replay = Replay::open(&args.dataset, EncoderKind::None, 0.99)
+        .with_context(|| format!("--dataset {}", args.dataset.display()))?;
     let meta = replay.dataset.meta();
+    // Evaluation seeds run from the dataset's seed (and from 0) for --episodes.
+    anyhow::ensure!(
+        meta.seed.checked_add(args.episodes as u64).is_some(),
+        "--dataset {}: its seed {} + --episodes {} is beyond the seed range (u64)",
+        args.dataset.display(),
+        meta.seed,
+        args.episodes
+    );
+    anyhow::ensure!(
+        !(args.success_only && args.bc_iterations > 0 && args.checkpoint.is_none())
+            || meta.episodes.iter().any(|e| e.success),
+        "--success-only: the dataset {} has no successful episode to clone",
+        args.dataset.display()
+    );
     let n = &replay.norm;
     println!("state mean {:?}\nstate std  {:?}", fmt(&n.state_mean), fmt(&n.state_std));
     println!("action mean {:?}\naction std  {:?}", fmt(&n.action_mean), fmt(&n.action_std));
@@ -94,7 +136,7 @@ fn main() -> Result<()> {
             r_small.push(tr.reward);
         }
     }
-    let mean_r = r_small.iter().sum::<f32>() / r_small.len() as f32;
+    let mean_r = r_small.iter().sum::<f32>() / r_small.len().max(1) as f32;
     println!(
         "reward scale {:.3}, bounds {:?}, terminals {terminals}, dones {dones}, mean non-terminal reward {mean_r:.4}",
         n.reward_scale, replay.bounds

@@ -44,7 +44,9 @@ use std::path::{Path, PathBuf};
 
 pub use reader::{Dataset, EpisodeView, Transition};
 pub use writer::CollectError;
-pub use writer::{collect_dataset, CollectConfig, CollectSummary};
+pub use writer::{
+    check_dataset_dir, claim_dataset_dir, collect_dataset, collect_dataset_into, CollectConfig, CollectSummary,
+};
 
 pub const KEY_STATE: &str = "observation.state";
 pub const KEY_ENVIRONMENT_STATE: &str = "observation.environment_state";
@@ -224,12 +226,48 @@ pub enum DatasetError {
     },
     #[error("{path}: invalid meta.json: {reason}")]
     Meta { path: PathBuf, reason: String },
+    /// No `meta.json`, but files: what an interrupted collection leaves (`meta.json` is written
+    /// last), or a directory of something else.
+    #[error(
+        "{dir}: no meta.json: an incomplete dataset (interrupted collection?) holding {}; collect it again \
+         (collect --out DIR --overwrite) or choose another directory",
+        sample(files)
+    )]
+    Incomplete { dir: PathBuf, files: Vec<String> },
+    /// No dataset at all: the directory is absent or empty.
+    #[error("{dir}: no dataset there (the directory is {what}); collect one with `collect --out DIR`")]
+    Absent { dir: PathBuf, what: &'static str },
+    /// Files that look like shards but `meta.json` does not list them.
+    #[error(
+        "{dir}: {} not listed in meta.json: a mixed or partly overwritten dataset; collect it again with \
+         --overwrite",
+        sample(files)
+    )]
+    Unlisted { dir: PathBuf, files: Vec<String> },
     #[error("{file}: not a readable safetensors shard: {reason}")]
     Shard { file: PathBuf, reason: String },
     #[error("{file}: key `{key}`: {reason}")]
     Key { file: PathBuf, key: String, reason: String },
     #[error("{file}: {reason}")]
     Npz { file: PathBuf, reason: String },
+}
+
+/// A few names for a message.
+pub(crate) fn sample(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Whether `name` has the form of a shard file (`episode_<digits>.safetensors`).
+pub fn is_shard_file_name(name: &str) -> bool {
+    name.strip_prefix("episode_")
+        .and_then(|rest| rest.strip_suffix(".safetensors"))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl DatasetError {

@@ -6,13 +6,25 @@
 //! truncated or tampered file fails with an error naming the file and the key instead of a
 //! panic mid-training. (As with any memory map, a file modified *after* opening is outside
 //! this guarantee.)
+//!
+//! `meta.json` is checked against itself and the shards too: every field the reader or the
+//! trainer relies on (dims, names, keys, image size, environment), the per-episode summaries
+//! (length, seed, policy, return = Σ rewards, success = the last `next.success`, normalised
+//! score) and the dataset-level ones (frame count, mean return and score, success rate, stats
+//! of every key). A shard-like file the metadata does not list makes the dataset "mixed" (what
+//! collecting over an older, larger dataset used to leave) and is refused too. A directory
+//! without `meta.json` is named as absent, empty or incomplete (an interrupted collection).
 
 use super::writer::{final_observation_keys, key_specs};
 use super::{
-    final_key, image_key, DatasetError, DatasetMeta, EpisodeMeta, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE,
-    KEY_EPISODE_INDEX, KEY_FRAME_INDEX, KEY_REWARD, KEY_STATE, KEY_SUCCESS, META_FILE,
+    final_key, image_key, is_shard_file_name, shard_file_name, DatasetError, DatasetMeta, EpisodeMeta, KeyStats,
+    FORMAT, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE, KEY_EPISODE_INDEX, KEY_FRAME_INDEX, KEY_REWARD, KEY_STATE,
+    KEY_SUCCESS, META_FILE,
 };
-use crate::env::{CAMERA_NAMES, NUM_CAMERAS};
+use crate::env::{
+    Env, EnvConfig, ACTION_DIM, ACTION_NAMES, CAMERA_NAMES, ENVIRONMENT_STATE_DIM, ENVIRONMENT_STATE_NAMES, FPS,
+    NUM_CAMERAS, STATE_DIM, STATE_NAMES,
+};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -165,24 +177,29 @@ impl<'a> EpisodeView<'a> {
 }
 
 impl Dataset {
-    /// Opens `dir`, reading `meta.json` and memory-mapping and validating every shard.
+    /// Opens `dir`, reading and checking `meta.json`, and memory-mapping and validating every
+    /// shard against it (see the module docs for what is checked).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, DatasetError> {
         let dir = dir.as_ref().to_path_buf();
         let meta_path = dir.join(META_FILE);
+        if !meta_path.exists() {
+            return Err(no_meta(&dir));
+        }
         let text = std::fs::read_to_string(&meta_path).map_err(|e| DatasetError::io(&meta_path, e))?;
         let meta: DatasetMeta = serde_json::from_str(&text)
             .map_err(|e| DatasetError::Meta { path: meta_path.clone(), reason: e.to_string() })?;
-        check_meta(&meta, &meta_path)?;
+        // What the shards are read against must be right before they are read; the summaries are
+        // then checked against the shards, and every disagreement is listed at once.
+        meta_result(&meta_path, check_layout(&meta))?;
+        check_unlisted(&dir, &meta)?;
         let mut shards = Vec::with_capacity(meta.episodes.len());
+        let mut problems = check_summaries(&meta);
         for (position, episode) in meta.episodes.iter().enumerate() {
-            if episode.index != position {
-                return Err(DatasetError::Meta {
-                    path: meta_path,
-                    reason: format!("episodes[{position}] has index {}, expected {position}", episode.index),
-                });
-            }
-            shards.push(open_shard(&dir.join(&episode.file), episode, &meta)?);
+            let shard = open_shard(&dir.join(&episode.file), episode, &meta)?;
+            problems.extend(check_episode_contents(&shard, position, episode));
+            shards.push(shard);
         }
+        meta_result(&meta_path, problems)?;
         Ok(Self { dir, meta, shards })
     }
 
@@ -219,19 +236,257 @@ impl Dataset {
     }
 }
 
-fn check_meta(meta: &DatasetMeta, path: &Path) -> Result<(), DatasetError> {
-    let fail = |reason: String| Err(DatasetError::Meta { path: path.to_path_buf(), reason });
+/// Why `dir` has no dataset, when it has no `meta.json`.
+fn no_meta(dir: &Path) -> DatasetError {
+    if !dir.exists() {
+        return DatasetError::Absent { dir: dir.to_path_buf(), what: "absent" };
+    }
+    if !dir.is_dir() {
+        return DatasetError::Absent { dir: dir.to_path_buf(), what: "a file, not a directory" };
+    }
+    match shared::outputs::contents(dir) {
+        Ok(files) if files.is_empty() => DatasetError::Absent { dir: dir.to_path_buf(), what: "empty" },
+        Ok(files) => DatasetError::Incomplete { dir: dir.to_path_buf(), files },
+        Err(e) => DatasetError::Meta { path: dir.join(META_FILE), reason: format!("{e:#}") },
+    }
+}
+
+/// At most this many problems are listed (a systematic fault would repeat per episode).
+const MAX_LISTED: usize = 20;
+
+fn meta_result(path: &Path, problems: Vec<String>) -> Result<(), DatasetError> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(DatasetError::Meta { path: path.to_path_buf(), reason: problems[0].clone() }),
+        n => {
+            let mut listed: Vec<String> = problems.into_iter().take(MAX_LISTED).collect();
+            if n > MAX_LISTED {
+                listed.push(format!("and {} more", n - MAX_LISTED));
+            }
+            Err(DatasetError::Meta {
+                path: path.to_path_buf(),
+                reason: format!("{n} problems:\n  - {}", listed.join("\n  - ")),
+            })
+        }
+    }
+}
+
+/// `a` and `b` agree to f32 precision (the writer sums in f32 in the same order, so they are
+/// normally equal; the tolerance admits a file written by another tool).
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// The normalised score of a return under the dataset's own reference returns.
+fn score(meta: &DatasetMeta, episode_return: f32) -> f32 {
+    let r = &meta.reference_returns;
+    100.0 * (episode_return - r.random) / (r.expert - r.random)
+}
+
+/// Number of channels of each key's statistics (images: RGB).
+fn stats_channels() -> Vec<(String, usize)> {
+    let mut keys: Vec<(String, usize)> = CAMERA_NAMES.iter().map(|c| (image_key(c), 3)).collect();
+    keys.extend([
+        (KEY_STATE.to_string(), STATE_DIM),
+        (KEY_ENVIRONMENT_STATE.to_string(), ENVIRONMENT_STATE_DIM),
+        (KEY_ACTION.to_string(), ACTION_DIM),
+        (KEY_REWARD.to_string(), 1),
+    ]);
+    keys
+}
+
+fn check_stats(key: &str, stats: &KeyStats, channels: usize, problems: &mut Vec<String>) {
+    for (field, values) in [("mean", &stats.mean), ("std", &stats.std), ("min", &stats.min), ("max", &stats.max)] {
+        if values.len() != channels {
+            problems.push(format!("stats[{key:?}].{field} has {} values, expected {channels}", values.len()));
+        } else if values.iter().any(|v| !v.is_finite()) {
+            problems.push(format!("stats[{key:?}].{field} holds a non-finite value"));
+        }
+    }
+    if stats.std.iter().any(|s| *s < 0.0) {
+        problems.push(format!("stats[{key:?}].std holds a negative value"));
+    }
+    if stats.min.iter().zip(&stats.max).any(|(lo, hi)| lo > hi) {
+        problems.push(format!("stats[{key:?}]: min exceeds max"));
+    }
+}
+
+/// Every problem of the fields `meta.json` describes the shards with: format, dims, names, keys,
+/// environment and image size, and each episode's index, file and length.
+fn check_layout(meta: &DatasetMeta) -> Vec<String> {
+    let mut p = Vec::new();
+    if meta.format != FORMAT {
+        // Another format: nothing else can be trusted to mean what this reader thinks.
+        return vec![format!("format is {:?}; this build reads {FORMAT:?}", meta.format)];
+    }
     let cameras: Vec<&str> = meta.cameras.iter().map(String::as_str).collect();
     if cameras != CAMERA_NAMES {
-        return fail(format!("cameras {cameras:?}, expected {CAMERA_NAMES:?}"));
+        p.push(format!("cameras {cameras:?}, expected {CAMERA_NAMES:?}"));
     }
-    if meta.num_episodes != meta.episodes.len() {
-        return fail(format!("num_episodes is {} but {} episodes are listed", meta.num_episodes, meta.episodes.len()));
+    for (field, value, expected) in [
+        ("state_dim", meta.state_dim, STATE_DIM),
+        ("environment_state_dim", meta.environment_state_dim, ENVIRONMENT_STATE_DIM),
+        ("action_dim", meta.action_dim, ACTION_DIM),
+        ("fps", meta.fps, FPS),
+    ] {
+        if value != expected {
+            p.push(format!("{field} is {value}, the format has {expected}"));
+        }
+    }
+    for (field, names, expected) in [
+        ("state_names", &meta.state_names, &STATE_NAMES[..]),
+        ("environment_state_names", &meta.environment_state_names, &ENVIRONMENT_STATE_NAMES[..]),
+        ("action_names", &meta.action_names, &ACTION_NAMES[..]),
+    ] {
+        if names.iter().map(String::as_str).ne(expected.iter().copied()) {
+            p.push(format!("{field} differs from the format's {} names", expected.len()));
+        }
+    }
+    if !meta.env.render {
+        p.push("env.render is false, but a dataset holds images".into());
+    }
+    if let Err(e) = Env::new(EnvConfig { render: false, ..meta.env.clone() }) {
+        p.push(format!("env: {e}"));
     }
     if meta.image_height != meta.env.image_height || meta.image_width != meta.env.image_width {
-        return fail("image size disagrees with env config".into());
+        p.push(format!(
+            "image_height × image_width is {}×{} but env says {}×{}",
+            meta.image_height, meta.image_width, meta.env.image_height, meta.env.image_width
+        ));
     }
-    Ok(())
+    let specs = key_specs(&meta.env);
+    if meta.keys != specs {
+        let mut differing: Vec<&String> = specs.keys().chain(meta.keys.keys()).collect();
+        differing.sort();
+        differing.dedup();
+        differing.retain(|k| meta.keys.get(*k) != specs.get(*k));
+        p.push(format!("keys disagree with the format for this env at {differing:?}"));
+    }
+    if meta.episodes.is_empty() {
+        p.push("episodes is empty".into());
+    }
+    if meta.num_episodes != meta.episodes.len() {
+        p.push(format!("num_episodes is {} but {} episodes are listed", meta.num_episodes, meta.episodes.len()));
+    }
+    for (i, e) in meta.episodes.iter().enumerate() {
+        let at = format!("episodes[{i}]");
+        if e.index != i {
+            p.push(format!("{at}.index is {}, expected {i}", e.index));
+        }
+        if e.file != shard_file_name(i) {
+            p.push(format!("{at}.file is {:?}, expected {:?}", e.file, shard_file_name(i)));
+        }
+        if e.length == 0 || e.length > meta.env.max_steps {
+            p.push(format!("{at}.length is {}, expected 1..={} (env.max_steps)", e.length, meta.env.max_steps));
+        }
+    }
+    p
+}
+
+/// Every problem of the summaries `meta.json` gives (frame count, statistics, reference returns,
+/// per-episode seed, policy and score, dataset means) that can be seen without the shards.
+fn check_summaries(meta: &DatasetMeta) -> Vec<String> {
+    let mut p = Vec::new();
+    for (key, channels) in stats_channels() {
+        match meta.stats.get(&key) {
+            None => p.push(format!("stats has no entry for {key:?}")),
+            Some(stats) => check_stats(&key, stats, channels, &mut p),
+        }
+    }
+    let known: Vec<String> = stats_channels().into_iter().map(|(k, _)| k).collect();
+    for key in meta.stats.keys().filter(|k| !known.contains(k)) {
+        p.push(format!("stats has an entry for {key:?}, which has no statistics in this format"));
+    }
+    let refs = &meta.reference_returns;
+    if !(refs.random.is_finite() && refs.expert.is_finite() && refs.expert != refs.random) {
+        p.push(format!(
+            "reference_returns random {} and expert {} must be finite and differ",
+            refs.random, refs.expert
+        ));
+    }
+
+    let frames = meta.episodes.iter().fold(0usize, |sum, e| sum.saturating_add(e.length));
+    if meta.num_frames != frames {
+        p.push(format!("num_frames is {} but the episodes' lengths sum to {frames}", meta.num_frames));
+    }
+    for (i, e) in meta.episodes.iter().enumerate() {
+        let at = format!("episodes[{i}]");
+        if e.seed != meta.seed.wrapping_add(i as u64) {
+            p.push(format!("{at}.seed is {}, expected seed + {i} = {}", e.seed, meta.seed.wrapping_add(i as u64)));
+        }
+        if e.policy != meta.tier.policy_for_episode(i) {
+            p.push(format!(
+                "{at}.policy is {:?}, but the {} tier uses {:?} there",
+                e.policy,
+                meta.tier.name(),
+                meta.tier.policy_for_episode(i)
+            ));
+        }
+        if !e.episode_return.is_finite() {
+            p.push(format!("{at}.return is {}", e.episode_return));
+        } else if !close(e.normalized_score, score(meta, e.episode_return)) {
+            p.push(format!(
+                "{at}.normalized_score is {} but its return {} scores {}",
+                e.normalized_score,
+                e.episode_return,
+                score(meta, e.episode_return)
+            ));
+        }
+    }
+    if !meta.episodes.is_empty() {
+        let n = meta.episodes.len() as f32;
+        let mean_return = meta.episodes.iter().map(|e| e.episode_return).sum::<f32>() / n;
+        if !close(meta.mean_return, mean_return) {
+            p.push(format!("mean_return is {} but the episodes' returns average {mean_return}", meta.mean_return));
+        }
+        if !close(meta.mean_normalized_score, score(meta, mean_return)) {
+            p.push(format!(
+                "mean_normalized_score is {} but the mean return {mean_return} scores {}",
+                meta.mean_normalized_score,
+                score(meta, mean_return)
+            ));
+        }
+        let success_rate = meta.episodes.iter().filter(|e| e.success).count() as f32 / n;
+        if !close(meta.success_rate, success_rate) {
+            p.push(format!("success_rate is {} but {success_rate} of the episodes succeed", meta.success_rate));
+        }
+    }
+    p
+}
+
+/// Files of `dir` that look like shards (`episode_*.safetensors`) but `meta.json` does not list.
+fn check_unlisted(dir: &Path, meta: &DatasetMeta) -> Result<(), DatasetError> {
+    let listed: std::collections::HashSet<&str> = meta.episodes.iter().map(|e| e.file.as_str()).collect();
+    let entries = std::fs::read_dir(dir).map_err(|e| DatasetError::io(dir, e))?;
+    let mut unlisted: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| is_shard_file_name(name) && !listed.contains(name.as_str()))
+        .collect();
+    if unlisted.is_empty() {
+        return Ok(());
+    }
+    unlisted.sort();
+    Err(DatasetError::Unlisted { dir: dir.to_path_buf(), files: unlisted })
+}
+
+/// What `meta.json` says of an episode against what its (validated) shard holds.
+fn check_episode_contents(shard: &Shard, i: usize, episode: &EpisodeMeta) -> Vec<String> {
+    let mut p = Vec::new();
+    let at = format!("episodes[{i}]");
+    // Summed in order in f32, as the writer does.
+    let sum: f32 = shard.f32s(KEY_REWARD).iter().sum();
+    if !close(episode.episode_return, sum) {
+        p.push(format!("{at}.return is {} but the rewards of {} sum to {sum}", episode.episode_return, episode.file));
+    }
+    let last_success = shard.bytes(KEY_SUCCESS).last().is_some_and(|s| *s != 0);
+    if episode.success != last_success {
+        p.push(format!(
+            "{at}.success is {} but the last {KEY_SUCCESS} of {} is {}",
+            episode.success, episode.file, last_success as u8
+        ));
+    }
+    p
 }
 
 fn dtype_name(dtype: Dtype) -> String {
@@ -317,6 +572,14 @@ fn validate_shard(
     let done = &bytes[spans[KEY_DONE].start..spans[KEY_DONE].end];
     if done.iter().enumerate().any(|(i, &d)| (d != 0) != (i + 1 == t)) {
         return Err(DatasetError::key(path, KEY_DONE, "must be 1 on the last frame and 0 elsewhere"));
+    }
+    let success = &bytes[spans[KEY_SUCCESS].start..spans[KEY_SUCCESS].end];
+    if success.iter().enumerate().any(|(i, &s)| s > 1 || (s == 1 && i + 1 != t)) {
+        return Err(DatasetError::key(
+            path,
+            KEY_SUCCESS,
+            "must be 0, or 1 on the last frame only (success ends the episode)",
+        ));
     }
     let rewards: &[f32] = bytemuck::cast_slice(&bytes[spans[KEY_REWARD].start..spans[KEY_REWARD].end]);
     if let Some(bad) = rewards.iter().position(|r| !r.is_finite()) {

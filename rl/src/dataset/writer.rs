@@ -3,11 +3,17 @@
 //! Episodes are independent (episode `i` is fully determined by `seed + i` and its policy), so
 //! they are rolled out on several threads and each thread writes its own shards; statistics are
 //! then merged in episode order, which keeps the output byte-identical for any thread count.
+//!
+//! A dataset directory is claimed before the first write ([`claim_dataset_dir`]): refused when it
+//! holds anything (a complete dataset, or the files an interrupted collection left) unless the
+//! caller asked to replace it, in which case the old contents are removed whole — so stale shards
+//! of an older, larger dataset never sit beside the new ones — and locked for the collection.
+//! `meta.json` is written last: a directory without it is an incomplete dataset.
 
 use super::{
-    final_key, image_key, shard_file_name, write_atomically, DatasetError, DatasetMeta, EpisodeMeta, KeySpec, KeyStats,
-    ReferenceReturns, Tier, FORMAT, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE, KEY_EPISODE_INDEX, KEY_FRAME_INDEX,
-    KEY_REWARD, KEY_STATE, KEY_SUCCESS, META_FILE,
+    dataset_state, final_key, image_key, shard_file_name, write_atomically, DatasetError, DatasetMeta, DatasetState,
+    EpisodeMeta, KeySpec, KeyStats, ReferenceReturns, Tier, FORMAT, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE,
+    KEY_EPISODE_INDEX, KEY_FRAME_INDEX, KEY_REWARD, KEY_STATE, KEY_SUCCESS, META_FILE,
 };
 use crate::env::policy::PolicyKind;
 use crate::env::{
@@ -17,6 +23,7 @@ use crate::env::{
 };
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use shared::outputs::{ClaimedDir, Existing};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,10 +67,93 @@ pub enum CollectError {
     Env(#[from] EnvError),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
-    #[error("{path}: could not create the output directory: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("episode {index}: shard serialisation failed: {reason}")]
     Serialize { index: usize, reason: String },
+    /// The output directory may not be written (not empty, locked, a file, …).
+    #[error("{0:#}")]
+    Output(anyhow::Error),
+    /// The configuration cannot be collected (every problem listed).
+    #[error("invalid collection settings:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+}
+
+impl CollectConfig {
+    /// Worker threads that actually run: at most one per episode.
+    pub fn effective_threads(&self) -> usize {
+        self.threads.clamp(1, self.episodes.max(1))
+    }
+
+    /// Estimated bytes a collection holds at once: per worker thread, one episode's record (every
+    /// camera image of every step, `max_steps + 1` frames of `3 × H × W × 3` bytes) and its
+    /// serialised shard (a second copy), plus the renderer's supersampled buffers (about 16 bytes
+    /// per supersampled pixel and camera). Saturating, so absurd sizes give a huge number rather
+    /// than an overflow.
+    pub fn working_set_bytes(&self) -> u128 {
+        let (h, w, ss) = (self.env.image_height as u128, self.env.image_width as u128, self.env.supersample as u128);
+        let frames = self.env.max_steps as u128 + 1;
+        let image_bytes =
+            frames.saturating_mul(NUM_CAMERAS as u128).saturating_mul(h).saturating_mul(w).saturating_mul(3);
+        let numeric = frames.saturating_mul(((STATE_DIM + ENVIRONMENT_STATE_DIM + ACTION_DIM) * 4 + 24) as u128);
+        let record = image_bytes.saturating_add(numeric);
+        let renderer =
+            (NUM_CAMERAS as u128).saturating_mul(h.saturating_mul(ss)).saturating_mul(w.saturating_mul(ss)) * 16;
+        (self.effective_threads() as u128).saturating_mul(record.saturating_mul(2).saturating_add(renderer))
+    }
+
+    /// Every problem of the settings, by field name (the binaries check their flags before this).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.episodes == 0 {
+            problems.push("episodes must be at least 1".to_string());
+        }
+        if self.threads == 0 {
+            problems.push("threads must be at least 1".to_string());
+        }
+        if !self.env.render {
+            // Images are part of the format; a dataset without them would fail validation.
+            problems.push("datasets need rendered images: set EnvConfig::render".to_string());
+        }
+        if let Err(e) = Env::new(EnvConfig { render: false, ..self.env.clone() }) {
+            problems.push(format!("env: {e}"));
+        }
+        problems
+    }
+}
+
+/// Checks, without writing, that a dataset may be collected into `dir` under `mode`; `flag`
+/// names the option that chose it. A complete or incomplete dataset there is named as such.
+pub fn check_dataset_dir(dir: &Path, flag: &str, mode: Existing) -> Result<(), CollectError> {
+    if mode == Existing::Resume {
+        return Err(CollectError::Output(anyhow::anyhow!("{flag} {}: a dataset cannot be resumed", dir.display())));
+    }
+    if mode == Existing::Refuse && dir.is_dir() {
+        match dataset_state(dir).map_err(CollectError::Output)? {
+            DatasetState::Absent => {}
+            DatasetState::Complete => {
+                return Err(CollectError::Output(anyhow::anyhow!(
+                    "{flag} {}: already holds a dataset ({META_FILE} is there); pass --overwrite to replace it \
+                     whole, or choose another directory",
+                    dir.display()
+                )))
+            }
+            DatasetState::Incomplete { files } => {
+                return Err(CollectError::Output(anyhow::anyhow!(
+                    "{flag} {}: an incomplete dataset (no {META_FILE}: an interrupted collection?) holding {}; \
+                     pass --overwrite to replace it, or choose another directory",
+                    dir.display(),
+                    super::sample(&files)
+                )))
+            }
+        }
+    }
+    shared::outputs::check_dir(dir, flag, mode).map_err(CollectError::Output)
+}
+
+/// Claims `dir` for a collection (see [`check_dataset_dir`]): created, locked against a second
+/// writer, and with [`Existing::Overwrite`] emptied whole.
+pub fn claim_dataset_dir(dir: &Path, flag: &str, mode: Existing) -> Result<ClaimedDir, CollectError> {
+    check_dataset_dir(dir, flag, mode)?;
+    shared::outputs::claim_dir(dir, flag, mode).map_err(CollectError::Output)
 }
 
 /// One episode's frames, as recorded.
@@ -306,26 +396,47 @@ fn collect_one(env: &mut Env, config: &CollectConfig, index: usize, dir: &Path) 
     })
 }
 
-/// Rolls out `config.episodes` episodes and writes shards and `meta.json` into `dir`
-/// (created if missing). `on_episode` is called once per finished episode (progress bars).
+/// Rolls out `config.episodes` episodes and writes shards and `meta.json` into `dir` (created if
+/// missing). `dir` must be absent or empty: a directory holding a dataset, complete or not, is
+/// refused (to replace one, claim it with [`claim_dataset_dir`] and [`Existing::Overwrite`] and
+/// call [`collect_dataset_into`]). `on_episode` is called once per finished episode (progress bars).
 pub fn collect_dataset(
     config: &CollectConfig,
     dir: &Path,
     on_episode: &(dyn Fn() + Sync),
 ) -> Result<CollectSummary, CollectError> {
-    if !config.env.render {
-        // Images are part of the format; a dataset without them would fail validation.
-        return Err(CollectError::Dataset(DatasetError::Meta {
-            path: dir.join(META_FILE),
-            reason: "datasets need rendered images: set EnvConfig::render".into(),
-        }));
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(CollectError::Config(problems));
     }
-    std::fs::create_dir_all(dir).map_err(|source| CollectError::CreateDir { path: dir.to_path_buf(), source })?;
-    Env::new(config.env.clone())?; // validate the config before spawning threads
+    let claimed = claim_dataset_dir(dir, "dataset directory", Existing::Refuse)?;
+    collect_dataset_into(config, &claimed, on_episode)
+}
+
+/// [`collect_dataset`] into a directory already claimed (and, with `--overwrite`, emptied).
+pub fn collect_dataset_into(
+    config: &CollectConfig,
+    claimed: &ClaimedDir,
+    on_episode: &(dyn Fn() + Sync),
+) -> Result<CollectSummary, CollectError> {
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(CollectError::Config(problems));
+    }
+    let dir = claimed.path();
+    // Only a fresh directory: a shard of another dataset left beside ours would make it mixed.
+    let leftovers = shared::outputs::contents(dir).map_err(CollectError::Output)?;
+    if !leftovers.is_empty() {
+        return Err(CollectError::Output(anyhow::anyhow!(
+            "{}: holds {} before the collection started; claim it with Existing::Overwrite to replace it",
+            dir.display(),
+            leftovers.join(", ")
+        )));
+    }
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<EpisodeResult, CollectError>>>> =
         Mutex::new((0..config.episodes).map(|_| None).collect());
-    let threads = config.threads.clamp(1, config.episodes.max(1));
+    let threads = config.effective_threads();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
