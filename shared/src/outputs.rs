@@ -61,8 +61,8 @@ pub fn contents(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// A few names for an error message.
-fn sample(names: &[String]) -> String {
+/// A few of `names` for an error message ("a, b, c, d and 7 more").
+pub fn some_names(names: &[String]) -> String {
     let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
     let more = names.len().saturating_sub(shown.len());
     if more > 0 {
@@ -86,7 +86,7 @@ pub fn check_dir(dir: &Path, flag: &str, mode: Existing) -> Result<()> {
         Existing::Refuse if !names.is_empty() => bail!(
             "{flag} {}: the directory is not empty (it holds {}); pass --overwrite to replace it, or choose another",
             dir.display(),
-            sample(&names)
+            some_names(&names)
         ),
         Existing::Resume if names.is_empty() => {
             bail!(

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
 use rl::dataset::writer::{collect_dataset, CollectConfig};
-use rl::dataset::{dataset_state, DatasetMeta, DatasetState, Tier};
+use rl::dataset::{dataset_state, DatasetState, Tier};
 use rl::encoders::{load_pretrained_resnet18, EncoderKind, FeatureLayout};
 use rl::env::EnvConfig;
 use rl::env::NUM_CAMERAS;
@@ -518,17 +518,9 @@ fn check_dataset_dir(dir: &Path) -> Result<DatasetState> {
     anyhow::ensure!(!dir.exists() || dir.is_dir(), "--dataset {}: exists and is not a directory", dir.display());
     let state = dataset_state(dir).with_context(|| format!("--dataset {}", dir.display()))?;
     if let DatasetState::Incomplete { files } = &state {
-        let shown: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
-        anyhow::bail!(
-            "--dataset {}: holds {} file(s) ({}{}) but no {} — an interrupted collection? It is neither read nor \
-             collected over: remove the directory, or collect it again with `collect --out {} --overwrite`",
-            dir.display(),
-            files.len(),
-            shown.join(", "),
-            if files.len() > shown.len() { ", …" } else { "" },
-            rl::dataset::META_FILE,
-            dir.display()
-        );
+        // Neither read nor collected over.
+        let incomplete = rl::dataset::DatasetError::Incomplete { dir: dir.to_path_buf(), files: files.clone() };
+        anyhow::bail!("--dataset {incomplete}");
     }
     Ok(state)
 }
@@ -608,18 +600,15 @@ fn image_activation_factor(encoder: EncoderKind) -> u128 {
 /// * the evaluation: `--eval-episodes` environments in lockstep (each with its renderer's
 ///   buffers when images are used) and one batched forward over them;
 /// * collecting a missing dataset: shards stream to disk, so memory holds one episode per
-///   worker thread (its frames, plus the serialised shard) and a few KiB of statistics per
+///   worker thread (`CollectConfig::working_set_bytes`) and a few KiB of statistics per
 ///   episode until `meta.json` is written; the disk is not checked (a full disk fails with an
 ///   error naming the shard, and the incomplete directory is then refused, never reused).
 fn check_memory(args: &Args, device: &Device, collecting: bool) -> Result<()> {
-    let (h, w, ss, max_steps) = if collecting {
-        (args.image_size, args.image_size, args.supersample, EnvConfig::default().max_steps)
+    let (h, w, ss) = if collecting {
+        (args.image_size, args.image_size, args.supersample)
     } else {
-        let meta_path = args.dataset.join(rl::dataset::META_FILE);
-        let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
-        let meta: DatasetMeta =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid meta.json", meta_path.display()))?;
-        (meta.image_height, meta.image_width, meta.env.supersample, meta.env.max_steps)
+        let meta = rl::dataset::Dataset::read_meta(&args.dataset)?;
+        (meta.image_height, meta.image_width, meta.env.supersample)
     };
     let (h, w, ss) = (h as u128, w as u128, ss as u128);
     let images = args.encoder.uses_images();
@@ -639,12 +628,9 @@ fn check_memory(args: &Args, device: &Device, collecting: bool) -> Result<()> {
     )?;
     ensure_fits(device, args.eval_episodes as u128 * per_sample, &format!("--eval-episodes {}", args.eval_episodes))?;
     if collecting {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u128;
-        let frame = 3 * 3 * h * w + 64 * 4;
-        let per_thread = 2 * max_steps as u128 * frame + 2 * 3 * h * ss * w * ss;
         ensure_fits(
             &Device::Cpu,
-            threads * per_thread + args.dataset_episodes as u128 * (4 << 10),
+            collect_config(args).working_set_bytes() + args.dataset_episodes as u128 * (4 << 10),
             &format!(
                 "collecting --dataset-episodes {} at --image-size {} --supersample {}",
                 args.dataset_episodes, args.image_size, args.supersample
@@ -652,6 +638,19 @@ fn check_memory(args: &Args, device: &Device, collecting: bool) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What collecting a missing `--dataset` means.
+fn collect_config(args: &Args) -> CollectConfig {
+    CollectConfig {
+        tier: args.tier,
+        episodes: args.dataset_episodes,
+        env: EnvConfig {
+            supersample: args.supersample,
+            ..EnvConfig::default().with_image_size(args.image_size, args.image_size)
+        },
+        ..CollectConfig::default()
+    }
 }
 
 /// Collects the dataset of `--tier` into the (absent or empty) `--dataset` directory.
@@ -662,15 +661,7 @@ fn collect(args: &Args) -> Result<()> {
         args.dataset_episodes,
         args.dataset.display()
     );
-    let config = CollectConfig {
-        tier: args.tier,
-        episodes: args.dataset_episodes,
-        env: EnvConfig {
-            supersample: args.supersample,
-            ..EnvConfig::default().with_image_size(args.image_size, args.image_size)
-        },
-        ..CollectConfig::default()
-    };
+    let config = collect_config(args);
     let bar = progress_bar(args.dataset_episodes as u64, "collect");
     collect_dataset(&config, &args.dataset, &|| bar.inc(1))
         .with_context(|| format!("collecting into {}", args.dataset.display()))?;

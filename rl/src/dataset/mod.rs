@@ -231,7 +231,7 @@ pub enum DatasetError {
     #[error(
         "{dir}: no meta.json: an incomplete dataset (interrupted collection?) holding {}; collect it again \
          (collect --out DIR --overwrite) or choose another directory",
-        sample(files)
+        shared::outputs::some_names(files)
     )]
     Incomplete { dir: PathBuf, files: Vec<String> },
     /// No dataset at all: the directory is absent or empty.
@@ -241,7 +241,7 @@ pub enum DatasetError {
     #[error(
         "{dir}: {} not listed in meta.json: a mixed or partly overwritten dataset; collect it again with \
          --overwrite",
-        sample(files)
+        shared::outputs::some_names(files)
     )]
     Unlisted { dir: PathBuf, files: Vec<String> },
     #[error("{file}: not a readable safetensors shard: {reason}")]
@@ -250,17 +250,6 @@ pub enum DatasetError {
     Key { file: PathBuf, key: String, reason: String },
     #[error("{file}: {reason}")]
     Npz { file: PathBuf, reason: String },
-}
-
-/// A few names for a message.
-pub(crate) fn sample(names: &[String]) -> String {
-    let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
-    let more = names.len().saturating_sub(shown.len());
-    if more > 0 {
-        format!("{} and {more} more", shown.join(", "))
-    } else {
-        shown.join(", ")
-    }
 }
 
 /// Whether `name` has the form of a shard file (`episode_<digits>.safetensors`).

@@ -177,13 +177,14 @@ impl<'a> EpisodeView<'a> {
 }
 
 impl Dataset {
-    /// Opens `dir`, reading and checking `meta.json`, and memory-mapping and validating every
-    /// shard against it (see the module docs for what is checked).
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, DatasetError> {
-        let dir = dir.as_ref().to_path_buf();
+    /// Reads `dir/meta.json` and checks its layout (what the shards are read against), without
+    /// opening a shard: for sizing work before a dataset is opened. [`Dataset::open`] reads it
+    /// through here, then checks the summaries against the shards.
+    pub fn read_meta(dir: impl AsRef<Path>) -> Result<DatasetMeta, DatasetError> {
+        let dir = dir.as_ref();
         let meta_path = dir.join(META_FILE);
         if !meta_path.exists() {
-            return Err(no_meta(&dir));
+            return Err(no_meta(dir));
         }
         let text = std::fs::read_to_string(&meta_path).map_err(|e| DatasetError::io(&meta_path, e))?;
         let meta: DatasetMeta = serde_json::from_str(&text)
@@ -191,6 +192,15 @@ impl Dataset {
         // What the shards are read against must be right before they are read; the summaries are
         // then checked against the shards, and every disagreement is listed at once.
         meta_result(&meta_path, check_layout(&meta))?;
+        Ok(meta)
+    }
+
+    /// Opens `dir`, reading and checking `meta.json`, and memory-mapping and validating every
+    /// shard against it (see the module docs for what is checked).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, DatasetError> {
+        let dir = dir.as_ref().to_path_buf();
+        let meta_path = dir.join(META_FILE);
+        let meta = Self::read_meta(&dir)?;
         check_unlisted(&dir, &meta)?;
         let mut shards = Vec::with_capacity(meta.episodes.len());
         let mut problems = check_summaries(&meta);

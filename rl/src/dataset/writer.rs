@@ -137,12 +137,8 @@ pub fn check_dataset_dir(dir: &Path, flag: &str, mode: Existing) -> Result<(), C
                 )))
             }
             DatasetState::Incomplete { files } => {
-                return Err(CollectError::Output(anyhow::anyhow!(
-                    "{flag} {}: an incomplete dataset (no {META_FILE}: an interrupted collection?) holding {}; \
-                     pass --overwrite to replace it, or choose another directory",
-                    dir.display(),
-                    super::sample(&files)
-                )))
+                let incomplete = DatasetError::Incomplete { dir: dir.to_path_buf(), files };
+                return Err(CollectError::Output(anyhow::anyhow!("{flag} {incomplete}")));
             }
         }
     }
