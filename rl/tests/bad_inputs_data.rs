@@ -363,23 +363,11 @@ fn eval_checks_arguments_and_the_gif_path_before_evaluating() {
     probe::assert_unchanged(&before, tmp.path());
 }
 
-/// The layout `huggingface_hub` gives its cache: refs/main holds the commit, the file lies in
-/// snapshots/<commit>/.
-fn fake_hub_cache(root: &Path, repo: &str, file: &str) -> PathBuf {
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    let repo_dir = root.join(format!("models--{}", repo.replace('/', "--")));
-    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
-    std::fs::write(repo_dir.join("refs").join("main"), commit).unwrap();
-    let snapshot = repo_dir.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    snapshot.join(file)
-}
-
 #[test]
 fn eval_takes_a_hub_reference_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("hub");
-    let file = fake_hub_cache(&cache, "org/name", "policy.safetensors");
+    let file = probe::hub_cache_path(&cache, "org/name", "policy.safetensors");
     export_policy(&file, EncoderKind::Conv);
     let work = tmp.path().join("work");
     std::fs::create_dir(&work).unwrap();

@@ -8,7 +8,7 @@
 mod probe;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -73,19 +73,6 @@ fn write_policy(path: &Path) -> Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     rl::policy::export(&lapo, &norm, path)
-}
-
-/// A Hugging Face cache (the layout `huggingface_hub` writes) holding `org/name`'s `file` at
-/// `main`, a copy of `src`; returns the snapshot path.
-fn fake_hub_cache(cache: &Path, file: &str, src: &Path) -> Result<PathBuf> {
-    let hash = "0123456789abcdef0123456789abcdef01234567";
-    let repo = cache.join("models--org--name");
-    std::fs::create_dir_all(repo.join("refs"))?;
-    std::fs::write(repo.join("refs").join("main"), format!("{hash}\n"))?;
-    let snap = repo.join("snapshots").join(hash).join(file);
-    std::fs::create_dir_all(snap.parent().unwrap_or(cache))?;
-    std::fs::copy(src, &snap)?;
-    Ok(snap)
 }
 
 #[test]
@@ -189,7 +176,8 @@ fn policy_hub_reference_resolves_from_the_cache_and_the_stress_test_runs() -> Re
     let policy = tmp.path().join("policy.safetensors");
     write_policy(&policy)?;
     let cache = tmp.path().join("hub");
-    let snap = fake_hub_cache(&cache, "exported/policy.safetensors", &policy)?;
+    let snap = probe::hub_cache_path(&cache, "org/name", "exported/policy.safetensors");
+    std::fs::copy(&policy, &snap)?;
     let env = [("HF_HUB_CACHE", cache.as_path())];
     let w = wm.to_str().unwrap_or_default();
     let stress = ["--world-model", w, "--seeds", "0", "--iterations", "1", "--num-steps", "1"];

@@ -92,3 +92,16 @@ pub fn assert_unchanged(before: &BTreeMap<PathBuf, Vec<u8>>, root: &Path) {
     let added: Vec<&PathBuf> = after.keys().filter(|p| !before.contains_key(*p)).collect();
     assert!(added.is_empty(), "files were added: {added:?}");
 }
+
+/// Where `repo`'s `file` at revision `main` lies in a Hugging Face cache rooted at `cache` (the
+/// layout `huggingface_hub` writes: refs/main holds the commit, the file lies in
+/// snapshots/<commit>/); the directories are created, the file is the caller's to write.
+pub fn hub_cache_path(cache: &Path, repo: &str, file: &str) -> PathBuf {
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(repo_dir.join("refs")).expect("creating the fake cache's refs");
+    std::fs::write(repo_dir.join("refs").join("main"), format!("{commit}\n")).expect("writing refs/main");
+    let path = repo_dir.join("snapshots").join(commit).join(file);
+    std::fs::create_dir_all(path.parent().expect("a snapshot file has a parent")).expect("creating the snapshot");
+    path
+}
