@@ -34,6 +34,20 @@ pub struct Normalization {
 }
 
 impl Normalization {
+    /// No z-scoring (mean 0, std 1), no reward scaling, no privileged head: states and actions
+    /// are seen as they are.
+    pub fn identity(state_dim: usize, action_dim: usize) -> Self {
+        Self {
+            state_mean: vec![0.0; state_dim],
+            state_std: vec![1.0; state_dim],
+            action_mean: vec![0.0; action_dim],
+            action_std: vec![1.0; action_dim],
+            reward_scale: 1.0,
+            privileged_mean: Vec::new(),
+            privileged_std: Vec::new(),
+        }
+    }
+
     pub fn state(&self, raw: &[f32]) -> Vec<f32> {
         raw.iter().zip(&self.state_mean).zip(&self.state_std).map(|((x, m), s)| (x - m) / s).collect()
     }
@@ -533,14 +547,7 @@ fn non_finite_tensors<'a>(tensors: impl Iterator<Item = (String, &'a Tensor)>) -
 /// computed before it, so the values are checked here on the state itself (a forward in eval
 /// mode: batch-norm running statistics are not touched, so resuming stays bit-exact).
 pub fn check_state(lapo: &Lapo, probe: &Batch) -> Result<()> {
-    let vars: Vec<(String, Tensor)> = lapo
-        .varmap
-        .data()
-        .lock()
-        .expect("VarMap lock poisoned")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let vars = shared::weights::varmap_tensors(&lapo.varmap);
     let mut problems = non_finite_tensors(vars.iter().map(|(k, t)| (k.clone(), t)))?;
     for opt in [&lapo.critic_opt, &lapo.actor_vae_opt, &lapo.actor_opt] {
         let (state, _) = opt.state_tensors();

@@ -3,6 +3,8 @@
 //! message naming the flag, field or file, before any work, and every file that was there
 //! before is byte-identical after.
 
+#[path = "../../tests/support/policies.rs"]
+mod policies;
 #[path = "../../tests/support/probe.rs"]
 mod probe;
 
@@ -11,10 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rl::dataset::{collect_dataset, CollectConfig, Dataset, Tier};
 use rl::encoders::EncoderKind;
-use rl::env::{EnvConfig, ACTION_DIM, ENVIRONMENT_STATE_DIM, STATE_DIM};
-use rl::lapo::{Dims, Lapo, LapoConfig, ValueBounds};
+use rl::env::{EnvConfig, STATE_DIM};
 use rl::policy::{ExportedPolicy, METADATA_KEY};
-use rl::trainer::{Normalization, TASK_FRAME_DIM};
 
 const COLLECT: &str = env!("CARGO_BIN_EXE_collect");
 const EVAL: &str = env!("CARGO_BIN_EXE_eval");
@@ -197,26 +197,9 @@ fn datasets_mixing_shards_are_refused_by_name() {
     assert_eq!(Dataset::open(&large).unwrap().num_episodes(), 2);
 }
 
-/// z-scoring with the given state width.
-fn normalization(state_dim: usize) -> Normalization {
-    Normalization {
-        state_mean: vec![0.0; state_dim],
-        state_std: vec![1.0; state_dim],
-        action_mean: vec![0.0; ACTION_DIM],
-        action_std: vec![1.0; ACTION_DIM],
-        reward_scale: 1.0,
-        privileged_mean: Vec::new(),
-        privileged_std: Vec::new(),
-    }
-}
-
 /// An untrained policy as `train` exports it: state-only, or a conv encoder on 16 px images.
 fn export_policy(path: &Path, encoder: EncoderKind) {
-    let state_dim = if encoder.uses_images() { STATE_DIM } else { STATE_DIM + ENVIRONMENT_STATE_DIM + TASK_FRAME_DIM };
-    let config = LapoConfig { encoder, seed: 3, ..LapoConfig::default() };
-    let dims = Dims { state_dim, action_dim: ACTION_DIM, image_hw: (16, 16), privileged_dim: 0, supersample: 1 };
-    let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu).unwrap();
-    rl::policy::export(&lapo, &normalization(state_dim), path).unwrap();
+    policies::export_untrained(path, encoder, (16, 16)).unwrap();
 }
 
 /// Copies a policy file with its tensors and header edited.

@@ -4,6 +4,8 @@
 //! that were there before are byte-identical afterwards. The runs that must succeed use tiny
 //! settings (a tiny untrained world model, an untrained exported policy, one or two steps).
 
+#[path = "../../tests/support/policies.rs"]
+mod policies;
 #[path = "../../tests/support/probe.rs"]
 mod probe;
 
@@ -50,29 +52,7 @@ fn write_world_model(dir: &Path, cfg: &WorldModelConfig) -> Result<()> {
 
 /// An exported, untrained conv-encoder LAPO policy (an image policy the stress test accepts).
 fn write_policy(path: &Path) -> Result<()> {
-    use rl::lapo::{Dims, Lapo, LapoConfig, ValueBounds};
-    let config = LapoConfig { encoder: rl::encoders::EncoderKind::Conv, seed: 3, ..LapoConfig::default() };
-    let dims = Dims {
-        state_dim: rl::env::STATE_DIM,
-        action_dim: rl::env::ACTION_DIM,
-        image_hw: (32, 32),
-        privileged_dim: 0,
-        supersample: 1,
-    };
-    let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu)?;
-    let norm = rl::trainer::Normalization {
-        state_mean: vec![0.0; rl::env::STATE_DIM],
-        state_std: vec![1.0; rl::env::STATE_DIM],
-        action_mean: vec![0.0; rl::env::ACTION_DIM],
-        action_std: vec![1.0; rl::env::ACTION_DIM],
-        reward_scale: 1.0,
-        privileged_mean: Vec::new(),
-        privileged_std: Vec::new(),
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    rl::policy::export(&lapo, &norm, path)
+    policies::export_untrained(path, rl::encoders::EncoderKind::Conv, (32, 32))
 }
 
 #[test]

@@ -459,16 +459,20 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> an
     crate::io::write_atomic_with(path, |tmp| Ok(candle_core::safetensors::save(tensors, tmp)?))
 }
 
-/// Saves every var of a `VarMap` atomically.
-pub fn save_varmap_atomic(varmap: &VarMap, path: &Path) -> anyhow::Result<()> {
-    let tensors: HashMap<String, Tensor> = varmap
+/// Every var of a `VarMap` by name (the tensors share the vars' storage: no copy).
+pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap
         .data()
         .lock()
         .expect("VarMap lock poisoned")
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    save_tensors_atomic(&tensors, path)
+        .collect()
+}
+
+/// Saves every var of a `VarMap` atomically.
+pub fn save_varmap_atomic(varmap: &VarMap, path: &Path) -> anyhow::Result<()> {
+    save_tensors_atomic(&varmap_tensors(varmap), path)
 }
 
 /// A `VarBuilder` backend that records the name and shape of every weight a model asks for,

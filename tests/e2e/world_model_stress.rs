@@ -8,13 +8,14 @@
 //! The policy is untrained because training one takes minutes; what is tested is the plumbing
 //! and that ascent increases the measured policy error, not the policy's quality.
 
+#[path = "../support/policies.rs"]
+mod policies;
+
 use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use rl::encoders::EncoderKind;
-use rl::lapo::{Dims, Lapo, LapoConfig, ValueBounds};
-use rl::trainer::Normalization;
 use sampler::denoiser::Denoiser;
 use sampler::optimize::Direction;
 use sampler::solver::SolverKind;
@@ -28,32 +29,6 @@ use shared::params::{GroupOptimizer, OptimizerConfig};
 /// The f32 bit patterns of a tensor (exact comparison; NaN-safe).
 fn bits(t: &Tensor) -> Result<Vec<u32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
-}
-
-/// Identity z-scoring: the tests' policies see the state as it is.
-fn identity_normalization() -> Normalization {
-    Normalization {
-        state_mean: vec![0.0; rl::env::STATE_DIM],
-        state_std: vec![1.0; rl::env::STATE_DIM],
-        action_mean: vec![0.0; rl::env::ACTION_DIM],
-        action_std: vec![1.0; rl::env::ACTION_DIM],
-        reward_scale: 1.0,
-        privileged_mean: Vec::new(),
-        privileged_std: Vec::new(),
-    }
-}
-
-fn export_untrained_conv_policy(path: &std::path::Path) -> Result<()> {
-    let config = LapoConfig { encoder: EncoderKind::Conv, seed: 3, ..LapoConfig::default() };
-    let dims = Dims {
-        state_dim: rl::env::STATE_DIM,
-        action_dim: rl::env::ACTION_DIM,
-        image_hw: (32, 32),
-        privileged_dim: 0,
-        supersample: 1,
-    };
-    let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu)?;
-    rl::policy::export(&lapo, &identity_normalization(), path)
 }
 
 #[test]
@@ -118,7 +93,7 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     assert_eq!(bits(&sample(&frozen)?)?, bits(&sample(&model)?)?, "the reloaded model samples differently");
 
     let policy_path = dir.path().join("policy.safetensors");
-    export_untrained_conv_policy(&policy_path)?;
+    policies::export_untrained(&policy_path, EncoderKind::Conv, (32, 32))?;
 
     let out = dir.path().join("stress");
     let settings = StressSettings {
@@ -156,20 +131,7 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
 
     // A state-only policy cannot be stressed through images: a clear error, not a zero gradient.
     let state_only = dir.path().join("state_only.safetensors");
-    let lapo = Lapo::new(
-        LapoConfig::default(),
-        Dims {
-            state_dim: rl::env::STATE_DIM,
-            action_dim: rl::env::ACTION_DIM,
-            image_hw: (32, 32),
-            privileged_dim: 0,
-            supersample: 1,
-        },
-        ValueBounds { min_v: 0.0, max_v: 100.0 },
-        DType::F32,
-        &dev,
-    )?;
-    rl::policy::export(&lapo, &identity_normalization(), &state_only)?;
+    policies::export_untrained(&state_only, EncoderKind::None, (32, 32))?;
     let err = match run(&frozen, &state_only, &StressSettings { seeds: vec![0], ..settings }, &out, |_| {}) {
         Ok(_) => anyhow::bail!("a state-only policy was accepted"),
         Err(e) => format!("{e:#}"),
