@@ -108,6 +108,14 @@ fn collect_into_an_incomplete_dataset_is_refused_and_open_names_it() {
     assert!(err.contains(s(&partial)), "{err}");
     let err = Dataset::open(tmp.path().join("absent")).err().expect("an absent dataset opened").to_string();
     assert!(err.contains("absent") && err.contains("no dataset"), "{err}");
+    // A directory of something else is not called an interrupted collection, and the message
+    // does not suggest replacing it.
+    let other = tmp.path().join("weights");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("README.md"), b"not a dataset").unwrap();
+    let err = Dataset::open(&other).err().expect("a directory of something else opened").to_string();
+    assert!(err.contains("not a dataset") && err.contains("README.md"), "{err}");
+    assert!(!err.contains("--overwrite") && !err.contains("interrupted"), "{err}");
 
     // The library refuses too (train.rs collects through it).
     let config = CollectConfig { episodes: 1, threads: 1, ..CollectConfig::default() };

@@ -228,11 +228,7 @@ pub enum DatasetError {
     Meta { path: PathBuf, reason: String },
     /// No `meta.json`, but files: what an interrupted collection leaves (`meta.json` is written
     /// last), or a directory of something else.
-    #[error(
-        "{dir}: no meta.json: an incomplete dataset (interrupted collection?) holding {}; collect it again \
-         (collect --out DIR --overwrite) or choose another directory",
-        shared::outputs::some_names(files)
-    )]
+    #[error("{}", incomplete_message(dir, files))]
     Incomplete { dir: PathBuf, files: Vec<String> },
     /// No dataset at all: the directory is absent or empty.
     #[error("{dir}: no dataset there (the directory is {what}); collect one with `collect --out DIR`")]
@@ -250,6 +246,25 @@ pub enum DatasetError {
     Key { file: PathBuf, key: String, reason: String },
     #[error("{file}: {reason}")]
     Npz { file: PathBuf, reason: String },
+}
+
+/// An interrupted collection leaves shards (or their temporary files) and no `meta.json`; a
+/// directory without either is something else, and the message must not suggest replacing it.
+fn incomplete_message(dir: &Path, files: &[String]) -> String {
+    let names = shared::outputs::some_names(files);
+    let shard_like = files.iter().any(|f| is_shard_file_name(f) || f.ends_with(".tmp"));
+    if shard_like {
+        format!(
+            "{}: no meta.json: an incomplete dataset (interrupted collection?) holding {names}; collect it \
+             again (collect --out DIR --overwrite) or choose another directory",
+            dir.display()
+        )
+    } else {
+        format!(
+            "{}: not a dataset (no meta.json, no episode shards): it holds {names}; choose another directory",
+            dir.display()
+        )
+    }
 }
 
 /// Whether `name` has the form of a shard file (`episode_<digits>.safetensors`).
