@@ -110,7 +110,8 @@ fn collect_into_an_incomplete_dataset_is_refused_and_open_names_it() {
     assert!(err.contains("absent") && err.contains("no dataset"), "{err}");
     // A directory of something else is not called an interrupted collection, and the message
     // does not suggest replacing it.
-    let other = tmp.path().join("weights");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = elsewhere.path().join("weights");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("README.md"), b"not a dataset").unwrap();
     let err = Dataset::open(&other).err().expect("a directory of something else opened").to_string();
