@@ -165,6 +165,18 @@ fn collect_checks_arguments_and_outputs_before_work() {
         );
         probe::assert_refused(&refused, &["--max-steps", "GiB free"]);
         assert!(!out.exists());
+        // Each episode's summary stays in memory until meta.json: 10^12 episodes (an allocation
+        // abort before) are refused by their count.
+        let refused =
+            probe::run(COLLECT, &["--out", o, "--episodes", "1000000000000", "--image-size", "16"], tmp.path());
+        probe::assert_refused(&refused, &["--episodes 1000000000000", "GiB free"]);
+        assert!(!out.exists());
+        // The library refuses it too, before allocating.
+        let claimed =
+            shared::outputs::claim_dir(&tmp.path().join("lib"), "dir", shared::outputs::Existing::Refuse).unwrap();
+        let config = CollectConfig { episodes: 1_000_000_000_000, threads: 1, ..CollectConfig::default() };
+        let err = rl::dataset::writer::collect_dataset_into(&config, &claimed, &|| {}).expect_err("10^12 episodes");
+        assert!(format!("{err:#}").contains("GiB free"), "{err:#}");
     }
 
     // --preview: a directory, or an existing file without --overwrite.

@@ -122,7 +122,8 @@ fn main() -> Result<()> {
             &candle_core::Device::Cpu,
             config.working_set_bytes(),
             &format!(
-                "collecting with --image-size {}×{} --supersample {} --max-steps {} --threads {}",
+                "collecting --episodes {} with --image-size {}×{} --supersample {} --max-steps {} --threads {}",
+                args.episodes,
                 env_config.image_height,
                 env_config.image_width,
                 env_config.supersample,

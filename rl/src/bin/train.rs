@@ -630,7 +630,7 @@ fn check_memory(args: &Args, device: &Device, collecting: bool) -> Result<()> {
     if collecting {
         ensure_fits(
             &Device::Cpu,
-            collect_config(args).working_set_bytes() + args.dataset_episodes as u128 * (4 << 10),
+            collect_config(args).working_set_bytes(),
             &format!(
                 "collecting --dataset-episodes {} at --image-size {} --supersample {}",
                 args.dataset_episodes, args.image_size, args.supersample

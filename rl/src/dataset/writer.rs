@@ -77,13 +77,18 @@ pub enum CollectError {
     Config(Vec<String>),
 }
 
+/// Upper estimate of what one episode keeps in memory until `meta.json` is written: its summary
+/// and the per-key statistics (mean, std, min, max per channel of ~8 keys) in its result slot.
+pub const EPISODE_BOOKKEEPING_BYTES: u128 = 4 << 10;
+
 impl CollectConfig {
     /// Worker threads that actually run: at most one per episode.
     pub fn effective_threads(&self) -> usize {
         self.threads.clamp(1, self.episodes.max(1))
     }
 
-    /// Estimated bytes a collection holds at once: per worker thread, one episode's record (every
+    /// Estimated bytes a collection holds at once: every episode's summary until `meta.json` is
+    /// written ([`EPISODE_BOOKKEEPING_BYTES`] each), and per worker thread one episode's record (every
     /// camera image of every step, `max_steps + 1` frames of `3 × H × W × 3` bytes) and its
     /// serialised shard (a second copy), plus the renderer's supersampled buffers (about 16 bytes
     /// per supersampled pixel and camera). Saturating, so absurd sizes give a huge number rather
@@ -97,7 +102,12 @@ impl CollectConfig {
         let record = image_bytes.saturating_add(numeric);
         let renderer =
             (NUM_CAMERAS as u128).saturating_mul(h.saturating_mul(ss)).saturating_mul(w.saturating_mul(ss)) * 16;
-        (self.effective_threads() as u128).saturating_mul(record.saturating_mul(2).saturating_add(renderer))
+        let per_thread =
+            (self.effective_threads() as u128).saturating_mul(record.saturating_mul(2).saturating_add(renderer));
+        // Until meta.json is written every episode's summary and per-key statistics stay in
+        // memory (a result slot each from the start): a few KiB per episode, which is what makes
+        // `--episodes 1000000000000` impossible rather than the frames.
+        per_thread.saturating_add((self.episodes as u128).saturating_mul(EPISODE_BOOKKEEPING_BYTES))
     }
 
     /// Every problem of the settings, by field name (the binaries check their flags before this).
@@ -419,6 +429,14 @@ pub fn collect_dataset_into(
     if !problems.is_empty() {
         return Err(CollectError::Config(problems));
     }
+    // The binaries check this with their flag names first; a library caller gets it here, before
+    // the result slots are allocated (an absurd episode count would otherwise abort).
+    shared::checks::ensure_fits(
+        &candle_core::Device::Cpu,
+        config.working_set_bytes(),
+        &format!("collecting {} episodes", config.episodes),
+    )
+    .map_err(CollectError::Output)?;
     let dir = claimed.path();
     // Only a fresh directory: a shard of another dataset left beside ours would make it mixed.
     let leftovers = shared::outputs::contents(dir).map_err(CollectError::Output)?;
