@@ -35,7 +35,12 @@ pub fn run(params: &Params, out_dir: &Path, log: impl FnMut(&str)) -> anyhow::Re
 /// lower bound of the working set: [`Params::working_set_bytes`]), naming the fields that set
 /// its size — before anything is allocated.
 pub fn check_fits(params: &Params, device: &candle_core::Device) -> anyhow::Result<()> {
-    shared::checks::ensure_fits(device, params.working_set_bytes(), &params.size_description())
+    shared::checks::ensure_fits(device, params.working_set_bytes(), &params.size_description())?;
+    shared::checks::ensure_fits(
+        &candle_core::Device::Cpu,
+        crate::optimize::history_bytes(params.noise_steps),
+        &format!("--iterations (noise_steps) {} (a record per iteration)", params.noise_steps),
+    )
 }
 
 /// [`run`] on an opened device, the size already checked.

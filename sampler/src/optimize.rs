@@ -120,6 +120,12 @@ fn learned_gradients(noise: &NoiseState, vg: &crate::trajectory::ValueAndGrad) -
     out
 }
 
+/// Bytes the history of `iterations` updates holds (one [`IterationRecord`] each, kept for the
+/// report): what makes an absurd iteration count impossible before it is slow.
+pub fn history_bytes(iterations: usize) -> u128 {
+    (iterations as u128).saturating_mul(std::mem::size_of::<IterationRecord>() as u128)
+}
+
 /// Runs `settings.iterations` updates of the learnable tensors in `noise`, calling `on_iter`
 /// after each. The final loss is measured at the final parameters.
 pub fn optimize(
@@ -133,6 +139,11 @@ pub fn optimize(
     anyhow::ensure!(!learnable.is_empty(), "nothing to optimise: z0 is fixed and no step noise is learnable");
     let mut opt = GroupOptimizer::new("noise", learnable.clone(), settings.optimizer.clone())?;
     let sign = settings.direction.sign();
+    shared::checks::ensure_fits(
+        &candle_core::Device::Cpu,
+        history_bytes(settings.iterations),
+        &format!("{} optimisation iterations (a record each)", settings.iterations),
+    )?;
     let mut records = Vec::with_capacity(settings.iterations);
     let mut initial = None;
     for iteration in 0..settings.iterations {

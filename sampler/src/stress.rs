@@ -227,6 +227,11 @@ impl StressSettings {
     pub fn check(&self, model: &crate::world_model::WorldModelConfig, device: &Device) -> anyhow::Result<()> {
         self.checks().finish()?;
         shared::checks::ensure_fits(
+            &Device::Cpu,
+            crate::optimize::history_bytes(self.iterations),
+            &format!("--iterations {} (a record per iteration)", self.iterations),
+        )?;
+        shared::checks::ensure_fits(
             device,
             self.working_set_bytes(model),
             &format!(

@@ -136,6 +136,10 @@ fn bad_numbers_are_refused_naming_the_flag() -> Result<()> {
             let out = run(SAMPLER, &args(mode, &["--num-steps", "1000000000000"]), tmp.path());
             assert_refused(&out, &["--num-steps", "1000000000000", "GiB free"]);
             assert_unchanged(&before, tmp.path());
+            // An iteration count whose history alone cannot fit (an allocation abort before).
+            let out = run(SAMPLER, &args(mode, &["--iterations", "1000000000000"]), tmp.path());
+            assert_refused(&out, &["--iterations", "1000000000000", "GiB free"]);
+            assert_unchanged(&before, tmp.path());
         }
         let out = run(SAMPLER, &["--demo", "-i", "huge.json"], tmp.path());
         assert_refused(&out, &["huge.json"]);
