@@ -279,6 +279,139 @@ pub mod groups {
     pub const AUX_STATE: &str = "aux_state";
 }
 
+/// The three optimisers (Adam, no weight decay), each applying the gradient of its own loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimiser {
+    /// The critic loss: Q1, Q2, V, the auxiliary head and, in the design, the encoder.
+    Critic,
+    /// The advantage-weighted VAE loss.
+    ActorVae,
+    /// The actor loss.
+    Actor,
+}
+
+impl Optimiser {
+    /// Its name, and its loss's in the audit; `_and_encoder` is appended when it steps the encoder.
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimiser::Critic => "critic",
+            Optimiser::ActorVae => "actor_vae",
+            Optimiser::Actor => "actor",
+        }
+    }
+
+    /// Groups its loss reaches by design without the optimiser stepping them: the actor loss is
+    /// −Q1(s, dec_target(s, actor(s))), so its gradient runs through the critic and the target
+    /// decoder (the audit leaves them unchecked; every other group it must not reach).
+    pub fn passes_through(self) -> &'static [&'static str] {
+        match self {
+            Optimiser::Actor => &[groups::CRITIC, groups::TARGET_ACTOR_VAE],
+            Optimiser::Critic | Optimiser::ActorVae => &[],
+        }
+    }
+}
+
+/// What a partition is to the training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Stepped by this optimiser, from its loss.
+    Optimised(Optimiser),
+    /// The observation encoder: stepped by the critic's optimiser in the design; `--encoder-owner`
+    /// hands it to the VAE's, or to both, as an ablation.
+    Encoder,
+    /// Follows the group `of` by Polyak averaging only: no optimiser, no gradient.
+    Target { of: &'static str },
+}
+
+impl Role {
+    /// Whether `optimiser` steps this group when `owner` owns the encoder.
+    pub fn stepped_by(self, optimiser: Optimiser, owner: EncoderOwner) -> bool {
+        match self {
+            Role::Optimised(o) => o == optimiser,
+            Role::Encoder => match optimiser {
+                Optimiser::Critic => owner.critic_owns(),
+                Optimiser::ActorVae => owner.actor_vae_owns(),
+                Optimiser::Actor => false,
+            },
+            Role::Target { .. } => false,
+        }
+    }
+
+    /// Whether `optimiser` steps this group in the design (`--encoder-owner critic`). The audit
+    /// requires a loss to reach these; an ablation's extra owner is reached but not asserted.
+    fn designed_for(self, optimiser: Optimiser) -> bool {
+        self.stepped_by(optimiser, EncoderOwner::Critic)
+    }
+}
+
+/// When a model has a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    Always,
+    /// With an image encoder (`--encoder conv|resnet18`).
+    ImageEncoder,
+    /// With the auxiliary state head as a linear probe beside the encoder: a positive
+    /// `--aux-state-weight` with an image encoder, without `--aux-state-input`.
+    AuxProbe,
+}
+
+/// One partition of the model's vars.
+#[derive(Clone, Copy, Debug)]
+pub struct Partition {
+    pub group: &'static str,
+    /// Var-name prefix; each ends with `.` so none can shadow another.
+    pub prefix: &'static str,
+    pub role: Role,
+    pub presence: Presence,
+}
+
+/// The nine partitions of LAPO's vars, declared once: the partitions, the optimisers, the Polyak
+/// updates and the gradient-flow audit are all read from this table. Every var belongs to
+/// exactly one present partition (`Partitions::validate`); the audit tables list the groups in
+/// this order.
+pub const PARTITIONS: [Partition; 9] = {
+    use groups::*;
+    use Presence::*;
+    use Role::*;
+    const fn p(group: &'static str, prefix: &'static str, role: Role, presence: Presence) -> Partition {
+        Partition { group, prefix, role, presence }
+    }
+    [
+        p(CRITIC, "critic.", Optimised(Optimiser::Critic), Always),
+        p(ACTOR_VAE, "actor_vae.", Optimised(Optimiser::ActorVae), Always),
+        p(ACTOR, "actor.", Optimised(Optimiser::Actor), Always),
+        p(TARGET_CRITIC, "target.critic.", Target { of: CRITIC }, Always),
+        p(TARGET_ACTOR_VAE, "target.actor_vae.", Target { of: ACTOR_VAE }, Always),
+        p(TARGET_ACTOR, "target.actor.", Target { of: ACTOR }, Always),
+        p(ENCODER, "encoder.", Encoder, ImageEncoder),
+        p(TARGET_ENCODER, "target.encoder.", Target { of: ENCODER }, ImageEncoder),
+        p(AUX_STATE, "aux_state.", Optimised(Optimiser::Critic), AuxProbe),
+    ]
+};
+
+/// The partitions of a model with (or without) an image encoder and the auxiliary linear probe.
+pub fn present_partitions(image_encoder: bool, aux_probe: bool) -> impl Iterator<Item = &'static Partition> {
+    PARTITIONS.iter().filter(move |p| match p.presence {
+        Presence::Always => true,
+        Presence::ImageEncoder => image_encoder,
+        Presence::AuxProbe => aux_probe,
+    })
+}
+
+/// Polyak-averages every present target copy towards its online group (τ = 1 copies).
+fn polyak_targets<'a>(
+    partitions: &Partitions,
+    present: impl Iterator<Item = &'a Partition>,
+    tau: f64,
+) -> Result<(), LapoError> {
+    for p in present {
+        if let Role::Target { of } = p.role {
+            partitions.polyak(of, p.group, tau)?;
+        }
+    }
+    Ok(())
+}
+
 pub struct Lapo {
     pub config: LapoConfig,
     pub dims: Dims,
@@ -349,60 +482,36 @@ impl Lapo {
         let aux_state_head =
             if has_aux { Some(candle_nn::linear(s_dim, dims.privileged_dim, vb.pp("aux_state"))?) } else { None };
 
-        // Partitions by network; every var must belong to exactly one group.
+        // Partitions by network (the table); every var must belong to exactly one group.
         let has_encoder = config.encoder.uses_images();
-        let mut partitions = Partitions::new(&varmap)
-            .optimised(groups::CRITIC, &["critic."])?
-            .optimised(groups::ACTOR_VAE, &["actor_vae."])?
-            .optimised(groups::ACTOR, &["actor."])?
-            .target(groups::TARGET_CRITIC, &["target.critic."])?
-            .target(groups::TARGET_ACTOR_VAE, &["target.actor_vae."])?
-            .target(groups::TARGET_ACTOR, &["target.actor."])?;
-        if has_encoder {
-            partitions = partitions
-                .optimised(groups::ENCODER, &["encoder."])?
-                .target(groups::TARGET_ENCODER, &["target.encoder."])?;
-        }
-        if has_aux {
-            partitions = partitions.optimised(groups::AUX_STATE, &["aux_state."])?;
+        let present = || present_partitions(has_encoder, has_aux);
+        let mut partitions = Partitions::new(&varmap);
+        for p in present() {
+            partitions = match p.role {
+                Role::Target { .. } => partitions.target(p.group, &[p.prefix])?,
+                Role::Optimised(_) | Role::Encoder => partitions.optimised(p.group, &[p.prefix])?,
+            };
         }
         partitions.validate()?;
 
         // Deterministic weights, then targets start as exact copies.
         init_deterministic(&varmap, config.seed)?;
-        let mut pairs = vec![
-            (groups::CRITIC, groups::TARGET_CRITIC),
-            (groups::ACTOR_VAE, groups::TARGET_ACTOR_VAE),
-            (groups::ACTOR, groups::TARGET_ACTOR),
-        ];
-        if has_encoder {
-            pairs.push((groups::ENCODER, groups::TARGET_ENCODER));
-        }
-        for (online, target) in &pairs {
-            partitions.polyak(online, target, 1.0)?;
-        }
+        polyak_targets(&partitions, present(), 1.0)?;
 
-        // Optimisers: Adam, no weight decay. The encoder joins whichever the owner option says.
-        let encoder_vars = if has_encoder { partitions.vars(groups::ENCODER)? } else { Vec::new() };
-        let mut critic_vars = partitions.vars(groups::CRITIC)?;
-        let mut critic_opt_name = "critic".to_string();
-        if has_encoder && config.encoder_owner.critic_owns() {
-            critic_vars.extend(encoder_vars.iter().cloned());
-            critic_opt_name = "critic_and_encoder".into();
-        }
-        if has_aux {
-            critic_vars.extend(partitions.vars(groups::AUX_STATE)?);
-        }
-        let mut vae_vars = partitions.vars(groups::ACTOR_VAE)?;
-        let mut vae_opt_name = "actor_vae".to_string();
-        if has_encoder && config.encoder_owner.actor_vae_owns() {
-            vae_vars.extend(encoder_vars.iter().cloned());
-            vae_opt_name = "actor_vae_and_encoder".into();
-        }
-        let critic_opt = GroupOptimizer::new(&critic_opt_name, critic_vars, OptimizerConfig::adam(config.critic_lr))?;
-        let actor_vae_opt = GroupOptimizer::new(&vae_opt_name, vae_vars, OptimizerConfig::adam(config.actor_vae_lr))?;
-        let actor_opt =
-            GroupOptimizer::new("actor", partitions.vars(groups::ACTOR)?, OptimizerConfig::adam(config.actor_lr))?;
+        // Optimisers: Adam, no weight decay, each over the groups it steps (the encoder joins
+        // whichever the owner option says).
+        let optimiser = |which: Optimiser, lr: f64| -> Result<GroupOptimizer, LapoError> {
+            let (mut vars, mut holds_encoder) = (Vec::new(), false);
+            for p in present().filter(|p| p.role.stepped_by(which, config.encoder_owner)) {
+                vars.extend(partitions.vars(p.group)?);
+                holds_encoder |= p.role == Role::Encoder;
+            }
+            let name = if holds_encoder { format!("{}_and_encoder", which.name()) } else { which.name().to_string() };
+            Ok(GroupOptimizer::new(&name, vars, OptimizerConfig::adam(lr))?)
+        };
+        let critic_opt = optimiser(Optimiser::Critic, config.critic_lr)?;
+        let actor_vae_opt = optimiser(Optimiser::ActorVae, config.actor_vae_lr)?;
+        let actor_opt = optimiser(Optimiser::Actor, config.actor_lr)?;
 
         Ok(Self {
             config,
@@ -438,6 +547,11 @@ impl Lapo {
 
     pub fn has_encoder(&self) -> bool {
         self.config.encoder.uses_images()
+    }
+
+    /// This model's partitions, in [`PARTITIONS`] order.
+    pub fn present_partitions(&self) -> impl Iterator<Item = &'static Partition> {
+        present_partitions(self.has_encoder(), self.aux_state_head.is_some())
     }
 
     /// The noise stream of one iteration: a function of (seed, iteration) only, so a resumed run
@@ -516,10 +630,7 @@ impl Lapo {
         self.ensure_finite(&losses, "actor-VAE loss")?;
         let vae_grads = vae.total.backward()?;
         if let Some(log) = audit_log.as_mut() {
-            let expect = Expectation::new("actor_vae")
-                .reaches(&[groups::ACTOR_VAE])
-                .not(&self.groups_except(&[groups::ACTOR_VAE]));
-            log.record_loss(self, &vae_grads, expect)?;
+            log.record_loss(self, &vae_grads, self.expectation(Optimiser::ActorVae))?;
         }
         self.actor_vae_opt.step(&vae_grads)?;
         drop(vae_grads);
@@ -530,14 +641,7 @@ impl Lapo {
         self.ensure_finite(&losses, "actor loss")?;
         let actor_grads = actor_loss.backward()?;
         if let Some(log) = audit_log.as_mut() {
-            let mut untouched = vec![groups::ACTOR_VAE, groups::TARGET_ACTOR, groups::TARGET_CRITIC];
-            if self.has_encoder() {
-                untouched.extend([groups::ENCODER, groups::TARGET_ENCODER]);
-            }
-            if self.aux_state_head.is_some() {
-                untouched.push(groups::AUX_STATE);
-            }
-            log.record_loss(self, &actor_grads, Expectation::new("actor").reaches(&[groups::ACTOR]).not(&untouched))?;
+            log.record_loss(self, &actor_grads, self.expectation(Optimiser::Actor))?;
         }
         self.actor_opt.step(&actor_grads)?;
         drop(actor_grads);
@@ -546,12 +650,7 @@ impl Lapo {
         }
 
         // 6. Polyak-average every target copy.
-        self.partitions.polyak(groups::CRITIC, groups::TARGET_CRITIC, c.tau)?;
-        self.partitions.polyak(groups::ACTOR, groups::TARGET_ACTOR, c.tau)?;
-        self.partitions.polyak(groups::ACTOR_VAE, groups::TARGET_ACTOR_VAE, c.tau)?;
-        if self.has_encoder() {
-            self.partitions.polyak(groups::ENCODER, groups::TARGET_ENCODER, c.tau)?;
-        }
+        polyak_targets(&self.partitions, self.present_partitions(), c.tau)?;
         self.iteration += 1;
 
         if let Some(log) = audit_log.as_mut() {
@@ -586,10 +685,8 @@ impl Lapo {
 
     /// Copies the online encoder into the target encoder (after pretraining).
     pub fn sync_target_encoder(&self) -> Result<(), LapoError> {
-        if self.has_encoder() {
-            self.partitions.polyak(groups::ENCODER, groups::TARGET_ENCODER, 1.0)?;
-        }
-        Ok(())
+        let of_encoder = self.present_partitions().filter(|p| p.role == Role::Target { of: groups::ENCODER });
+        polyak_targets(&self.partitions, of_encoder, 1.0)
     }
 
     /// Step 1: target_Q = r + (1−d)·γ·V(s') (online V, target-encoded s'), and
@@ -707,27 +804,22 @@ impl Lapo {
     // Helpers for the audit
     // -----------------------------------------------------------------------------------------
 
-    fn groups_except(&self, keep: &[&str]) -> Vec<&'static str> {
-        let mut all = vec![
-            groups::CRITIC,
-            groups::ACTOR_VAE,
-            groups::ACTOR,
-            groups::TARGET_CRITIC,
-            groups::TARGET_ACTOR_VAE,
-            groups::TARGET_ACTOR,
-        ];
-        if self.has_encoder() {
-            all.extend([groups::ENCODER, groups::TARGET_ENCODER]);
+    /// What the audit expects of `optimiser`'s loss, from [`PARTITIONS`]: it must reach the groups
+    /// the optimiser steps in the design; it may reach those it passes through
+    /// ([`Optimiser::passes_through`]) and, in an ablation, the encoder it was handed (unchecked);
+    /// it must reach no other group.
+    pub fn expectation(&self, optimiser: Optimiser) -> Expectation {
+        let (mut must, mut must_not) = (Vec::new(), Vec::new());
+        for p in self.present_partitions() {
+            if p.role.stepped_by(optimiser, self.config.encoder_owner) {
+                if p.role.designed_for(optimiser) {
+                    must.push(p.group);
+                }
+            } else if !optimiser.passes_through().contains(&p.group) {
+                must_not.push(p.group);
+            }
         }
-        if self.aux_state_head.is_some() {
-            all.push(groups::AUX_STATE);
-        }
-        all.retain(|g| !keep.contains(g));
-        // When the VAE owns the encoder (ablation), the VAE loss is meant to reach it.
-        if self.config.encoder_owner.actor_vae_owns() {
-            all.retain(|g| *g != groups::ENCODER);
-        }
-        all
+        Expectation::new(optimiser.name()).reaches(&must).not(&must_not)
     }
 
     /// Full name of the online encoder's first conv weight, if there is one.
@@ -792,26 +884,7 @@ impl IterationAudit {
 
     /// The gradient-flow table of the critic loss and whether the first conv got a gradient.
     fn record_critic(&mut self, lapo: &Lapo, grads: &GradStore) -> Result<(), LapoError> {
-        let mut expect = Expectation::new("critic").reaches(&[groups::CRITIC]);
-        if lapo.aux_state_head.is_some() {
-            expect = expect.reaches(&[groups::AUX_STATE]);
-        }
-        let mut must_not = vec![
-            groups::ACTOR_VAE,
-            groups::ACTOR,
-            groups::TARGET_CRITIC,
-            groups::TARGET_ACTOR_VAE,
-            groups::TARGET_ACTOR,
-        ];
-        if lapo.has_encoder() {
-            must_not.push(groups::TARGET_ENCODER);
-            if lapo.config.encoder_owner.critic_owns() {
-                expect = expect.reaches(&[groups::ENCODER]);
-            } else {
-                must_not.push(groups::ENCODER);
-            }
-        }
-        self.reports.push(audit(grads, &lapo.partitions, &expect.not(&must_not))?);
+        self.reports.push(audit(grads, &lapo.partitions, &lapo.expectation(Optimiser::Critic))?);
         if let Some(name) = lapo.first_conv_var_name() {
             let data = lapo.varmap.data().lock().expect("VarMap lock poisoned");
             let var = data.get(&name).ok_or_else(|| anyhow::anyhow!("no var '{name}'"))?;
@@ -890,5 +963,25 @@ impl IterationAudit {
             s.push_str(&r.table());
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is consistent: unique groups, each prefix its group's name plus `.`, and every
+    /// target copy follows an online group that exists whenever the copy does.
+    #[test]
+    fn partition_table_is_consistent() {
+        for (i, p) in PARTITIONS.iter().enumerate() {
+            assert!(PARTITIONS[..i].iter().all(|q| q.group != p.group), "{} declared twice", p.group);
+            assert_eq!(p.prefix, format!("{}.", p.group));
+            if let Role::Target { of } = p.role {
+                let online = PARTITIONS.iter().find(|q| q.group == of).expect("a target follows a declared group");
+                assert!(!matches!(online.role, Role::Target { .. }), "{} follows another target", p.group);
+                assert_eq!(online.presence, p.presence, "{} and {of} exist under different conditions", p.group);
+            }
+        }
     }
 }
