@@ -7,4 +7,5 @@ pub mod lapo;
 pub mod nets;
 pub mod plot;
 pub mod policy;
+pub mod train;
 pub mod trainer;
