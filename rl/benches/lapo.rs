@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
         encoder: EncoderKind::ResNet18,
         encoder_owner: EncoderOwner::Critic,
         batch_size,
-        ..Default::default()
+        ..LapoConfig::reference()
     };
     let dims = Dims { state_dim, action_dim, image_hw: (h, w), privileged_dim: 0, supersample: 1 };
     let mut lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &dev)?;

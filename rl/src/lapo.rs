@@ -56,9 +56,10 @@ impl EncoderOwner {
 }
 
 /// LAPO hyperparameters, and `train`'s options for them (`rl::train::TrainConfig` flattens
-/// this struct). Two sets of values, each said once: the `#[arg]` defaults are what `train` runs
-/// with, measured for a CPU-minutes budget (the reasons are on each field); [`Default`] is the
-/// reference's (see `notes/reference-algorithms.md`), for code that builds a model directly.
+/// this struct). The `#[arg]` defaults are the one source of defaults — what `train` runs with
+/// and what [`Default`] returns — measured for a CPU-minutes budget (the reasons are on each
+/// field). [`LapoConfig::reference`] is the LAPO reference's own set (see
+/// `notes/reference-algorithms.md`), named, for code that wants the paper's values.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct LapoConfig {
     #[arg(long, default_value_t = 256)]
@@ -159,7 +160,21 @@ impl LapoConfig {
 }
 
 impl Default for LapoConfig {
+    /// The `#[arg]` defaults (what `train` runs with when given no option).
     fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: LapoConfig,
+        }
+        <Defaults as clap::Parser>::parse_from(["lapo"]).config
+    }
+}
+
+impl LapoConfig {
+    /// The LAPO reference implementation's hyperparameters (batch 512, every learning rate
+    /// 2e-4, latent bound 2.0), for its 10⁶-iteration budget.
+    pub fn reference() -> Self {
         Self {
             batch_size: 512,
             critic_lr: 2e-4,
@@ -1006,6 +1021,21 @@ impl IterationAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Default` is what `train` runs with (the `#[arg]` defaults, not a second list), and the
+    /// reference preset keeps the paper's values where the CPU budget changed them.
+    #[test]
+    fn default_is_trains_defaults_and_reference_the_papers() {
+        let d = LapoConfig::default();
+        assert_eq!((d.batch_size, d.critic_lr, d.actor_vae_lr, d.actor_lr), (256, 3e-4, 1e-3, 3e-4));
+        assert_eq!((d.max_latent_action, d.gamma, d.expectile, d.tau), (0.5, 0.99, 0.9, 0.005));
+        let r = LapoConfig::reference();
+        assert_eq!(
+            (r.batch_size, r.critic_lr, r.actor_vae_lr, r.actor_lr, r.max_latent_action),
+            (512, 2e-4, 2e-4, 2e-4, 2.0)
+        );
+        assert!(d.checks().is_empty() && r.checks().is_empty());
+    }
 
     /// The table is consistent: unique groups, each prefix its group's name plus `.`, and every
     /// target copy follows an online group that exists whenever the copy does.

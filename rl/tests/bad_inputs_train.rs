@@ -265,7 +265,7 @@ const DIMS: Dims = Dims { state_dim: 4, action_dim: 2, image_hw: (16, 16), privi
 const BOUNDS: ValueBounds = ValueBounds { min_v: -5.0, max_v: 100.0 };
 
 fn tiny_lapo() -> Lapo {
-    let config = LapoConfig { batch_size: 8, encoder: EncoderKind::None, ..LapoConfig::default() };
+    let config = LapoConfig { batch_size: 8, encoder: EncoderKind::None, ..LapoConfig::reference() };
     Lapo::new(config, DIMS, BOUNDS, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -396,7 +396,7 @@ fn the_checkpoint_loader_names_every_bad_tensor_and_changes_nothing() {
     assert_eq!(target.iteration, 0, "a failed load must change nothing");
 
     // A checkpoint of another configuration is named by field, before any tensor is read.
-    let other = LapoConfig { batch_size: 16, encoder: EncoderKind::None, ..LapoConfig::default() };
+    let other = LapoConfig { batch_size: 16, encoder: EncoderKind::None, ..LapoConfig::reference() };
     let mut other = Lapo::new(other, DIMS, BOUNDS, DType::F32, &Device::Cpu).unwrap();
     let err = format!("{:#}", load_checkpoint(&mut other, dir).unwrap_err());
     assert!(err.contains("config.batch_size: 8 in the checkpoint, 16 in the model"), "{err}");

@@ -16,7 +16,7 @@ const STATE_DIM: usize = 5;
 const ACTION_DIM: usize = 3;
 
 fn config(encoder: EncoderKind, owner: EncoderOwner) -> LapoConfig {
-    LapoConfig { encoder, encoder_owner: owner, batch_size: 4, seed: 7, ..LapoConfig::default() }
+    LapoConfig { encoder, encoder_owner: owner, batch_size: 4, seed: 7, ..LapoConfig::reference() }
 }
 
 fn model(encoder: EncoderKind, owner: EncoderOwner, image_hw: (usize, usize), dtype: DType) -> Lapo {

@@ -112,7 +112,7 @@ fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
         encoder_owner: EncoderOwner::Critic,
         aux_state_weight: 1.0,
         batch_size: 8,
-        ..LapoConfig::default()
+        ..LapoConfig::reference()
     };
     let mut lapo = Lapo::new(config, replay.dims, replay.bounds, DType::F32, &Device::Cpu).unwrap();
     let small = replay.batch(&picks[..8], DType::F32, &Device::Cpu).unwrap();
@@ -135,7 +135,7 @@ fn in_encoder_head_pretrains_and_exports() {
         aux_state_input: true,
         feature_layout: rl::encoders::FeatureLayout::FusedState,
         batch_size: 16,
-        ..LapoConfig::default()
+        ..LapoConfig::reference()
     };
     let mut lapo = Lapo::new(config, replay.dims, replay.bounds, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(lapo.encoder.privileged_dim(), replay.dims.privileged_dim);

@@ -661,7 +661,7 @@ fn f64_policy(image_hw: (usize, usize), seed: u64) -> Result<(rl::lapo::Lapo, rl
         feature_layout: rl::encoders::FeatureLayout::FusedState,
         max_latent_action: 0.5,
         seed,
-        ..rl::lapo::LapoConfig::default()
+        ..rl::lapo::LapoConfig::reference()
     };
     let dims =
         rl::lapo::Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 16, supersample: 1 };

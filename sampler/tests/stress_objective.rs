@@ -46,7 +46,7 @@ fn image_lapo(image_hw: (usize, usize), dtype: DType, seed: u64) -> Result<Lapo>
         feature_layout: FeatureLayout::FusedState,
         max_latent_action: 0.5,
         seed,
-        ..LapoConfig::default()
+        ..LapoConfig::reference()
     };
     let dims =
         Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: PRIVILEGED_DIM, supersample: 1 };

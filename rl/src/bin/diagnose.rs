@@ -183,7 +183,7 @@ fn main() -> Result<()> {
     // 3. Behaviour cloning: the VAE alone with uniform weights.
     if args.bc_iterations > 0 {
         let config =
-            LapoConfig { batch_size: args.batch_size, actor_vae_lr: args.lr, kl_beta: 0.5, ..LapoConfig::default() };
+            LapoConfig { batch_size: args.batch_size, actor_vae_lr: args.lr, kl_beta: 0.5, ..LapoConfig::reference() };
         let dev = Device::Cpu;
         let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &dev)?;
         let mut rng = shared::rng::SplitMix64::new(7);
