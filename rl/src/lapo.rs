@@ -88,6 +88,12 @@ pub struct LapoConfig {
     /// 0.5 → 40.6; the target decoder alone at z = 0 scored 44).
     #[arg(long, default_value_t = 0.5)]
     pub max_latent_action: f64,
+    /// Hidden layers (of 256 units) in every LAPO network: critic, VAE encoder and decoder,
+    /// latent actor. The reference has 3; the default is what measured better on our data
+    /// (rl/README.md, "Network depth").
+    #[serde(default = "crate::nets::legacy_hidden_layers")]
+    #[arg(long, default_value_t = 2)]
+    pub hidden_layers: usize,
     /// m in Qmix = m·min(Q1, Q2) + (1 − m)·max(Q1, Q2).
     #[arg(long, default_value_t = 1.0)]
     pub doubleq_min: f64,
@@ -140,6 +146,7 @@ impl LapoConfig {
     pub fn checks(&self) -> shared::checks::ArgChecks {
         let mut c = shared::checks::ArgChecks::new();
         c.count("--batch-size", self.batch_size as u64)
+            .count_at_most("--hidden-layers", self.hidden_layers as u64, 16, "deeper MLPs are not a LAPO setting")
             .positive("--critic-lr", self.critic_lr)
             .positive("--actor-vae-lr", self.actor_vae_lr)
             .positive("--actor-lr", self.actor_lr)
@@ -195,6 +202,7 @@ impl LapoConfig {
             aux_state_input: false,
             feature_layout: FeatureLayout::Fused,
             seed: 0,
+            hidden_layers: 3,
         }
     }
 }
@@ -523,12 +531,13 @@ impl Lapo {
             vb.pp("target.encoder"),
         )?;
         let s_dim = encoder.out_dim();
-        let critic = Critic::new(s_dim, dims.action_dim, vb.pp("critic"))?;
-        let target_critic = Critic::new(s_dim, dims.action_dim, vb.pp("target.critic"))?;
-        let actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, vb.pp("actor_vae"))?;
-        let target_actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, vb.pp("target.actor_vae"))?;
-        let actor = Actor::new(s_dim, latent_dim, m, vb.pp("actor"))?;
-        let target_actor = Actor::new(s_dim, latent_dim, m, vb.pp("target.actor"))?;
+        let depth = config.hidden_layers;
+        let critic = Critic::new(s_dim, dims.action_dim, depth, vb.pp("critic"))?;
+        let target_critic = Critic::new(s_dim, dims.action_dim, depth, vb.pp("target.critic"))?;
+        let actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, depth, vb.pp("actor_vae"))?;
+        let target_actor_vae = ActorVae::new(s_dim, dims.action_dim, latent_dim, m, depth, vb.pp("target.actor_vae"))?;
+        let actor = Actor::new(s_dim, latent_dim, m, depth, vb.pp("actor"))?;
+        let target_actor = Actor::new(s_dim, latent_dim, m, depth, vb.pp("target.actor"))?;
         // The linear probe beside the encoder; with `aux_state_input` the head is in the encoder.
         let has_aux = aux_enabled && !config.aux_state_input;
         let aux_state_head =

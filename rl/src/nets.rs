@@ -2,8 +2,13 @@
 //! [`Mlp`] they are built from. In the multimodal setting `s` is the observation encoder's
 //! output; in the state-only setting it is the z-scored state itself.
 //!
-//! Every MLP is three linear layers with 256 hidden units and ReLU between them, as in the
-//! reference implementation (`l1`, `l2`, `l3`). Initialisation is deterministic: Candle's
+//! Every MLP has `hidden_layers` hidden layers of 256 units with ReLU between them (linear
+//! layers `l0..l{hidden_layers}`). The LAPO reference (`algos/algos_vae.py` of
+//! pcchenxi/LAPO-offlienRL, what its `main_d4rl.py` trains) uses three hidden layers (four linear
+//! layers) everywhere; `LapoConfig::hidden_layers` chooses, its default from a measurement on our
+//! data (see there). The reference's VAE encoder has separate mean and log-variance heads; here
+//! one last layer emits both (rows `0..latent` the mean head, `latent..2·latent` the log-variance
+//! head), which is the same function. Initialisation is deterministic: Candle's
 //! `VarBuilder` draws from a thread-local RNG that cannot be seeded, so [`init_deterministic`]
 //! overwrites every var from [`SplitMix64`] after construction.
 
@@ -13,8 +18,14 @@ use shared::rng::SplitMix64;
 
 /// Hidden width of every MLP (reference default).
 pub const HIDDEN: usize = 256;
-/// Linear layers per MLP (reference: `l1`, `l2`, `l3`).
-pub const MLP_LAYERS: usize = 3;
+/// Hidden layers per MLP in files written before the depth was recorded (exported policies,
+/// checkpoints): what every network had then.
+pub const LEGACY_HIDDEN_LAYERS: usize = 2;
+
+/// For serde defaults of recorded depths.
+pub fn legacy_hidden_layers() -> usize {
+    LEGACY_HIDDEN_LAYERS
+}
 
 /// Linear layers `l0..l{n-1}` with ReLU between them and none after the last.
 #[derive(Clone, Debug)]
@@ -34,9 +45,9 @@ impl Mlp {
         Ok(Self { layers: out })
     }
 
-    /// The reference shape: three layers, 256 hidden units.
-    pub fn standard(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(input, HIDDEN, MLP_LAYERS, output, vb)
+    /// `hidden_layers` hidden layers of [`HIDDEN`] units.
+    pub fn standard(input: usize, output: usize, hidden_layers: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new(input, HIDDEN, hidden_layers + 1, output, vb)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -66,8 +77,14 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn new(feature_dim: usize, latent_dim: usize, max_latent_action: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { net: Mlp::standard(feature_dim, latent_dim, vb)?, max_latent_action })
+    pub fn new(
+        feature_dim: usize,
+        latent_dim: usize,
+        max_latent_action: f64,
+        hidden_layers: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self { net: Mlp::standard(feature_dim, latent_dim, hidden_layers, vb)?, max_latent_action })
     }
 
     pub fn forward(&self, s: &Tensor) -> Result<Tensor> {
@@ -98,11 +115,12 @@ impl ActorVae {
         action_dim: usize,
         latent_dim: usize,
         max_latent_action: f64,
+        hidden_layers: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            encoder: Mlp::standard(feature_dim + action_dim, 2 * latent_dim, vb.pp("encoder"))?,
-            decoder: Mlp::standard(feature_dim + latent_dim, action_dim, vb.pp("decoder"))?,
+            encoder: Mlp::standard(feature_dim + action_dim, 2 * latent_dim, hidden_layers, vb.pp("encoder"))?,
+            decoder: Mlp::standard(feature_dim + latent_dim, action_dim, hidden_layers, vb.pp("decoder"))?,
             latent_dim,
             max_latent_action,
         })
@@ -143,11 +161,11 @@ pub struct Critic {
 }
 
 impl Critic {
-    pub fn new(feature_dim: usize, action_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(feature_dim: usize, action_dim: usize, hidden_layers: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            q1: Mlp::standard(feature_dim + action_dim, 1, vb.pp("q1"))?,
-            q2: Mlp::standard(feature_dim + action_dim, 1, vb.pp("q2"))?,
-            v: Mlp::standard(feature_dim, 1, vb.pp("v"))?,
+            q1: Mlp::standard(feature_dim + action_dim, 1, hidden_layers, vb.pp("q1"))?,
+            q2: Mlp::standard(feature_dim + action_dim, 1, hidden_layers, vb.pp("q2"))?,
+            v: Mlp::standard(feature_dim, 1, hidden_layers, vb.pp("v"))?,
         })
     }
 

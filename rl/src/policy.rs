@@ -58,6 +58,9 @@ pub struct PolicyHeader {
     /// What the encoder's feature holds (`fused` for files from before it was recorded).
     #[serde(default)]
     pub feature_layout: FeatureLayout,
+    /// Hidden layers of the actor and decoder MLPs (2 for files from before it was recorded).
+    #[serde(default = "crate::nets::legacy_hidden_layers")]
+    pub hidden_layers: usize,
 }
 
 /// Writes the policy file atomically.
@@ -97,6 +100,7 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
         privileged_dim: lapo.encoder.privileged_dim(),
         supersample: lapo.dims.supersample,
         feature_layout: lapo.encoder.layout(),
+        hidden_layers: lapo.config.hidden_layers,
     };
     let metadata: HashMap<String, String> =
         HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&header)?)]);
@@ -128,6 +132,9 @@ impl PolicyHeader {
             if !(1..=MAX_DIM).contains(&value) {
                 p.push(format!("{field} is {value}, expected 1..={MAX_DIM}"));
             }
+        }
+        if !(1..=16).contains(&self.hidden_layers) {
+            p.push(format!("hidden_layers is {}, expected 1..=16", self.hidden_layers));
         }
         if !(self.max_latent_action.is_finite() && self.max_latent_action > 0.0) {
             p.push(format!("max_latent_action is {}, expected a finite value > 0", self.max_latent_action));
@@ -181,8 +188,8 @@ fn build_modules(header: &PolicyHeader, vb: &VarBuilder) -> candle_core::Result<
         vb.pp("encoder"),
     )?;
     let s_dim = encoder.out_dim();
-    let actor = Actor::new(s_dim, header.latent_dim, header.max_latent_action, vb.pp("actor"))?;
-    let decoder = Mlp::standard(s_dim + header.latent_dim, header.action_dim, vb.pp("decoder"))?;
+    let actor = Actor::new(s_dim, header.latent_dim, header.max_latent_action, header.hidden_layers, vb.pp("actor"))?;
+    let decoder = Mlp::standard(s_dim + header.latent_dim, header.action_dim, header.hidden_layers, vb.pp("decoder"))?;
     Ok(Modules { encoder, actor, decoder })
 }
 

@@ -349,7 +349,8 @@ fn a_diverged_state_is_never_checkpointed() {
 
     // Finite but diverged values (the Q ≈ 1e23): V's output bias far beyond the bound.
     let lapo = tiny_lapo();
-    set_var(&lapo, "critic.v.l2.bias", 1e23);
+    let output_bias = format!("critic.v.l{}.bias", lapo.config.hidden_layers);
+    set_var(&lapo, &output_bias, 1e23);
     let dir = tmp.path().join("huge").tap_mkdir();
     let err = format!("{:#}", save_checkpoint(&lapo, &norm(), &dir, &batch).unwrap_err());
     assert!(err.contains("V reaches 1.000e23") && err.contains("divergence bound"), "{err}");

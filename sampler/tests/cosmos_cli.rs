@@ -659,9 +659,9 @@ fn f64_policy(image_hw: (usize, usize), seed: u64) -> Result<(rl::lapo::Lapo, rl
         aux_state_weight: 1000.0,
         aux_state_input: true,
         feature_layout: rl::encoders::FeatureLayout::FusedState,
-        max_latent_action: 0.5,
         seed,
-        ..rl::lapo::LapoConfig::reference()
+        // `train`'s defaults (the embedded policy's recipe: latent bound 0.5, 2 hidden layers).
+        ..rl::lapo::LapoConfig::default()
     };
     let dims =
         rl::lapo::Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 16, supersample: 1 };
