@@ -30,6 +30,7 @@
 //! Data is little-endian (as safetensors prescribes); this crate does not build for big-endian
 //! targets. D4RL-style state-only `.npz` files are read by [`npz`].
 
+pub mod hdf5;
 pub mod npz;
 pub mod reader;
 pub mod writer;
