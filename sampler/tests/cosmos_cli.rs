@@ -660,7 +660,8 @@ fn f64_policy(image_hw: (usize, usize), seed: u64) -> Result<(rl::lapo::Lapo, rl
         aux_state_input: true,
         feature_layout: rl::encoders::FeatureLayout::FusedState,
         seed,
-        // `train`'s defaults (the embedded policy's recipe: latent bound 0.5, 2 hidden layers).
+        // The embedded policy's recipe: `train`'s defaults with 2 hidden layers.
+        hidden_layers: 2,
         ..rl::lapo::LapoConfig::default()
     };
     let dims =

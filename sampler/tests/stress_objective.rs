@@ -46,6 +46,8 @@ fn image_lapo(image_hw: (usize, usize), dtype: DType, seed: u64) -> Result<Lapo>
         feature_layout: FeatureLayout::FusedState,
         max_latent_action: 0.5,
         seed,
+        // The embedded policy's depth (it predates --hidden-layers).
+        hidden_layers: 2,
         ..LapoConfig::reference()
     };
     let dims =

@@ -71,7 +71,12 @@ pub fn check_resume(run_dir: &Path, config: &TrainConfig, collecting: bool) -> R
         if MAY_DIFFER_ON_RESUME.iter().any(|(f, _)| f == field) {
             continue;
         }
-        let then = stored_args.get(field).or_else(|| defaults.get(field)).unwrap_or(&serde_json::Value::Null);
+        let legacy = legacy_value(field);
+        let then = stored_args
+            .get(field)
+            .or(legacy.as_ref())
+            .or_else(|| defaults.get(field))
+            .unwrap_or(&serde_json::Value::Null);
         if then != now {
             changes.push(format!("--{}: stored {then}, command line {now}", field.replace('_', "-")));
         }
@@ -86,6 +91,15 @@ pub fn check_resume(run_dir: &Path, config: &TrainConfig, collecting: bool) -> R
         );
     }
     Ok(stored)
+}
+
+/// What a run from before an option was recorded ran with, where that differs from today's
+/// default: the networks had 2 hidden layers before `--hidden-layers` (default 3) existed.
+fn legacy_value(field: &str) -> Option<serde_json::Value> {
+    match field {
+        "hidden_layers" => Some(serde_json::json!(crate::nets::LEGACY_HIDDEN_LAYERS)),
+        _ => None,
+    }
 }
 
 /// The dataset of a resumed run must be the one it was trained on: its fingerprint against the
@@ -160,5 +174,22 @@ mod tests {
         for (field, _) in MAY_DIFFER_ON_RESUME {
             assert!(recorded.contains_key(*field), "{field} is not a recorded field");
         }
+    }
+
+    /// A run recorded before `--hidden-layers` existed ran with 2 hidden layers: resuming it with
+    /// today's default (3) is a change that is named; with `--hidden-layers 2` it is none.
+    #[test]
+    fn a_run_from_before_the_depth_option_resumes_at_its_own_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let mut args = serde_json::to_value(TrainConfig::default()).unwrap();
+        args.as_object_mut().unwrap().remove("hidden_layers");
+        std::fs::write(run.join("config.json"), serde_json::json!({ "args": args }).to_string()).unwrap();
+        std::fs::write(checkpoint_paths(run).1, b"{}").unwrap();
+        let err = check_resume(run, &TrainConfig::default(), false).unwrap_err().to_string();
+        assert!(err.contains("--hidden-layers: stored 2, command line 3"), "{err}");
+        let mut at_two = TrainConfig::default();
+        at_two.lapo.hidden_layers = 2;
+        check_resume(run, &at_two, false).unwrap();
     }
 }
