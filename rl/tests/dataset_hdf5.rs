@@ -104,7 +104,7 @@ fn check_robomimic_round_trip(file: &str, next_obs: bool) {
     let path = fixture(file);
     let npz = npz("robomimic.npz");
     let data = read_robomimic(&path, &HdfSelection::default()).unwrap();
-    assert_eq!(data.layout, Layout::Robomimic);
+    assert_eq!(data.format, Layout::Robomimic);
     assert_eq!(data.source, path.display().to_string());
     // Numeric demo order (the file lists demo_0, demo_10, demo_2); the depth key is neither.
     let names: Vec<&str> = data.episodes.iter().map(|e| e.name.as_str()).collect();
@@ -145,7 +145,7 @@ fn minari_round_trips_every_value_and_keeps_the_final_observation() {
     let path = fixture("minari.hdf5");
     let npz = npz("minari.npz");
     let data = read_minari(&path, &HdfSelection::default()).unwrap();
-    assert_eq!(data.layout, Layout::Minari);
+    assert_eq!(data.format, Layout::Minari);
     assert_eq!(data.cameras, ["front", "wrist"]);
     assert_eq!(data.state_keys, ["achieved_goal", "observation"]);
     assert_eq!((data.state_dim, data.action_dim), (6, 2));

@@ -87,21 +87,7 @@ impl Hdf5Error {
 
 pub type Result<T, E = Hdf5Error> = std::result::Result<T, E>;
 
-/// Which layout a file has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    Robomimic,
-    Minari,
-}
-
-impl Layout {
-    pub fn name(self) -> &'static str {
-        match self {
-            Layout::Robomimic => "robomimic",
-            Layout::Minari => "minari",
-        }
-    }
-}
+pub use super::imported::{ImportedDataset, ImportedEpisode, SourceFormat as Layout};
 
 /// What to import. `None` selects everything of the kind, in sorted key order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -117,58 +103,6 @@ pub struct HdfSelection {
     pub filter_key: Option<String>,
 }
 
-/// One episode; every per-step array has `len` rows, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ImportedEpisode {
-    /// The episode's group name in the file (`demo_3`, `episode_7`).
-    pub name: String,
-    pub len: usize,
-    /// `len × state_dim`: the selected low-dim keys concatenated in selection order, as f32.
-    pub state: Vec<f32>,
-    /// `(camera, len × H × W × 3 bytes)`, in the dataset's camera order.
-    pub images: Vec<(String, Vec<u8>)>,
-    /// `len × action_dim`.
-    pub actions: Vec<f32>,
-    pub rewards: Vec<f32>,
-    /// The MDP terminal (robomimic `dones`, Minari `terminations`).
-    pub terminals: Vec<bool>,
-    /// Cut by a time limit (Minari `truncations`; robomimic: the last step when not done).
-    pub timeouts: Vec<bool>,
-    /// The state after the last action (Minari's observation row `T`, robomimic's last
-    /// `next_obs` row); `None` when the file does not hold it (robomimic without `next_obs`).
-    pub final_state: Option<Vec<f32>>,
-    /// The camera images after the last action, as for `final_state` (each `H × W × 3`).
-    pub final_images: Option<Vec<(String, Vec<u8>)>>,
-}
-
-/// A file's episodes in a neutral layout, ready to be converted or trained on.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ImportedDataset {
-    /// The file it came from.
-    pub source: String,
-    pub layout: Layout,
-    pub episodes: Vec<ImportedEpisode>,
-    /// Camera keys, in image order.
-    pub cameras: Vec<String>,
-    /// `(H, W)` of each camera.
-    pub image_sizes: Vec<(usize, usize)>,
-    /// Low-dim keys, in state order.
-    pub state_keys: Vec<String>,
-    /// Width of each state key (1 for a rank-1 key).
-    pub state_key_dims: Vec<usize>,
-    pub state_dim: usize,
-    pub action_dim: usize,
-    /// String and numeric scalar attributes: robomimic's on `data` (`env_args`, `total`, …),
-    /// Minari's on the root (`dataset_id`, `env_spec`, …). Numbers are written as text.
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl ImportedDataset {
-    pub fn num_steps(&self) -> usize {
-        self.episodes.iter().map(|e| e.len).sum()
-    }
-}
-
 /// Tells which layout `path` has, or why it has neither.
 pub fn detect(path: &Path) -> Result<Layout> {
     let src = Source::open(path)?;
@@ -181,6 +115,9 @@ pub fn read(path: &Path, selection: &HdfSelection) -> Result<ImportedDataset> {
     match src.detect()? {
         Layout::Robomimic => src.read_robomimic(selection),
         Layout::Minari => src.read_minari(selection),
+        other => {
+            Err(Hdf5Error::File { file: path.to_path_buf(), reason: format!("{} is not an HDF5 layout", other.name()) })
+        }
     }
 }
 
@@ -986,7 +923,7 @@ impl Source {
     ) -> ImportedDataset {
         ImportedDataset {
             source: self.path.display().to_string(),
-            layout,
+            format: layout,
             episodes,
             image_sizes: cameras.iter().map(|k| (k.trailing[0] as usize, k.trailing[1] as usize)).collect(),
             cameras: cameras.into_iter().map(|k| k.name).collect(),

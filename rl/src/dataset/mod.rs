@@ -31,6 +31,7 @@
 //! targets. D4RL-style state-only `.npz` files are read by [`npz`].
 
 pub mod hdf5;
+pub mod imported;
 pub mod npz;
 pub mod reader;
 pub mod writer;
