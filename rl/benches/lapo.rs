@@ -23,7 +23,8 @@ fn main() -> anyhow::Result<()> {
         batch_size,
         ..LapoConfig::reference()
     };
-    let dims = Dims { state_dim, action_dim, image_hw: (h, w), privileged_dim: 0, supersample: 1 };
+    let dims =
+        Dims { state_dim, action_dim, image_hw: (h, w), privileged_dim: 0, supersample: 1, ..Default::default() };
     let mut lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &dev)?;
     let mut rng = SplitMix64::new(0);
     let batch = Batch {

@@ -23,7 +23,9 @@ use crate::nets::Mlp;
 
 /// Width of the fused feature (and of the image and joint branches).
 pub const FEATURE_DIM: usize = 256;
-pub const IMAGE_CHANNELS: usize = 9;
+/// Image channels of the environment's three stacked RGB cameras; a dataset with other cameras
+/// stacks `3 × cameras` (see [`ObsEncoder::with_privileged_head`]).
+pub const IMAGE_CHANNELS: usize = 3 * crate::env::NUM_CAMERAS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -116,9 +118,11 @@ impl BasicBlock {
     }
 }
 
-/// ResNet18 with a 9-channel first conv and a 512 → 256 projection in place of the classifier.
+/// ResNet18 with a `3 × cameras`-channel first conv and a 512 → 256 projection in place of the
+/// classifier.
 #[derive(Clone, Debug)]
 pub struct ResNet18 {
+    channels: usize,
     conv1: Conv2d,
     bn1: BatchNorm,
     layers: Vec<BasicBlock>,
@@ -130,7 +134,8 @@ const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 
 impl ResNet18 {
-    pub fn new(out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cameras: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let channels = 3 * cameras;
         let mut layers = Vec::new();
         let widths = [64usize, 128, 256, 512];
         let mut cin = 64;
@@ -142,16 +147,17 @@ impl ResNet18 {
             cin = w;
         }
         Ok(Self {
-            conv1: conv_no_bias(IMAGE_CHANNELS, 64, 7, 2, 3, vb.pp("conv1"))?,
+            channels,
+            conv1: conv_no_bias(channels, 64, 7, 2, 3, vb.pp("conv1"))?,
             bn1: bn(64, vb.pp("bn1"))?,
             layers,
             proj: candle_nn::linear(512, out_dim, vb.pp("proj"))?,
         })
     }
 
-    /// `images`: (B, 9, H, W) in [0, 1].
+    /// `images`: (B, 3 × cameras, H, W) in [0, 1].
     pub fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let (mean, std) = imagenet_stats(images.dtype(), images.device())?;
+        let (mean, std) = imagenet_stats(self.channels, images.dtype(), images.device())?;
         let x = images.broadcast_sub(&mean)?.broadcast_div(&std)?;
         let x = self.bn1.forward_t(&self.conv1.forward(&x)?, train)?.relu()?;
         let mut x = max_pool_3x3_s2(&x)?;
@@ -163,10 +169,10 @@ impl ResNet18 {
     }
 }
 
-fn imagenet_stats(dtype: DType, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    let mean: Vec<f64> = (0..IMAGE_CHANNELS).map(|c| IMAGENET_MEAN[c % 3]).collect();
-    let std: Vec<f64> = (0..IMAGE_CHANNELS).map(|c| IMAGENET_STD[c % 3]).collect();
-    let shape = (1, IMAGE_CHANNELS, 1, 1);
+fn imagenet_stats(channels: usize, dtype: DType, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let mean: Vec<f64> = (0..channels).map(|c| IMAGENET_MEAN[c % 3]).collect();
+    let std: Vec<f64> = (0..channels).map(|c| IMAGENET_STD[c % 3]).collect();
+    let shape = (1, channels, 1, 1);
     Ok((
         Tensor::from_vec(mean, shape, device)?.to_dtype(dtype)?,
         Tensor::from_vec(std, shape, device)?.to_dtype(dtype)?,
@@ -182,8 +188,8 @@ pub struct SmallConv {
 }
 
 impl SmallConv {
-    pub fn new(image_hw: (usize, usize), out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let spec = [(IMAGE_CHANNELS, 32, 2), (32, 32, 2), (32, 64, 2), (64, 64, 1)];
+    pub fn new(cameras: usize, image_hw: (usize, usize), out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let spec = [(3 * cameras, 32, 2), (32, 32, 2), (32, 64, 2), (64, 64, 1)];
         let (mut h, mut w) = image_hw;
         let mut convs = Vec::new();
         for (i, &(cin, cout, stride)) in spec.iter().enumerate() {
@@ -247,8 +253,9 @@ pub struct ObsEncoder {
 
 impl ObsEncoder {
     /// `vb` is the encoder's root (e.g. `encoder` or `target.encoder`).
+    /// An encoder for the environment's three cameras.
     pub fn new(kind: EncoderKind, state_dim: usize, image_hw: (usize, usize), vb: VarBuilder) -> Result<Self> {
-        Self::with_privileged_head(kind, state_dim, image_hw, 0, FeatureLayout::Fused, vb)
+        Self::with_privileged_head(kind, state_dim, crate::env::NUM_CAMERAS, image_hw, 0, FeatureLayout::Fused, vb)
     }
 
     /// With `privileged_dim > 0` (image encoders only), a two-layer head on the fused feature
@@ -257,18 +264,22 @@ impl ObsEncoder {
     /// the state-only model is handed, estimated from the pixels, in front of the networks that
     /// must use them. The prediction is trained by the auxiliary loss (and by the critic's
     /// gradient through it); at acting time it is part of the encoder like any other layer.
-    /// `layout` chooses what else the feature holds ([`FeatureLayout`]).
+    /// `layout` chooses what else the feature holds ([`FeatureLayout`]). The `cameras` RGB images
+    /// of `image_hw` are stacked on channels (camera-major).
     pub fn with_privileged_head(
         kind: EncoderKind,
         state_dim: usize,
+        cameras: usize,
         image_hw: (usize, usize),
         privileged_dim: usize,
         layout: FeatureLayout,
         vb: VarBuilder,
     ) -> Result<Self> {
         let image_net = match kind {
-            EncoderKind::ResNet18 => Some(ImageNet::ResNet(Box::new(ResNet18::new(FEATURE_DIM, vb.pp("resnet"))?))),
-            EncoderKind::Conv => Some(ImageNet::Conv(SmallConv::new(image_hw, FEATURE_DIM, vb.pp("conv"))?)),
+            EncoderKind::ResNet18 => {
+                Some(ImageNet::ResNet(Box::new(ResNet18::new(cameras, FEATURE_DIM, vb.pp("resnet"))?)))
+            }
+            EncoderKind::Conv => Some(ImageNet::Conv(SmallConv::new(cameras, image_hw, FEATURE_DIM, vb.pp("conv"))?)),
             EncoderKind::None => None,
         };
         if image_net.is_none() {
@@ -370,7 +381,8 @@ impl ObsEncoder {
 }
 
 /// Fills `<prefix>resnet.*` from an ImageNet ResNet18 safetensors file (torchvision names;
-/// `fc.*` is ignored). Its 3-channel `conv1.weight` is tiled ×3 over the cameras; the batch norm
+/// `fc.*` is ignored). Its 3-channel `conv1.weight` is tiled over the cameras (×3 for the
+/// environment's); the batch norm
 /// after it normalises the tripled response, so no rescaling is needed. Everything is checked
 /// before anything is written. `reference` is a path or a Hub reference `org/name[@rev]:path`.
 pub fn load_pretrained_resnet18(varmap: &VarMap, prefix: &str, reference: &str) -> anyhow::Result<usize> {
@@ -401,11 +413,11 @@ pub fn load_pretrained_resnet18_file(varmap: &VarMap, prefix: &str, path: &Path)
         // `cat` would fail on a tensor of another rank with no file or key in the message).
         let t = if key == "conv1.weight" {
             match t.dims() {
-                [_, 3, _, _] => Tensor::cat(&[t, t, t], 1)?,
+                [_, 3, _, _] => Tensor::cat(&vec![t; var.dims()[1].div_ceil(3).max(1)], 1)?,
                 other => {
                     problems.push(format!(
                         "'{key}': shape {other:?} in the file, expected one RGB image's kernel [out, 3, kh, kw] \
-                         (tiled ×3 over the cameras for the model's {:?})",
+                         (tiled over the cameras for the model's {:?})",
                         var.dims()
                     ));
                     continue;

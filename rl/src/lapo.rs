@@ -209,7 +209,7 @@ impl LapoConfig {
 }
 
 /// Shapes of the data the model is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dims {
     pub state_dim: usize,
     pub action_dim: usize,
@@ -222,6 +222,33 @@ pub struct Dims {
     /// evaluation must render the same way. 1 for files from before it was recorded.
     #[serde(default = "one")]
     pub supersample: usize,
+    /// Cameras stacked into the image input (3 channels each), in order; files from before it
+    /// was recorded: the environment's three.
+    #[serde(default = "crate::env::camera_names")]
+    pub cameras: Vec<String>,
+    /// The data came from our environment (whose privileged state a state-only model sees and
+    /// whose simulator scores a policy); false for an imported dataset.
+    #[serde(default = "yes")]
+    pub from_environment: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Dims {
+    /// The environment's cameras and layout; sizes 0 (set them), supersample 1.
+    fn default() -> Self {
+        Self {
+            state_dim: 0,
+            action_dim: 0,
+            image_hw: (0, 0),
+            privileged_dim: 0,
+            supersample: 1,
+            cameras: crate::env::camera_names(),
+            from_environment: true,
+        }
+    }
 }
 
 /// Serde default of [`Dims::supersample`] (and the policy header's): files from before it was
@@ -518,6 +545,7 @@ impl Lapo {
         let encoder = ObsEncoder::with_privileged_head(
             config.encoder,
             dims.state_dim,
+            dims.cameras.len(),
             dims.image_hw,
             head_dim,
             config.feature_layout,
@@ -526,6 +554,7 @@ impl Lapo {
         let target_encoder = ObsEncoder::with_privileged_head(
             config.encoder,
             dims.state_dim,
+            dims.cameras.len(),
             dims.image_hw,
             head_dim,
             config.feature_layout,

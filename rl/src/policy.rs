@@ -30,11 +30,15 @@ pub const FORMAT: &str = "worldgrad-lapo-policy/v1";
 /// Largest dimension a header may give (a policy MLP's input or output; far above any real one,
 /// low enough that no shape product overflows).
 const MAX_DIM: usize = 1 << 20;
+/// Most cameras a header may list.
+const MAX_CAMERAS: usize = 64;
 /// Largest image side a header may give.
 const MAX_IMAGE_SIDE: usize = 16_384;
 /// The state layouts [`export`] writes, by encoder.
 const IMAGE_STATE_LAYOUT: &str = "state";
 const STATE_ONLY_LAYOUT: &str = "state+environment_state+task_frame";
+/// A state-only policy trained on an imported dataset sees the dataset's state alone.
+const IMPORTED_STATE_LAYOUT: &str = "state";
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PolicyHeader {
@@ -61,6 +65,10 @@ pub struct PolicyHeader {
     /// Hidden layers of the actor and decoder MLPs (2 for files from before it was recorded).
     #[serde(default = "crate::nets::legacy_hidden_layers")]
     pub hidden_layers: usize,
+    /// The cameras the images stack, in order (the environment's for files from before it was
+    /// recorded).
+    #[serde(default = "crate::env::camera_names")]
+    pub cameras: Vec<String>,
 }
 
 /// Writes the policy file atomically.
@@ -95,12 +103,20 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
         latent_dim: lapo.actor_vae.latent_dim(),
         max_latent_action: lapo.config.max_latent_action,
         image_hw: lapo.dims.image_hw,
-        state_layout: if lapo.config.encoder.uses_images() { IMAGE_STATE_LAYOUT } else { STATE_ONLY_LAYOUT }.into(),
+        state_layout: if lapo.config.encoder.uses_images() {
+            IMAGE_STATE_LAYOUT
+        } else if lapo.dims.from_environment {
+            STATE_ONLY_LAYOUT
+        } else {
+            IMPORTED_STATE_LAYOUT
+        }
+        .into(),
         iteration: lapo.iteration,
         privileged_dim: lapo.encoder.privileged_dim(),
         supersample: lapo.dims.supersample,
         feature_layout: lapo.encoder.layout(),
         hidden_layers: lapo.config.hidden_layers,
+        cameras: lapo.dims.cameras.clone(),
     };
     let metadata: HashMap<String, String> =
         HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&header)?)]);
@@ -147,6 +163,9 @@ impl PolicyHeader {
             if !(1..=MAX_IMAGE_SIDE).contains(&h) || !(1..=MAX_IMAGE_SIDE).contains(&w) {
                 p.push(format!("image_hw is {h}×{w}, expected sides in 1..={MAX_IMAGE_SIDE}"));
             }
+            if self.cameras.is_empty() || self.cameras.len() > MAX_CAMERAS {
+                p.push(format!("cameras lists {}, expected 1..={MAX_CAMERAS}", self.cameras.len()));
+            }
             if self.privileged_dim > MAX_DIM {
                 p.push(format!("privileged_dim is {}, expected 0..={MAX_DIM}", self.privileged_dim));
             }
@@ -160,9 +179,10 @@ impl PolicyHeader {
             if self.privileged_dim != 0 {
                 p.push(format!("privileged_dim is {}, but a state-only policy has no such head", self.privileged_dim));
             }
-            if self.state_layout != STATE_ONLY_LAYOUT {
+            if self.state_layout != STATE_ONLY_LAYOUT && self.state_layout != IMPORTED_STATE_LAYOUT {
                 p.push(format!(
-                    "state_layout is {:?}, but a state-only policy sees {STATE_ONLY_LAYOUT:?}",
+                    "state_layout is {:?}, but a state-only policy sees {STATE_ONLY_LAYOUT:?} (the environment's) \
+                     or {IMPORTED_STATE_LAYOUT:?} (an imported dataset's)",
                     self.state_layout
                 ));
             }
@@ -182,6 +202,7 @@ fn build_modules(header: &PolicyHeader, vb: &VarBuilder) -> candle_core::Result<
     let encoder = ObsEncoder::with_privileged_head(
         header.encoder,
         header.state_dim,
+        header.cameras.len(),
         header.image_hw,
         header.privileged_dim,
         header.feature_layout,
@@ -251,6 +272,28 @@ pub fn resolve_policy(reference: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     Ok(shared::weights::resolve(reference)?)
+}
+
+impl PolicyHeader {
+    /// Whether the policy acts in our environment: it sees the environment's cameras (image
+    /// policies) or its state layout (state-only). A policy trained on an imported dataset does
+    /// not, and is refused by everything that runs it in the environment or the world model.
+    pub fn check_environment(&self) -> Result<()> {
+        let env_cameras = crate::env::camera_names();
+        let fits = if self.encoder.uses_images() {
+            self.cameras == env_cameras
+        } else {
+            self.state_layout == STATE_ONLY_LAYOUT
+        };
+        anyhow::ensure!(
+            fits,
+            "the policy was trained on an imported dataset (cameras {:?}, state {:?}); it cannot act in the \
+             bimanual environment, whose cameras are {env_cameras:?}",
+            self.cameras,
+            self.state_layout
+        );
+        Ok(())
+    }
 }
 
 impl ExportedPolicy {

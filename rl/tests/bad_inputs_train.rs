@@ -25,7 +25,14 @@ fn tiny_dataset(dir: &Path, seed: u64) {
         tier: Tier::Medium,
         episodes: 2,
         seed,
-        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 20, render: true, supersample: 1 },
+        env: EnvConfig {
+            image_height: 16,
+            image_width: 16,
+            max_steps: 20,
+            render: true,
+            supersample: 1,
+            ..Default::default()
+        },
         threads: 1,
     };
     collect_dataset(&config, dir, &|| {}).expect("collecting the test dataset");
@@ -261,12 +268,14 @@ fn a_run_locked_by_another_process_is_refused() {
 // The library: the divergence guard and the checkpoint loader
 // ---------------------------------------------------------------------------------------------
 
-const DIMS: Dims = Dims { state_dim: 4, action_dim: 2, image_hw: (16, 16), privileged_dim: 0, supersample: 1 };
+fn dims() -> Dims {
+    Dims { state_dim: 4, action_dim: 2, image_hw: (16, 16), privileged_dim: 0, supersample: 1, ..Default::default() }
+}
 const BOUNDS: ValueBounds = ValueBounds { min_v: -5.0, max_v: 100.0 };
 
 fn tiny_lapo() -> Lapo {
     let config = LapoConfig { batch_size: 8, encoder: EncoderKind::None, ..LapoConfig::reference() };
-    Lapo::new(config, DIMS, BOUNDS, DType::F32, &Device::Cpu).unwrap()
+    Lapo::new(config, dims(), BOUNDS, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// A deterministic batch of 8 (values from a fixed formula, rewards in the data's range).
@@ -398,7 +407,7 @@ fn the_checkpoint_loader_names_every_bad_tensor_and_changes_nothing() {
 
     // A checkpoint of another configuration is named by field, before any tensor is read.
     let other = LapoConfig { batch_size: 16, encoder: EncoderKind::None, ..LapoConfig::reference() };
-    let mut other = Lapo::new(other, DIMS, BOUNDS, DType::F32, &Device::Cpu).unwrap();
+    let mut other = Lapo::new(other, dims(), BOUNDS, DType::F32, &Device::Cpu).unwrap();
     let err = format!("{:#}", load_checkpoint(&mut other, dir).unwrap_err());
     assert!(err.contains("config.batch_size: 8 in the checkpoint, 16 in the model"), "{err}");
 }

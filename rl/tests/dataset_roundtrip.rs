@@ -63,13 +63,13 @@ fn transitions_replay_exactly_in_the_environment() {
     assert_eq!(dataset.meta(), &summary.meta);
     assert_eq!(dataset.num_episodes(), 3);
     let policies: Vec<_> = dataset.meta().episodes.iter().map(|e| e.policy).collect();
-    assert_eq!(policies, [PolicyKind::Random, PolicyKind::Medium, PolicyKind::Expert]);
+    assert_eq!(policies, [Some(PolicyKind::Random), Some(PolicyKind::Medium), Some(PolicyKind::Expert)]);
     assert_eq!(dataset.transitions().count(), dataset.meta().num_frames);
 
     let mut env = Env::new(config.env.clone()).unwrap();
     for episode in dataset.episodes() {
         let meta = episode.meta();
-        let mut obs = env.reset(meta.seed);
+        let mut obs = env.reset(meta.seed.unwrap());
         let mut total = 0.0;
         for t in 0..episode.len() {
             let transition = episode.transition(t);

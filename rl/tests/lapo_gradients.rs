@@ -23,7 +23,14 @@ fn config(encoder: EncoderKind, owner: EncoderOwner) -> LapoConfig {
 }
 
 fn model(encoder: EncoderKind, owner: EncoderOwner, image_hw: (usize, usize), dtype: DType) -> Lapo {
-    let dims = Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 0, supersample: 1 };
+    let dims = Dims {
+        state_dim: STATE_DIM,
+        action_dim: ACTION_DIM,
+        image_hw,
+        privileged_dim: 0,
+        supersample: 1,
+        ..Default::default()
+    };
     Lapo::new(config(encoder, owner), dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, dtype, &Device::Cpu).unwrap()
 }
 
@@ -318,6 +325,7 @@ fn auxiliary_state_head_case(in_encoder: bool, layout: FeatureLayout) {
             image_hw: (36, 36),
             privileged_dim: PRIVILEGED_DIM,
             supersample: 1,
+            ..Default::default()
         };
         let config = LapoConfig {
             aux_state_weight: weight,

@@ -114,7 +114,7 @@ fn replay_carries_z_scored_privileged_targets_for_the_auxiliary_head() {
         batch_size: 8,
         ..LapoConfig::reference()
     };
-    let mut lapo = Lapo::new(config, replay.dims, replay.bounds, DType::F32, &Device::Cpu).unwrap();
+    let mut lapo = Lapo::new(config, replay.dims.clone(), replay.bounds, DType::F32, &Device::Cpu).unwrap();
     let small = replay.batch(&picks[..8], DType::F32, &Device::Cpu).unwrap();
     let (losses, audit) = lapo.train_step(&small, true).unwrap();
     assert!(losses.aux_state > 0.0 && losses.all_finite(), "{losses:?}");
@@ -137,7 +137,7 @@ fn in_encoder_head_pretrains_and_exports() {
         batch_size: 16,
         ..LapoConfig::reference()
     };
-    let mut lapo = Lapo::new(config, replay.dims, replay.bounds, DType::F32, &Device::Cpu).unwrap();
+    let mut lapo = Lapo::new(config, replay.dims.clone(), replay.bounds, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(lapo.encoder.privileged_dim(), replay.dims.privileged_dim);
     let picks: Vec<(usize, usize)> = replay.index()[..16].to_vec();
     let batch = replay.batch(&picks, DType::F32, &Device::Cpu).unwrap();
@@ -181,7 +181,8 @@ fn behaviour_evaluation_replays_the_dataset_episodes_of_the_same_seeds() {
     let behaviour = evaluate_behaviour(Tier::Mixed, &env, episodes.len(), seed).unwrap();
     assert_eq!(behaviour.episode_scores.len(), episodes.len());
     for (score, meta) in behaviour.episode_scores.iter().zip(episodes) {
-        assert!((score - meta.normalized_score as f64).abs() < 1e-4, "{score} vs {}", meta.normalized_score);
+        let recorded = meta.normalized_score.unwrap();
+        assert!((score - recorded as f64).abs() < 1e-4, "{score} vs {recorded}");
     }
     // Paired difference of two evaluations: per-episode differences, their mean and its
     // standard error (sample std / √n), computed here from the definition.

@@ -664,8 +664,14 @@ fn f64_policy(image_hw: (usize, usize), seed: u64) -> Result<(rl::lapo::Lapo, rl
         hidden_layers: 2,
         ..rl::lapo::LapoConfig::default()
     };
-    let dims =
-        rl::lapo::Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: 16, supersample: 1 };
+    let dims = rl::lapo::Dims {
+        state_dim: STATE_DIM,
+        action_dim: ACTION_DIM,
+        image_hw,
+        privileged_dim: 16,
+        supersample: 1,
+        ..Default::default()
+    };
     let bounds = rl::lapo::ValueBounds { min_v: 0.0, max_v: 100.0 };
     let lapo = rl::lapo::Lapo::new(config, dims, bounds, DType::F64, &Device::Cpu)?;
     let mut rng = shared::rng::SplitMix64::new(seed ^ 0x77);

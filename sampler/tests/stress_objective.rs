@@ -50,8 +50,14 @@ fn image_lapo(image_hw: (usize, usize), dtype: DType, seed: u64) -> Result<Lapo>
         hidden_layers: 2,
         ..LapoConfig::reference()
     };
-    let dims =
-        Dims { state_dim: STATE_DIM, action_dim: ACTION_DIM, image_hw, privileged_dim: PRIVILEGED_DIM, supersample: 1 };
+    let dims = Dims {
+        state_dim: STATE_DIM,
+        action_dim: ACTION_DIM,
+        image_hw,
+        privileged_dim: PRIVILEGED_DIM,
+        supersample: 1,
+        ..Default::default()
+    };
     Ok(Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, dtype, &Device::Cpu)?)
 }
 

@@ -21,7 +21,14 @@ pub fn export_untrained(path: &Path, encoder: EncoderKind, image_hw: (usize, usi
         rl::env::STATE_DIM + rl::env::ENVIRONMENT_STATE_DIM + TASK_FRAME_DIM
     };
     let config = LapoConfig { encoder, seed: 3, ..LapoConfig::reference() };
-    let dims = Dims { state_dim, action_dim: rl::env::ACTION_DIM, image_hw, privileged_dim: 0, supersample: 1 };
+    let dims = Dims {
+        state_dim,
+        action_dim: rl::env::ACTION_DIM,
+        image_hw,
+        privileged_dim: 0,
+        supersample: 1,
+        ..Default::default()
+    };
     let lapo = Lapo::new(config, dims, ValueBounds { min_v: 0.0, max_v: 100.0 }, DType::F32, &Device::Cpu)?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;

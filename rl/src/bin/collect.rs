@@ -175,7 +175,7 @@ fn main() -> Result<()> {
             out.display(),
             started.elapsed().as_secs_f32(),
             meta.mean_return,
-            meta.mean_normalized_score,
+            meta.mean_normalized_score.unwrap_or(f32::NAN),
             100.0 * meta.success_rate
         );
     }

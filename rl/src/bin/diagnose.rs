@@ -111,12 +111,18 @@ fn main() -> Result<()> {
     let replay = Replay::open(&args.dataset, EncoderKind::None, 0.99)
         .with_context(|| format!("--dataset {}", args.dataset.display()))?;
     let meta = replay.dataset.meta();
+    let environment = meta
+        .environment()
+        .map_err(|e| anyhow::anyhow!("--dataset {}: {e}; diagnose scores in the environment", args.dataset.display()))?
+        .clone();
+    // A collected dataset's seed is there (the loader checks it).
+    let seed = meta.seed.unwrap_or(0);
     // Evaluation seeds run from the dataset's seed (and from 0) for --episodes.
     anyhow::ensure!(
-        meta.seed.checked_add(args.episodes as u64).is_some(),
+        seed.checked_add(args.episodes as u64).is_some(),
         "--dataset {}: its seed {} + --episodes {} is beyond the seed range (u64)",
         args.dataset.display(),
-        meta.seed,
+        seed,
         args.episodes
     );
     anyhow::ensure!(
@@ -146,7 +152,7 @@ fn main() -> Result<()> {
         let info = rl::trainer::read_checkpoint_info(dir)?;
         let mut lapo = Lapo::new(info.config.clone(), info.dims, info.bounds, DType::F32, &Device::Cpu)?;
         rl::trainer::load_checkpoint(&mut lapo, dir)?;
-        let env = EnvConfig { render: false, ..meta.env.clone() };
+        let env = EnvConfig { render: false, ..environment.clone() };
         for (label, which) in [("actor→target decoder", 0), ("target decoder z=0", 1), ("online decoder z=0", 2)] {
             let policy = Decoder(&lapo, &info.normalization, which);
             let e = evaluate(&policy, &env, args.episodes, 0, |_| {})?;
@@ -166,15 +172,15 @@ fn main() -> Result<()> {
         actions.push(tr.action.iter().zip(&n.action_mean).zip(&n.action_std).map(|((a, m), s)| (a - m) / s).collect());
     }
     let nn = NearestNeighbour { states, actions, norm: n.clone(), max_distance: std::cell::Cell::new(0.0) };
-    let env = EnvConfig { render: false, ..meta.env.clone() };
+    let env = EnvConfig { render: false, ..environment.clone() };
     let k = args.episodes.min(meta.episodes.len());
-    let eval = evaluate(&nn, &env, k, meta.seed, |_| {})?;
-    let data_scores: Vec<f32> = meta.episodes[..k].iter().map(|e| e.normalized_score).collect();
+    let eval = evaluate(&nn, &env, k, seed, |_| {})?;
+    let data_scores: Vec<f32> = meta.episodes[..k].iter().map(|e| e.normalized_score.unwrap_or(f32::NAN)).collect();
     let data_mean = data_scores.iter().sum::<f32>() / k as f32;
     println!(
         "NN replay on dataset seeds {}..{}: score {:.2} (dataset episodes {data_mean:.2}), success {:.2}, max NN distance {:.2e}",
-        meta.seed,
-        meta.seed + k as u64,
+        seed,
+        seed + k as u64,
         eval.normalized_score,
         eval.success_rate,
         nn.max_distance.get()
@@ -185,7 +191,7 @@ fn main() -> Result<()> {
         let config =
             LapoConfig { batch_size: args.batch_size, actor_vae_lr: args.lr, kl_beta: 0.5, ..LapoConfig::reference() };
         let dev = Device::Cpu;
-        let mut lapo = Lapo::new(config.clone(), replay.dims, replay.bounds, DType::F32, &dev)?;
+        let mut lapo = Lapo::new(config.clone(), replay.dims.clone(), replay.bounds, DType::F32, &dev)?;
         let mut rng = shared::rng::SplitMix64::new(7);
         let ones = Tensor::ones((args.batch_size, 1), DType::F32, &dev)?;
         let pool: Vec<(usize, usize)> =
@@ -208,7 +214,7 @@ fn main() -> Result<()> {
             }
         }
         // Unseen layouts (evaluation seeds from 0) and the dataset's own layouts (its seeds).
-        for seed in [0, meta.seed] {
+        for seed in [0, seed] {
             let eval = evaluate(&Decoder(&lapo, n, 2), &env, args.episodes, seed, |_| {})?;
             println!(
                 "BC decoder(z=0) after {} iterations, env seeds {seed}..: score {:.2} ± {:.2}, success {:.2}",

@@ -14,6 +14,8 @@ pub enum SourceFormat {
     LeRobotV21,
     /// A LeRobot directory, codebase v3.0.
     LeRobotV30,
+    /// A D4RL-style `.npz` (state-only).
+    D4rlNpz,
 }
 
 impl SourceFormat {
@@ -23,6 +25,7 @@ impl SourceFormat {
             SourceFormat::Minari => "minari",
             SourceFormat::LeRobotV21 => "lerobot-v2.1",
             SourceFormat::LeRobotV30 => "lerobot-v3.0",
+            SourceFormat::D4rlNpz => "d4rl-npz",
         }
     }
 }

@@ -30,6 +30,7 @@
 //! Data is little-endian (as safetensors prescribes); this crate does not build for big-endian
 //! targets. D4RL-style state-only `.npz` files are read by [`npz`].
 
+pub mod convert;
 pub mod hdf5;
 pub mod imported;
 pub mod npz;
@@ -62,6 +63,8 @@ pub const KEY_FRAME_INDEX: &str = "frame_index";
 pub const FINAL_PREFIX: &str = "final.";
 pub const META_FILE: &str = "meta.json";
 pub const FORMAT: &str = "worldgrad-bimanual-pucks/v1";
+/// The format of a dataset converted from another ecosystem's (see [`convert`]).
+pub const FORMAT_IMPORTED: &str = "worldgrad-imported/v1";
 
 /// What a dataset directory holds, before it is opened or collected into.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,22 +180,37 @@ pub struct EpisodeMeta {
     pub index: usize,
     pub file: String,
     pub length: usize,
-    /// Environment seed of the episode (`Env::reset(seed)`).
-    pub seed: u64,
-    pub policy: PolicyKind,
+    /// Environment seed of the episode (`Env::reset(seed)`); collected datasets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The policy that acted; collected datasets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyKind>,
     #[serde(rename = "return")]
     pub episode_return: f32,
-    pub normalized_score: f32,
+    /// Under the environment's reference returns; collected datasets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalized_score: Option<f32>,
     pub success: bool,
+    /// The episode's name in the source file (`demo_3`, `episode_7`); imported datasets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_name: Option<String>,
 }
 
-/// Contents of `meta.json`.
+/// Contents of `meta.json`. A dataset is either *collected* from our environment ([`FORMAT`]:
+/// `tier`, `seed`, `env`, `reference_returns`, `mean_normalized_score` and each episode's seed,
+/// policy and score are set) or *imported* from another format ([`FORMAT_IMPORTED`]: `source`
+/// is set and those are absent: there is no simulator to score against). The optional fields
+/// are left out of the JSON when absent, so a collected dataset's meta.json is byte for byte
+/// what it was before imports existed (its fingerprint, which runs record, is unchanged).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetMeta {
     pub format: String,
-    pub tier: Tier,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
     /// Episode `i` uses environment seed `seed + i`.
-    pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub num_episodes: usize,
     pub num_frames: usize,
     pub fps: usize,
@@ -207,15 +225,54 @@ pub struct DatasetMeta {
     pub action_names: Vec<String>,
     /// Action meaning and scale, in words.
     pub action_description: String,
-    pub env: EnvConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<EnvConfig>,
     /// Per-frame schema of every key in a shard.
     pub keys: BTreeMap<String, KeySpec>,
     pub stats: BTreeMap<String, KeyStats>,
-    pub reference_returns: ReferenceReturns,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_returns: Option<ReferenceReturns>,
     pub mean_return: f32,
-    pub mean_normalized_score: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_normalized_score: Option<f32>,
     pub success_rate: f32,
+    /// Where an imported dataset came from and how it was converted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImportSource>,
     pub episodes: Vec<EpisodeMeta>,
+}
+
+/// How an imported dataset was made: the source, what was selected from it, and the choices
+/// the conversion made, so a converted directory says what it holds and can be checked against
+/// the command line that would reuse it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImportSource {
+    /// `robomimic`, `minari`, `lerobot-v2.1`, `lerobot-v3.0`.
+    pub format: String,
+    /// The file or directory given (as given).
+    pub path: String,
+    /// What identifies the source's contents (see [`convert::source_fingerprint`]).
+    pub fingerprint: String,
+    /// Cameras, in channel order (the source's keys).
+    pub cameras: Vec<String>,
+    /// Low-dimensional keys concatenated into the state, in order, with their widths.
+    pub state_keys: Vec<String>,
+    pub state_key_dims: Vec<usize>,
+    /// robomimic `mask/<key>` the episodes were taken from.
+    pub filter_key: Option<String>,
+    /// Rewards made by a rule (`--reward`) because the source has none.
+    pub reward_rule: Option<imported::RewardRule>,
+    /// `(H, W)` of each camera in the source; images are resized to the dataset's size.
+    pub source_image_sizes: Vec<(usize, usize)>,
+    /// Terminal flags the source sets before an episode's last step (robomimic's `dones` on
+    /// every success state, for instance), not used: an episode's terminal is its last step's
+    /// flag, because our shards end an episode at its terminal.
+    pub ignored_terminal_flags: usize,
+    /// Episodes whose observation after the last action the source does not hold: their last
+    /// step's next observation repeats the last one (a terminal step never reads it).
+    pub episodes_without_final_observation: usize,
+    /// The source's own metadata (robomimic `env_args`, Minari `dataset_id`, LeRobot `fps`, …).
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,4 +363,70 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
         return Err(DatasetError::io(path, source));
     }
     Ok(())
+}
+
+impl DatasetMeta {
+    /// Converted from another format (no environment, no reference returns).
+    pub fn is_imported(&self) -> bool {
+        self.format == FORMAT_IMPORTED
+    }
+
+    /// The environment a collected dataset was recorded in; an imported one has none here.
+    pub fn environment(&self) -> Result<&EnvConfig, String> {
+        self.env.as_ref().ok_or_else(|| match &self.source {
+            Some(source) => format!(
+                "the dataset was imported from {} ({}): there is no simulator for it here",
+                source.path, source.format
+            ),
+            None => "meta.json has no env".to_string(),
+        })
+    }
+
+    /// The data's own mean normalised score (its behaviour policy's), when it has reference returns.
+    pub fn behaviour_score(&self) -> Option<f32> {
+        self.mean_normalized_score
+    }
+
+    /// Every key of a shard with its per-frame dtype and shape: the cameras' images, the state,
+    /// the environment state (collected datasets only), action, reward, flags and indices.
+    pub fn expected_keys(&self) -> BTreeMap<String, KeySpec> {
+        let spec = |dtype: &str, shape: &[usize]| KeySpec { dtype: dtype.to_string(), shape: shape.to_vec() };
+        let mut keys = BTreeMap::new();
+        for camera in &self.cameras {
+            keys.insert(image_key(camera), spec("U8", &[self.image_height, self.image_width, 3]));
+        }
+        keys.insert(KEY_STATE.into(), spec("F32", &[self.state_dim]));
+        if self.environment_state_dim > 0 {
+            keys.insert(KEY_ENVIRONMENT_STATE.into(), spec("F32", &[self.environment_state_dim]));
+        }
+        keys.insert(KEY_ACTION.into(), spec("F32", &[self.action_dim]));
+        keys.insert(KEY_REWARD.into(), spec("F32", &[]));
+        keys.insert(KEY_DONE.into(), spec("U8", &[]));
+        keys.insert(KEY_SUCCESS.into(), spec("U8", &[]));
+        keys.insert(KEY_EPISODE_INDEX.into(), spec("I64", &[]));
+        keys.insert(KEY_FRAME_INDEX.into(), spec("I64", &[]));
+        keys
+    }
+
+    /// Keys that also appear as `final.<key>` (the observation after the last action).
+    pub fn final_observation_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.cameras.iter().map(|c| image_key(c)).collect();
+        keys.push(KEY_STATE.into());
+        if self.environment_state_dim > 0 {
+            keys.push(KEY_ENVIRONMENT_STATE.into());
+        }
+        keys
+    }
+
+    /// Statistics channels of each key that has statistics (images: RGB).
+    pub fn stats_channels(&self) -> Vec<(String, usize)> {
+        let mut keys: Vec<(String, usize)> = self.cameras.iter().map(|c| (image_key(c), 3)).collect();
+        keys.push((KEY_STATE.to_string(), self.state_dim));
+        if self.environment_state_dim > 0 {
+            keys.push((KEY_ENVIRONMENT_STATE.to_string(), self.environment_state_dim));
+        }
+        keys.push((KEY_ACTION.to_string(), self.action_dim));
+        keys.push((KEY_REWARD.to_string(), 1));
+        keys
+    }
 }

@@ -15,15 +15,15 @@
 //! collecting over an older, larger dataset used to leave) and is refused too. A directory
 //! without `meta.json` is named as absent, empty or incomplete (an interrupted collection).
 
-use super::writer::{final_observation_keys, key_specs};
+use super::writer::key_specs;
 use super::{
     final_key, image_key, is_shard_file_name, shard_file_name, DatasetError, DatasetMeta, EpisodeMeta, KeyStats,
-    FORMAT, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE, KEY_EPISODE_INDEX, KEY_FRAME_INDEX, KEY_REWARD, KEY_STATE,
-    KEY_SUCCESS, META_FILE,
+    FORMAT, FORMAT_IMPORTED, KEY_ACTION, KEY_DONE, KEY_ENVIRONMENT_STATE, KEY_EPISODE_INDEX, KEY_FRAME_INDEX,
+    KEY_REWARD, KEY_STATE, KEY_SUCCESS, META_FILE,
 };
 use crate::env::{
     Env, EnvConfig, ACTION_DIM, ACTION_NAMES, CAMERA_NAMES, ENVIRONMENT_STATE_DIM, ENVIRONMENT_STATE_NAMES, FPS,
-    NUM_CAMERAS, STATE_DIM, STATE_NAMES,
+    STATE_DIM, STATE_NAMES,
 };
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -62,19 +62,19 @@ pub struct Dataset {
 }
 
 /// One transition (s, a, r, s', done) with all modalities, borrowed from the memory maps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Transition<'a> {
     pub episode_index: usize,
     pub frame_index: usize,
     pub state: &'a [f32],
     pub environment_state: &'a [f32],
-    /// u8 H×W×3 per camera, in [`CAMERA_NAMES`] order.
-    pub images: [&'a [u8]; NUM_CAMERAS],
+    /// u8 H×W×3 per camera, in the dataset's camera order (`meta.cameras`).
+    pub images: Vec<&'a [u8]>,
     pub action: &'a [f32],
     pub reward: f32,
     pub next_state: &'a [f32],
     pub next_environment_state: &'a [f32],
-    pub next_images: [&'a [u8]; NUM_CAMERAS],
+    pub next_images: Vec<&'a [u8]>,
     /// Last step of the episode (success or time limit).
     pub done: bool,
     /// The step reached success: the true terminal; do not bootstrap through it.
@@ -86,6 +86,7 @@ pub struct Transition<'a> {
 pub struct EpisodeView<'a> {
     shard: &'a Shard,
     meta: &'a EpisodeMeta,
+    cameras: &'a [String],
     frame_bytes: usize,
     state_dim: usize,
     environment_state_dim: usize,
@@ -114,25 +115,27 @@ impl<'a> EpisodeView<'a> {
             Self::row(self.shard.f32s(KEY_STATE), self.state_dim, t)
         }
     }
-    /// Object state at frame `t` (0 ≤ t ≤ len).
+    /// Object state at frame `t` (0 ≤ t ≤ len); empty for an imported dataset.
     pub fn environment_state(&self, t: usize) -> &'a [f32] {
-        if t == self.len() {
+        if self.environment_state_dim == 0 {
+            &[]
+        } else if t == self.len() {
             self.shard.f32s(&final_key(KEY_ENVIRONMENT_STATE))
         } else {
             Self::row(self.shard.f32s(KEY_ENVIRONMENT_STATE), self.environment_state_dim, t)
         }
     }
-    /// Image of camera `camera` (index into [`CAMERA_NAMES`]) at frame `t` (0 ≤ t ≤ len).
+    /// Image of camera `camera` (index into the dataset's cameras) at frame `t` (0 ≤ t ≤ len).
     pub fn image(&self, camera: usize, t: usize) -> &'a [u8] {
-        let key = image_key(CAMERA_NAMES[camera]);
+        let key = image_key(&self.cameras[camera]);
         if t == self.len() {
             self.shard.bytes(&final_key(&key))
         } else {
             &self.shard.bytes(&key)[t * self.frame_bytes..(t + 1) * self.frame_bytes]
         }
     }
-    pub fn images(&self, t: usize) -> [&'a [u8]; NUM_CAMERAS] {
-        std::array::from_fn(|c| self.image(c, t))
+    pub fn images(&self, t: usize) -> Vec<&'a [u8]> {
+        (0..self.cameras.len()).map(|c| self.image(c, t)).collect()
     }
     pub fn action(&self, t: usize) -> &'a [f32] {
         Self::row(self.shard.f32s(KEY_ACTION), self.action_dim, t)
@@ -231,6 +234,7 @@ impl Dataset {
         Some(EpisodeView {
             shard,
             meta: &self.meta.episodes[index],
+            cameras: &self.meta.cameras,
             frame_bytes: self.meta.image_height * self.meta.image_width * 3,
             state_dim: self.meta.state_dim,
             environment_state_dim: self.meta.environment_state_dim,
@@ -287,22 +291,10 @@ fn close(a: f32, b: f32) -> bool {
     (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0)
 }
 
-/// The normalised score of a return under the dataset's own reference returns.
-fn score(meta: &DatasetMeta, episode_return: f32) -> f32 {
-    let r = &meta.reference_returns;
-    100.0 * (episode_return - r.random) / (r.expert - r.random)
-}
-
-/// Number of channels of each key's statistics (images: RGB).
-fn stats_channels() -> Vec<(String, usize)> {
-    let mut keys: Vec<(String, usize)> = CAMERA_NAMES.iter().map(|c| (image_key(c), 3)).collect();
-    keys.extend([
-        (KEY_STATE.to_string(), STATE_DIM),
-        (KEY_ENVIRONMENT_STATE.to_string(), ENVIRONMENT_STATE_DIM),
-        (KEY_ACTION.to_string(), ACTION_DIM),
-        (KEY_REWARD.to_string(), 1),
-    ]);
-    keys
+/// The normalised score of a return under the dataset's own reference returns (collected
+/// datasets; checked present by [`check_layout`]).
+fn score(refs: &super::ReferenceReturns, episode_return: f32) -> f32 {
+    100.0 * (episode_return - refs.random) / (refs.expert - refs.random)
 }
 
 fn check_stats(key: &str, stats: &KeyStats, channels: usize, problems: &mut Vec<String>) {
@@ -322,13 +314,55 @@ fn check_stats(key: &str, stats: &KeyStats, channels: usize, problems: &mut Vec<
 }
 
 /// Every problem of the fields `meta.json` describes the shards with: format, dims, names, keys,
-/// environment and image size, and each episode's index, file and length.
+/// environment (collected) or source (imported) and image size, and each episode's index, file
+/// and length.
 fn check_layout(meta: &DatasetMeta) -> Vec<String> {
-    let mut p = Vec::new();
-    if meta.format != FORMAT {
+    let mut p = match meta.format.as_str() {
+        FORMAT => check_collected_layout(meta),
+        FORMAT_IMPORTED => check_imported_layout(meta),
         // Another format: nothing else can be trusted to mean what this reader thinks.
-        return vec![format!("format is {:?}; this build reads {FORMAT:?}", meta.format)];
+        other => return vec![format!("format is {other:?}; this build reads {FORMAT:?} and {FORMAT_IMPORTED:?}")],
+    };
+    let expected = meta.expected_keys();
+    if meta.keys != expected {
+        let mut differing: Vec<&String> = expected.keys().chain(meta.keys.keys()).collect();
+        differing.sort();
+        differing.dedup();
+        differing.retain(|k| meta.keys.get(*k) != expected.get(*k));
+        p.push(format!("keys disagree with the format for these dims and cameras at {differing:?}"));
     }
+    if meta.episodes.is_empty() {
+        p.push("episodes is empty".into());
+    }
+    if meta.num_episodes != meta.episodes.len() {
+        p.push(format!("num_episodes is {} but {} episodes are listed", meta.num_episodes, meta.episodes.len()));
+    }
+    let max_length = meta.env.as_ref().map_or(MAX_IMPORTED_EPISODE_LENGTH, |env| env.max_steps);
+    for (i, e) in meta.episodes.iter().enumerate() {
+        let at = format!("episodes[{i}]");
+        if e.index != i {
+            p.push(format!("{at}.index is {}, expected {i}", e.index));
+        }
+        if e.file != shard_file_name(i) {
+            p.push(format!("{at}.file is {:?}, expected {:?}", e.file, shard_file_name(i)));
+        }
+        if e.length == 0 || e.length > max_length {
+            p.push(format!("{at}.length is {}, expected 1..={max_length}", e.length));
+        }
+    }
+    p
+}
+
+/// Longest episode an imported dataset may list (a bound against absurd metadata; a day of
+/// recording at 100 Hz is 8.6 M frames).
+const MAX_IMPORTED_EPISODE_LENGTH: usize = 1 << 24;
+/// Largest dimension of an imported state or action, and side of an image.
+const MAX_IMPORTED_DIM: usize = 1 << 16;
+
+/// A collected dataset: the environment's dims, names and cameras, and an environment that
+/// can be built.
+fn check_collected_layout(meta: &DatasetMeta) -> Vec<String> {
+    let mut p = Vec::new();
     let cameras: Vec<&str> = meta.cameras.iter().map(String::as_str).collect();
     if cameras != CAMERA_NAMES {
         p.push(format!("cameras {cameras:?}, expected {CAMERA_NAMES:?}"));
@@ -352,42 +386,96 @@ fn check_layout(meta: &DatasetMeta) -> Vec<String> {
             p.push(format!("{field} differs from the format's {} names", expected.len()));
         }
     }
-    if !meta.env.render {
+    for (field, present) in [
+        ("tier", meta.tier.is_some()),
+        ("seed", meta.seed.is_some()),
+        ("reference_returns", meta.reference_returns.is_some()),
+        ("mean_normalized_score", meta.mean_normalized_score.is_some()),
+    ] {
+        if !present {
+            p.push(format!("{field} is missing (a collected dataset records it)"));
+        }
+    }
+    if meta.source.is_some() {
+        p.push("source is set, but a collected dataset has none".into());
+    }
+    let Some(env) = &meta.env else {
+        p.push("env is missing (a collected dataset records its environment)".into());
+        return p;
+    };
+    if !env.render {
         p.push("env.render is false, but a dataset holds images".into());
     }
-    if let Err(e) = Env::new(EnvConfig { render: false, ..meta.env.clone() }) {
+    if let Err(e) = Env::new(EnvConfig { render: false, ..env.clone() }) {
         p.push(format!("env: {e}"));
     }
-    if meta.image_height != meta.env.image_height || meta.image_width != meta.env.image_width {
+    if meta.image_height != env.image_height || meta.image_width != env.image_width {
         p.push(format!(
             "image_height × image_width is {}×{} but env says {}×{}",
-            meta.image_height, meta.image_width, meta.env.image_height, meta.env.image_width
+            meta.image_height, meta.image_width, env.image_height, env.image_width
         ));
     }
-    let specs = key_specs(&meta.env);
-    if meta.keys != specs {
-        let mut differing: Vec<&String> = specs.keys().chain(meta.keys.keys()).collect();
-        differing.sort();
-        differing.dedup();
-        differing.retain(|k| meta.keys.get(*k) != specs.get(*k));
-        p.push(format!("keys disagree with the format for this env at {differing:?}"));
+    if meta.keys != key_specs(env) {
+        p.push("keys disagree with the environment's".into());
     }
-    if meta.episodes.is_empty() {
-        p.push("episodes is empty".into());
+    p
+}
+
+/// An imported dataset: a source, no environment, and dims, names and cameras that agree.
+fn check_imported_layout(meta: &DatasetMeta) -> Vec<String> {
+    let mut p = Vec::new();
+    for (field, present) in [
+        ("tier", meta.tier.is_some()),
+        ("seed", meta.seed.is_some()),
+        ("env", meta.env.is_some()),
+        ("reference_returns", meta.reference_returns.is_some()),
+        ("mean_normalized_score", meta.mean_normalized_score.is_some()),
+    ] {
+        if present {
+            p.push(format!("{field} is set, but an imported dataset has no environment to give it"));
+        }
     }
-    if meta.num_episodes != meta.episodes.len() {
-        p.push(format!("num_episodes is {} but {} episodes are listed", meta.num_episodes, meta.episodes.len()));
+    if meta.source.is_none() {
+        p.push("source is missing (an imported dataset records where it came from)".into());
+    }
+    for (field, value, lo) in [("state_dim", meta.state_dim, 1), ("action_dim", meta.action_dim, 1)] {
+        if !(lo..=MAX_IMPORTED_DIM).contains(&value) {
+            p.push(format!("{field} is {value}, expected {lo}..={MAX_IMPORTED_DIM}"));
+        }
+    }
+    if meta.environment_state_dim != 0 || !meta.environment_state_names.is_empty() {
+        p.push("an imported dataset has no environment state (environment_state_dim must be 0)".into());
+    }
+    for (field, names, dim) in
+        [("state_names", &meta.state_names, meta.state_dim), ("action_names", &meta.action_names, meta.action_dim)]
+    {
+        if names.len() != dim {
+            p.push(format!("{field} has {} names for {dim} dims", names.len()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for camera in &meta.cameras {
+        if camera.is_empty() || !seen.insert(camera) {
+            p.push(format!("cameras: {camera:?} is empty or repeated"));
+        }
+    }
+    let sides = (meta.image_height, meta.image_width);
+    let sides_ok = if meta.cameras.is_empty() {
+        sides == (0, 0)
+    } else {
+        (1..=MAX_IMPORTED_DIM).contains(&sides.0) && (1..=MAX_IMPORTED_DIM).contains(&sides.1)
+    };
+    if !sides_ok {
+        p.push(format!(
+            "image_height × image_width is {}×{} for {} cameras (0×0 without cameras)",
+            sides.0,
+            sides.1,
+            meta.cameras.len()
+        ));
     }
     for (i, e) in meta.episodes.iter().enumerate() {
-        let at = format!("episodes[{i}]");
-        if e.index != i {
-            p.push(format!("{at}.index is {}, expected {i}", e.index));
-        }
-        if e.file != shard_file_name(i) {
-            p.push(format!("{at}.file is {:?}, expected {:?}", e.file, shard_file_name(i)));
-        }
-        if e.length == 0 || e.length > meta.env.max_steps {
-            p.push(format!("{at}.length is {}, expected 1..={} (env.max_steps)", e.length, meta.env.max_steps));
+        if e.seed.is_some() || e.policy.is_some() || e.normalized_score.is_some() {
+            p.push(format!("episodes[{i}] has a seed, policy or score, which an imported dataset does not have"));
         }
     }
     p
@@ -397,51 +485,27 @@ fn check_layout(meta: &DatasetMeta) -> Vec<String> {
 /// per-episode seed, policy and score, dataset means) that can be seen without the shards.
 fn check_summaries(meta: &DatasetMeta) -> Vec<String> {
     let mut p = Vec::new();
-    for (key, channels) in stats_channels() {
-        match meta.stats.get(&key) {
+    let channels = meta.stats_channels();
+    for (key, channels) in &channels {
+        match meta.stats.get(key) {
             None => p.push(format!("stats has no entry for {key:?}")),
-            Some(stats) => check_stats(&key, stats, channels, &mut p),
+            Some(stats) => check_stats(key, stats, *channels, &mut p),
         }
     }
-    let known: Vec<String> = stats_channels().into_iter().map(|(k, _)| k).collect();
-    for key in meta.stats.keys().filter(|k| !known.contains(k)) {
+    for key in meta.stats.keys().filter(|k| !channels.iter().any(|(c, _)| c == *k)) {
         p.push(format!("stats has an entry for {key:?}, which has no statistics in this format"));
     }
-    let refs = &meta.reference_returns;
-    if !(refs.random.is_finite() && refs.expert.is_finite() && refs.expert != refs.random) {
-        p.push(format!(
-            "reference_returns random {} and expert {} must be finite and differ",
-            refs.random, refs.expert
-        ));
-    }
-
     let frames = meta.episodes.iter().fold(0usize, |sum, e| sum.saturating_add(e.length));
     if meta.num_frames != frames {
         p.push(format!("num_frames is {} but the episodes' lengths sum to {frames}", meta.num_frames));
     }
     for (i, e) in meta.episodes.iter().enumerate() {
-        let at = format!("episodes[{i}]");
-        if e.seed != meta.seed.wrapping_add(i as u64) {
-            p.push(format!("{at}.seed is {}, expected seed + {i} = {}", e.seed, meta.seed.wrapping_add(i as u64)));
-        }
-        if e.policy != meta.tier.policy_for_episode(i) {
-            p.push(format!(
-                "{at}.policy is {:?}, but the {} tier uses {:?} there",
-                e.policy,
-                meta.tier.name(),
-                meta.tier.policy_for_episode(i)
-            ));
-        }
         if !e.episode_return.is_finite() {
-            p.push(format!("{at}.return is {}", e.episode_return));
-        } else if !close(e.normalized_score, score(meta, e.episode_return)) {
-            p.push(format!(
-                "{at}.normalized_score is {} but its return {} scores {}",
-                e.normalized_score,
-                e.episode_return,
-                score(meta, e.episode_return)
-            ));
+            p.push(format!("episodes[{i}].return is {}", e.episode_return));
         }
+    }
+    if let (Some(refs), Some(tier), Some(seed)) = (&meta.reference_returns, meta.tier, meta.seed) {
+        check_collected_summaries(meta, refs, tier, seed, &mut p);
     }
     if !meta.episodes.is_empty() {
         let n = meta.episodes.len() as f32;
@@ -449,12 +513,13 @@ fn check_summaries(meta: &DatasetMeta) -> Vec<String> {
         if !close(meta.mean_return, mean_return) {
             p.push(format!("mean_return is {} but the episodes' returns average {mean_return}", meta.mean_return));
         }
-        if !close(meta.mean_normalized_score, score(meta, mean_return)) {
-            p.push(format!(
-                "mean_normalized_score is {} but the mean return {mean_return} scores {}",
-                meta.mean_normalized_score,
-                score(meta, mean_return)
-            ));
+        if let (Some(refs), Some(mean_score)) = (&meta.reference_returns, meta.mean_normalized_score) {
+            if !close(mean_score, score(refs, mean_return)) {
+                p.push(format!(
+                    "mean_normalized_score is {mean_score} but the mean return {mean_return} scores {}",
+                    score(refs, mean_return)
+                ));
+            }
         }
         let success_rate = meta.episodes.iter().filter(|e| e.success).count() as f32 / n;
         if !close(meta.success_rate, success_rate) {
@@ -462,6 +527,47 @@ fn check_summaries(meta: &DatasetMeta) -> Vec<String> {
         }
     }
     p
+}
+
+/// A collected dataset's reference returns, and each episode's seed, policy and score.
+fn check_collected_summaries(
+    meta: &DatasetMeta,
+    refs: &super::ReferenceReturns,
+    tier: super::Tier,
+    seed: u64,
+    p: &mut Vec<String>,
+) {
+    if !(refs.random.is_finite() && refs.expert.is_finite() && refs.expert != refs.random) {
+        p.push(format!(
+            "reference_returns random {} and expert {} must be finite and differ",
+            refs.random, refs.expert
+        ));
+    }
+    for (i, e) in meta.episodes.iter().enumerate() {
+        let at = format!("episodes[{i}]");
+        let expected_seed = seed.wrapping_add(i as u64);
+        if e.seed != Some(expected_seed) {
+            p.push(format!("{at}.seed is {:?}, expected seed + {i} = {expected_seed}", e.seed));
+        }
+        if e.policy != Some(tier.policy_for_episode(i)) {
+            p.push(format!(
+                "{at}.policy is {:?}, but the {} tier uses {:?} there",
+                e.policy,
+                tier.name(),
+                tier.policy_for_episode(i)
+            ));
+        }
+        if !e.episode_return.is_finite() {
+            continue;
+        }
+        let expected = score(refs, e.episode_return);
+        if !e.normalized_score.is_some_and(|s| close(s, expected)) {
+            p.push(format!(
+                "{at}.normalized_score is {:?} but its return {} scores {expected}",
+                e.normalized_score, e.episode_return
+            ));
+        }
+    }
 }
 
 /// Files of `dir` that look like shards (`episode_*.safetensors`) but `meta.json` does not list.
@@ -529,13 +635,13 @@ fn validate_shard(
         });
     }
     let mut expected: Vec<(String, String, Vec<usize>)> = Vec::new();
-    for (key, spec) in key_specs(&meta.env) {
+    let per_frame = meta.expected_keys();
+    for (key, spec) in per_frame.clone() {
         let mut shape = vec![t];
         shape.extend(&spec.shape);
         expected.push((key, spec.dtype, shape));
     }
-    let per_frame = key_specs(&meta.env);
-    for key in final_observation_keys() {
+    for key in meta.final_observation_keys() {
         let spec = &per_frame[&key];
         let mut shape = vec![1];
         shape.extend(&spec.shape);
@@ -595,7 +701,7 @@ fn validate_shard(
     if let Some(bad) = rewards.iter().position(|r| !r.is_finite()) {
         return Err(DatasetError::key(path, KEY_REWARD, format!("frame {bad} is not finite")));
     }
-    for key in [KEY_STATE, KEY_ACTION, KEY_ENVIRONMENT_STATE] {
+    for key in [KEY_STATE, KEY_ACTION, KEY_ENVIRONMENT_STATE].into_iter().filter(|k| spans.contains_key(*k)) {
         let values: &[f32] = bytemuck::cast_slice(&bytes[spans[key].start..spans[key].end]);
         if values.iter().any(|v| !v.is_finite()) {
             return Err(DatasetError::key(path, key, "contains a non-finite value"));

@@ -190,7 +190,7 @@ impl EpisodeRecord {
 
 /// Running sums for one key, merged in episode order.
 #[derive(Clone)]
-struct Moments {
+pub(crate) struct Moments {
     count: f64,
     sum: Vec<f64>,
     sum_sq: Vec<f64>,
@@ -199,7 +199,7 @@ struct Moments {
 }
 
 impl Moments {
-    fn new(channels: usize) -> Self {
+    pub(crate) fn new(channels: usize) -> Self {
         Self {
             count: 0.0,
             sum: vec![0.0; channels],
@@ -208,7 +208,7 @@ impl Moments {
             max: vec![f64::NEG_INFINITY; channels],
         }
     }
-    fn add_f32(&mut self, values: &[f32]) {
+    pub(crate) fn add_f32(&mut self, values: &[f32]) {
         let c = self.sum.len();
         for row in values.chunks_exact(c) {
             for (j, &v) in row.iter().enumerate() {
@@ -222,7 +222,7 @@ impl Moments {
         self.count += (values.len() / c) as f64;
     }
     /// RGB bytes; exact integer sums so the result does not depend on summation order.
-    fn add_rgb(&mut self, pixels: &[u8]) {
+    pub(crate) fn add_rgb(&mut self, pixels: &[u8]) {
         let mut sum = [0u64; 3];
         let mut sum_sq = [0u64; 3];
         let mut min = [255u8; 3];
@@ -245,7 +245,7 @@ impl Moments {
         }
         self.count += (pixels.len() / 3) as f64;
     }
-    fn merge(&mut self, other: &Moments) {
+    pub(crate) fn merge(&mut self, other: &Moments) {
         self.count += other.count;
         for j in 0..self.sum.len() {
             self.sum[j] += other.sum[j];
@@ -254,7 +254,7 @@ impl Moments {
             self.max[j] = self.max[j].max(other.max[j]);
         }
     }
-    fn finish(&self) -> KeyStats {
+    pub(crate) fn finish(&self) -> KeyStats {
         let n = self.count.max(1.0);
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
         let std = self.sum_sq.iter().zip(&mean).map(|(sq, m)| (sq / n - m * m).max(0.0).sqrt()).collect();
@@ -392,11 +392,12 @@ fn collect_one(env: &mut Env, config: &CollectConfig, index: usize, dir: &Path) 
             index,
             file,
             length: record.len(),
-            seed,
-            policy,
+            seed: Some(seed),
+            policy: Some(policy),
             episode_return,
-            normalized_score: normalized_score(episode_return),
+            normalized_score: Some(normalized_score(episode_return)),
             success: record.success.last() == Some(&1),
+            source_name: None,
         },
         moments,
     })
@@ -492,8 +493,8 @@ pub fn collect_dataset_into(
     let mean_return = episodes.iter().map(|e| e.episode_return).sum::<f32>() / n;
     let meta = DatasetMeta {
         format: FORMAT.into(),
-        tier: config.tier,
-        seed: config.seed,
+        tier: Some(config.tier),
+        seed: Some(config.seed),
         num_episodes: episodes.len(),
         num_frames: episodes.iter().map(|e| e.length).sum(),
         fps: FPS,
@@ -510,16 +511,17 @@ pub fn collect_dataset_into(
              of (1.5, 1.5, 3.0) rad/s for shoulder, elbow, wrist; gripper entries are finger \
              opening targets, -1 closed (cages a puck) .. +1 open"
             .into(),
-        env: config.env.clone(),
+        env: Some(config.env.clone()),
         keys: key_specs(&config.env),
         stats: totals.iter().map(|(k, m)| (k.clone(), m.finish())).collect(),
-        reference_returns: ReferenceReturns {
+        reference_returns: Some(ReferenceReturns {
             random: REFERENCE_RANDOM_RETURN,
             expert: REFERENCE_EXPERT_RETURN,
             command: REFERENCE_COMMAND.into(),
-        },
+        }),
         mean_return,
-        mean_normalized_score: normalized_score(mean_return),
+        mean_normalized_score: Some(normalized_score(mean_return)),
+        source: None,
         success_rate: episodes.iter().filter(|e| e.success).count() as f32 / n,
         episodes,
     };

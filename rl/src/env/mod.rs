@@ -52,6 +52,11 @@ pub use render::{contact_sheet, tile_views, Renderer};
 /// `observation.images.<name>`.
 pub const CAMERA_NAMES: [&str; 3] = ["left_wrist", "right_wrist", "global"];
 pub const NUM_CAMERAS: usize = 3;
+
+/// [`CAMERA_NAMES`] as owned strings (serde defaults of files from before cameras were recorded).
+pub fn camera_names() -> Vec<String> {
+    CAMERA_NAMES.iter().map(|c| c.to_string()).collect()
+}
 pub const STATE_DIM: usize = 24;
 pub const ENVIRONMENT_STATE_DIM: usize = 8;
 pub const ACTION_DIM: usize = 8;

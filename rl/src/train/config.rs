@@ -20,10 +20,37 @@ pub const DEFAULT_DATASET_EPISODES: usize = 3000;
 /// keys, compared on `--resume`, so runs written before keep resuming).
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct TrainConfig {
-    /// Dataset directory; a dataset of `--tier` is collected there from the embedded
-    /// environment if missing.
+    /// The data: our dataset directory (a dataset of `--tier` is collected there from the
+    /// embedded environment if missing), or another ecosystem's, recognised from its content —
+    /// a robomimic or Minari HDF5 file, a LeRobot directory, a D4RL `.npz` — converted once into
+    /// our shards under `--converted-dir` and reused from there.
     #[arg(long, default_value = "datasets/medium")]
     pub dataset: PathBuf,
+    /// Imported datasets: cameras to stack, in order (default: all, sorted), e.g.
+    /// `agentview,robot0_eye_in_hand`.
+    #[arg(long, value_delimiter = ',')]
+    pub cameras: Option<Vec<String>>,
+    /// Imported datasets: low-dimensional observation keys concatenated into the state, in order
+    /// (default: all, sorted), e.g. `robot0_eef_pos,robot0_gripper_qpos`.
+    #[arg(long, value_delimiter = ',')]
+    pub state_keys: Option<Vec<String>>,
+    /// robomimic: train on the demos of `mask/<KEY>` (e.g. `train`).
+    #[arg(long)]
+    pub filter_key: Option<String>,
+    /// Imported datasets without rewards (most real-robot LeRobot data): how to make them —
+    /// `sparse-end` (1 on each episode's last step, a success) or `sparse-success` (1 where
+    /// `next.success` is first set). Required there, refused where the data has rewards: none is
+    /// invented silently. Recorded in the converted dataset.
+    #[arg(long)]
+    pub reward: Option<crate::dataset::imported::RewardRule>,
+    /// Where converted datasets are cached (one directory per source and selection).
+    #[arg(long, default_value = "datasets/converted")]
+    pub converted_dir: PathBuf,
+    /// Imported datasets: the last N episodes are held out of training, for the offline
+    /// evaluation that replaces the environment's score (default: a tenth of the episodes, at
+    /// least one).
+    #[arg(long)]
+    pub held_out_episodes: Option<usize>,
     /// Tier collected when the dataset is missing: medium (the noisy expert; the default),
     /// mixed (random, medium and expert episodes), expert or random.
     #[arg(long, default_value = "medium")]
@@ -31,9 +58,10 @@ pub struct TrainConfig {
     /// Episodes to collect when the dataset is missing.
     #[arg(long, default_value_t = DEFAULT_DATASET_EPISODES)]
     pub dataset_episodes: usize,
-    /// Image side when collecting (the conv/ResNet encoders use it as is). 16 px with
-    /// `--supersample 2` are the world model's own frames, so the sampler can stress-test a
-    /// policy trained on them.
+    /// Image side when collecting or converting (the conv/ResNet encoders use it as is). 16 px
+    /// with `--supersample 2` are the world model's own frames, so the sampler can stress-test a
+    /// policy trained on them. An imported dataset's images are resized to it (robomimic's 84 px
+    /// are kept with `--image-size 84`).
     #[arg(long, default_value_t = 16)]
     pub image_size: usize,
     /// Anti-aliasing when collecting: render at this many samples per pixel side.
@@ -162,7 +190,29 @@ impl TrainConfig {
                 && Path::new(name).components().count() == 1;
             c.require(plain, || format!("--name must be a plain directory name (no path separators), got {name:?}"));
         }
+        for (flag, list) in [("--cameras", &self.cameras), ("--state-keys", &self.state_keys)] {
+            if let Some(list) = list {
+                let blank = list.iter().any(|k| k.trim().is_empty());
+                let mut sorted = list.clone();
+                sorted.sort();
+                sorted.dedup();
+                c.require(!blank && sorted.len() == list.len(), || {
+                    format!("{flag} must list distinct, non-empty keys, got {list:?}")
+                });
+            }
+        }
         c
+    }
+
+    /// What converting an imported `--dataset` takes from it.
+    pub fn convert_options(&self) -> crate::dataset::convert::ConvertOptions {
+        crate::dataset::convert::ConvertOptions {
+            cameras: self.cameras.clone(),
+            state_keys: self.state_keys.clone(),
+            filter_key: self.filter_key.clone(),
+            reward: self.reward,
+            image_size: self.image_size,
+        }
     }
 
     /// What collecting a missing `--dataset` means.

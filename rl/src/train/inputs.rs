@@ -2,7 +2,7 @@
 //! the dataset directory (collected when missing, fingerprinted), and a memory estimate for
 //! sizes that cannot fit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -11,10 +11,111 @@ use shared::metrics::progress_bar;
 use shared::outputs::{check_dir, check_output_file, Existing};
 
 use super::TrainConfig;
+use crate::dataset::convert::{converted_dir, detect, ensure_converted, source_fingerprint, DatasetKind};
 use crate::dataset::writer::collect_dataset;
-use crate::dataset::{dataset_state, DatasetState};
+use crate::dataset::{dataset_state, DatasetState, META_FILE};
 use crate::encoders::EncoderKind;
 use crate::env::NUM_CAMERAS;
+
+/// Where a run's data comes from, decided (and checked) before any work.
+#[derive(Debug)]
+pub enum DataSource {
+    /// Our dataset directory: complete, or absent/empty (a dataset of `--tier` is collected).
+    Ours { dir: PathBuf, collecting: bool },
+    /// Another ecosystem's dataset, converted into `converted` (which holds it already when
+    /// `cached`).
+    Imported { path: PathBuf, kind: DatasetKind, converted: PathBuf, cached: bool },
+}
+
+impl DataSource {
+    /// Recognises `--dataset` and checks that the options fit it.
+    pub fn check(config: &TrainConfig) -> Result<Self> {
+        let path = &config.dataset;
+        let kind = detect(path)?;
+        let lapo = &config.lapo;
+        if kind == DatasetKind::Ours {
+            for (flag, given) in [
+                ("--cameras", config.cameras.is_some()),
+                ("--state-keys", config.state_keys.is_some()),
+                ("--filter-key", config.filter_key.is_some()),
+                ("--reward", config.reward.is_some()),
+                ("--held-out-episodes", config.held_out_episodes.is_some()),
+            ] {
+                anyhow::ensure!(
+                    !given,
+                    "{flag}: for an imported dataset (HDF5, LeRobot, .npz); --dataset {} is ours (the environment's \
+                     cameras and state, scored in the environment)",
+                    path.display()
+                );
+            }
+            let collecting = check_dataset_dir(path)? == DatasetState::Absent;
+            return Ok(DataSource::Ours { dir: path.clone(), collecting });
+        }
+        // An imported dataset has no environment: no privileged state to predict or pretrain on.
+        for (flag, given) in [
+            ("--aux-state-input", lapo.aux_state_input),
+            ("--pretrain-encoder", config.pretrain_encoder > 0),
+            ("--aux-state-weight", lapo.aux_state_weight > 0.0 && lapo.encoder.uses_images()),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag}: the auxiliary head predicts our environment's privileged state; --dataset {} is imported \
+                 and has none (pass --aux-state-weight 0)",
+                path.display()
+            );
+        }
+        let options = config.convert_options();
+        let fingerprint = source_fingerprint(path).with_context(|| format!("--dataset {}", path.display()))?;
+        let converted = converted_dir(&config.converted_dir, path, &fingerprint, &options);
+        let cached = converted.join(META_FILE).is_file();
+        Ok(DataSource::Imported { path: path.clone(), kind, converted, cached })
+    }
+
+    /// A dataset is collected from the environment first.
+    pub fn collecting(&self) -> bool {
+        matches!(self, DataSource::Ours { collecting: true, .. })
+    }
+
+    /// The dataset directory when it is known before any work (ours, or a conversion made
+    /// before).
+    pub fn dataset_dir(&self) -> Option<&Path> {
+        match self {
+            DataSource::Ours { dir, .. } => Some(dir),
+            DataSource::Imported { converted, cached: true, .. } => Some(converted),
+            DataSource::Imported { .. } => None,
+        }
+    }
+
+    /// The dataset directory, converting an imported source on first use.
+    pub fn prepare(&self, config: &TrainConfig) -> Result<PathBuf> {
+        match self {
+            DataSource::Ours { dir, .. } => Ok(dir.clone()),
+            DataSource::Imported { path, kind, .. } => {
+                let dir = ensure_converted(path, *kind, &config.convert_options(), &config.converted_dir, &|m| {
+                    eprintln!("{m}")
+                })
+                .with_context(|| format!("--dataset {}", path.display()))?;
+                Ok(dir)
+            }
+        }
+    }
+
+    /// Episodes held out of training: none for ours (the environment scores the policy); for an
+    /// imported dataset `--held-out-episodes`, by default a tenth of them (at least one).
+    pub fn held_out_episodes(&self, config: &TrainConfig, dir: &Path) -> Result<usize> {
+        if let DataSource::Ours { .. } = self {
+            return Ok(0);
+        }
+        let episodes = crate::dataset::Dataset::read_meta(dir)?.num_episodes;
+        let held_out = config.held_out_episodes.unwrap_or((episodes / 10).max(1));
+        anyhow::ensure!(
+            held_out >= 1 && held_out < episodes,
+            "--held-out-episodes {held_out}: the dataset has {episodes} episodes; hold out at least one (the \
+             evaluation without a simulator) and leave at least one to train on",
+        );
+        Ok(held_out)
+    }
+}
 
 /// The run directory may be written in `mode`; a run already there is named with the three
 /// ways on (a default name repeats whenever the same command is run again).
@@ -78,17 +179,23 @@ fn image_activation_factor(encoder: EncoderKind) -> u128 {
 ///   worker thread (`CollectConfig::working_set_bytes`) and a few KiB of statistics per
 ///   episode until `meta.json` is written; the disk is not checked (a full disk fails with an
 ///   error naming the shard, and the incomplete directory is then refused, never reused).
-pub fn check_memory(config: &TrainConfig, device: &Device, collecting: bool) -> Result<()> {
-    let (h, w, ss) = if collecting {
-        (config.image_size, config.image_size, config.supersample)
+pub fn check_memory(config: &TrainConfig, device: &Device, dataset: &Path, collecting: bool) -> Result<()> {
+    let (h, w, ss, cameras, simulated) = if collecting {
+        (config.image_size, config.image_size, config.supersample, NUM_CAMERAS, true)
     } else {
-        let meta = crate::dataset::Dataset::read_meta(&config.dataset)?;
-        (meta.image_height, meta.image_width, meta.env.supersample)
+        let meta = crate::dataset::Dataset::read_meta(dataset)?;
+        let ss = meta.env.as_ref().map_or(1, |env| env.supersample);
+        (meta.image_height, meta.image_width, ss, meta.cameras.len(), meta.env.is_some())
     };
-    let (h, w, ss) = (h as u128, w as u128, ss as u128);
     let encoder = config.lapo.encoder;
     let images = encoder.uses_images();
-    let image_bytes = if images { 2 * 3 * NUM_CAMERAS as u128 * h * w * 4 } else { 0 };
+    anyhow::ensure!(
+        !images || cameras > 0,
+        "--encoder {encoder:?}: the dataset {} has no cameras; train it with --encoder none",
+        dataset.display()
+    );
+    let (h, w, ss) = (h as u128, w as u128, ss as u128);
+    let image_bytes = if images { 2 * 3 * cameras as u128 * h * w * 4 } else { 0 };
     let per_sample = STATE_BYTES_PER_SAMPLE + image_bytes * image_activation_factor(encoder);
     let batch_size = config.lapo.batch_size;
     ensure_fits(
@@ -99,8 +206,10 @@ pub fn check_memory(config: &TrainConfig, device: &Device, collecting: bool) -> 
     // A renderer keeps two frames at the supersampled size; an observation holds three views.
     let env_bytes = 4096 + if images { 2 * 3 * h * ss * w * ss + 2 * 3 * 3 * h * w } else { 0 };
     let eval_episodes = config.eval_episodes;
-    ensure_fits(&Device::Cpu, eval_episodes as u128 * env_bytes, &format!("--eval-episodes {eval_episodes}"))?;
-    ensure_fits(device, eval_episodes as u128 * per_sample, &format!("--eval-episodes {eval_episodes}"))?;
+    if simulated {
+        ensure_fits(&Device::Cpu, eval_episodes as u128 * env_bytes, &format!("--eval-episodes {eval_episodes}"))?;
+        ensure_fits(device, eval_episodes as u128 * per_sample, &format!("--eval-episodes {eval_episodes}"))?;
+    }
     if collecting {
         ensure_fits(
             &Device::Cpu,

@@ -26,26 +26,33 @@ use shared::metrics::{progress_bar, read_jsonl, JsonlWriter};
 use shared::outputs::{claim_dir, Existing};
 
 pub use config::{TrainConfig, DEFAULT_DATASET_EPISODES};
-use inputs::{check_dataset_dir, check_export, check_memory, check_run_dir, collect, dataset_fingerprint};
+use inputs::{check_export, check_memory, check_run_dir, collect, dataset_fingerprint, DataSource};
 pub use resume::MAY_DIFFER_ON_RESUME;
 use resume::{check_fingerprint, check_resume, truncate_metrics};
 
-use crate::dataset::DatasetState;
 use crate::encoders::load_pretrained_resnet18;
 use crate::env::EnvConfig;
 use crate::lapo::{EncoderOwner, Lapo};
 use crate::plot::{line_charts, Series, PALETTE};
 use crate::trainer::{check_state, checkpoint_paths, evaluate, load_checkpoint, read_checkpoint_info, save_checkpoint};
-use crate::trainer::{DivergenceBound, Evaluation, Replay};
+use crate::trainer::{evaluate_offline, DivergenceBound, Evaluation, OfflineEvaluation, Replay};
 
-/// What a finished run reports; also its `final_eval.json`.
+/// What a finished run reports; also its `final_eval.json`. A run on our environment's data is
+/// scored in the environment (`eval`, against the data's `behaviour_score`); a run on an
+/// imported dataset, which has no simulator here, by held-out metrics (`offline_eval`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RunSummary {
-    pub beats_behaviour: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beats_behaviour: Option<bool>,
     /// The dataset's mean normalised score (its behaviour policy).
-    pub behaviour_score: f64,
-    /// The last evaluation.
-    pub eval: Evaluation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behaviour_score: Option<f64>,
+    /// The last evaluation in the environment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<Evaluation>,
+    /// The last held-out evaluation (imported datasets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline_eval: Option<OfflineEvaluation>,
     pub iterations: u64,
     /// Wall-clock seconds of the LAPO iterations in this process.
     pub train_seconds: f64,
@@ -68,36 +75,58 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
     if let Some(path) = &config.export {
         check_export(path, config, &run_dir)?;
     }
-    let collecting = check_dataset_dir(&config.dataset)? == DatasetState::Absent;
+    let source = DataSource::check(config)?;
+    let collecting = source.collecting();
     let stored = if config.resume { Some(check_resume(&run_dir, config, collecting)?) } else { None };
     if let (Some(reference), None) = (&config.pretrained, &stored) {
         // Resolved now so a missing file fails before the dataset is collected (a resumed run
         // takes its weights from the checkpoint).
         shared::weights::resolve(reference).with_context(|| format!("--pretrained {reference}"))?;
     }
-    check_memory(config, &device, collecting)?;
+    if let Some(dir) = source.dataset_dir() {
+        // Sizes are known before any work for our datasets (and conversions made before).
+        check_memory(config, &device, dir, collecting)?;
+    }
 
     // The data.
     if collecting {
         collect(config)?;
     }
-    let replay = Replay::open(&config.dataset, config.lapo.encoder, config.lapo.gamma)?;
-    let fingerprint = dataset_fingerprint(&config.dataset)?;
-    if let Some(stored) = &stored {
-        check_fingerprint(stored, &fingerprint, &config.dataset, &run_dir)?;
+    let dataset_dir = source.prepare(config)?;
+    let held_out = source.held_out_episodes(config, &dataset_dir)?;
+    if source.dataset_dir().is_none() {
+        check_memory(config, &device, &dataset_dir, false)?;
     }
-    let behaviour = replay.dataset.meta().mean_normalized_score as f64;
-    eprintln!(
-        "dataset {}: {} transitions, behaviour score {:.2}, success {:.2}",
-        config.dataset.display(),
-        replay.len(),
-        behaviour,
-        replay.dataset.meta().success_rate
-    );
-    let env_config = EnvConfig { render: config.lapo.encoder.uses_images(), ..replay.dataset.meta().env.clone() };
+    let replay = Replay::open_split(&dataset_dir, config.lapo.encoder, config.lapo.gamma, held_out)?;
+    let fingerprint = dataset_fingerprint(&dataset_dir)?;
+    if let Some(stored) = &stored {
+        check_fingerprint(stored, &fingerprint, &dataset_dir, &run_dir)?;
+    }
+    let meta = replay.dataset.meta();
+    let behaviour = meta.behaviour_score().map(f64::from);
+    match behaviour {
+        Some(score) => eprintln!(
+            "dataset {}: {} transitions, behaviour score {score:.2}, success {:.2}",
+            dataset_dir.display(),
+            replay.len(),
+            meta.success_rate
+        ),
+        None => eprintln!(
+            "dataset {}: {} training transitions, {} episodes held out for evaluation (no simulator for imported \
+             data), cameras {:?}, state {} and action {} wide",
+            dataset_dir.display(),
+            replay.len(),
+            held_out,
+            meta.cameras,
+            meta.state_dim,
+            meta.action_dim
+        ),
+    }
+    let env_config =
+        meta.env.as_ref().map(|env| EnvConfig { render: config.lapo.encoder.uses_images(), ..env.clone() });
 
     // The model.
-    let mut lapo = Lapo::new(config.lapo.clone(), replay.dims, replay.bounds, DType::F32, &device)?;
+    let mut lapo = Lapo::new(config.lapo.clone(), replay.dims.clone(), replay.bounds, DType::F32, &device)?;
     if let (Some(reference), false) = (&config.pretrained, config.resume) {
         for prefix in ["encoder.", "target.encoder."] {
             load_pretrained_resnet18(&lapo.varmap, prefix, reference)?;
@@ -125,7 +154,8 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
             &run.join("config.json"),
             &serde_json::json!({"args": config, "lapo": lapo.config, "dims": replay.dims, "bounds": replay.bounds,
                 "normalization": replay.norm, "behaviour_score": behaviour,
-                "dataset_meta_tier": replay.dataset.meta().tier, "dataset_fingerprint": fingerprint}),
+                "dataset_meta_tier": replay.dataset.meta().tier, "dataset_fingerprint": fingerprint,
+                "held_out_episodes": held_out}),
         )?;
         JsonlWriter::create(&metrics_path)?
     };
@@ -145,7 +175,8 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
     let mut last_checkpoint: Option<PathBuf> = config.resume.then(|| checkpoint_paths(run.path()).0);
     let last_good =
         |last: &Option<PathBuf>| last.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
-    let mut last_eval = Evaluation::default();
+    let mut last_eval: Option<Evaluation> = None;
+    let mut last_offline: Option<OfflineEvaluation> = None;
     let mut last_batch = None;
     while lapo.iteration < config.iterations {
         let it = lapo.iteration;
@@ -194,14 +225,31 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
             ));
         }
         if done % config.eval_every == 0 || done == config.iterations {
-            last_eval = evaluate(&(&lapo, &replay.norm), &env_config, config.eval_episodes, 0, |_| {})?;
-            metrics.write(
-                &serde_json::json!({"iteration": done, "elapsed_s": start.elapsed().as_secs_f64(), "eval": last_eval}),
-            )?;
-            bar.println(format!(
-                "iter {done}: score {:.2} ± {:.2}, success {:.2} (behaviour {:.2})",
-                last_eval.normalized_score, last_eval.normalized_score_std, last_eval.success_rate, behaviour
-            ));
+            let elapsed_s = start.elapsed().as_secs_f64();
+            match &env_config {
+                Some(env) => {
+                    let eval = evaluate(&(&lapo, &replay.norm), env, config.eval_episodes, 0, |_| {})?;
+                    metrics.write(&serde_json::json!({"iteration": done, "elapsed_s": elapsed_s, "eval": eval}))?;
+                    bar.println(format!(
+                        "iter {done}: score {:.2} ± {:.2}, success {:.2} (behaviour {:.2})",
+                        eval.normalized_score,
+                        eval.normalized_score_std,
+                        eval.success_rate,
+                        behaviour.unwrap_or(f64::NAN)
+                    ));
+                    last_eval = Some(eval);
+                }
+                None => {
+                    let eval = evaluate_offline(&lapo, &replay)?;
+                    metrics
+                        .write(&serde_json::json!({"iteration": done, "elapsed_s": elapsed_s, "offline_eval": eval}))?;
+                    bar.println(format!(
+                        "iter {done}: held-out action mse {:.4} (mean action {:.4}), vae {:.4}, td {:.4}, Q {:.2}",
+                        eval.action_mse, eval.mean_action_mse, eval.vae_reconstruction_mse, eval.td_mse, eval.q_mean
+                    ));
+                    last_offline = Some(eval);
+                }
+            }
         }
         if done % config.checkpoint_every == 0 || done == config.iterations {
             let saved = save_checkpoint(&lapo, &replay.norm, run.path(), &batch).with_context(|| {
@@ -222,10 +270,13 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
             format!("not exporting the policy; last good checkpoint: {}", last_good(&last_checkpoint))
         })?;
     }
-    if last_eval.episodes == 0 {
+    if last_eval.is_none() && last_offline.is_none() {
         // Resumed at (or past) the last iteration: nothing was evaluated in this process, and the
         // summary must not report an empty evaluation as the final score.
-        last_eval = evaluate(&(&lapo, &replay.norm), &env_config, config.eval_episodes, 0, |_| {})?;
+        match &env_config {
+            Some(env) => last_eval = Some(evaluate(&(&lapo, &replay.norm), env, config.eval_episodes, 0, |_| {})?),
+            None => last_offline = Some(evaluate_offline(&lapo, &replay)?),
+        }
     }
     crate::policy::export(&lapo, &replay.norm, &run.join("policy.safetensors"))?;
     if let Some(path) = &config.export {
@@ -233,9 +284,10 @@ pub fn run(config: &TrainConfig) -> Result<RunSummary> {
     }
     plot_run(&metrics_path, &run.join("learning_curve.png"), behaviour)?;
     let summary = RunSummary {
-        beats_behaviour: last_eval.normalized_score > behaviour,
+        beats_behaviour: last_eval.as_ref().zip(behaviour).map(|(eval, b)| eval.normalized_score > b),
         behaviour_score: behaviour,
         eval: last_eval,
+        offline_eval: last_offline,
         iterations: lapo.iteration,
         train_seconds: elapsed,
     };
@@ -278,20 +330,40 @@ fn pretrain_encoder(
     Ok(())
 }
 
-/// Left: normalised score (and the behaviour line) vs iterations; right: critic loss.
-pub fn plot_run(metrics_path: &Path, png: &Path, behaviour: f64) -> Result<()> {
+/// Left: normalised score (and the behaviour line) vs iterations — for an imported dataset the
+/// held-out action error of the policy and of the mean action; right: critic loss.
+pub fn plot_run(metrics_path: &Path, png: &Path, behaviour: Option<f64>) -> Result<()> {
     let rows = read_jsonl(metrics_path)?;
     let mut score = Vec::new();
     let mut critic = Vec::new();
+    let (mut action_mse, mut baseline) = (Vec::new(), Vec::new());
     for r in &rows {
         let it = r["iteration"].as_f64().unwrap_or(0.0);
         if let Some(s) = r["eval"]["normalized_score"].as_f64() {
             score.push((it, s));
         }
+        if let Some(e) = r["offline_eval"]["action_mse"].as_f64() {
+            action_mse.push((it, e));
+        }
+        if let Some(e) = r["offline_eval"]["mean_action_mse"].as_f64() {
+            baseline.push((it, e));
+        }
         if let Some(c) = r["losses"]["critic"].as_f64() {
             critic.push((it, c));
         }
     }
+    let Some(behaviour) = behaviour else {
+        return line_charts(
+            &[
+                vec![
+                    Series { label: "held-out action mse".into(), points: action_mse, color: PALETTE[0] },
+                    Series { label: "mean action".into(), points: baseline, color: PALETTE[7] },
+                ],
+                vec![Series { label: "critic loss".into(), points: critic, color: PALETTE[3] }],
+            ],
+            png,
+        );
+    };
     let xmax = score.last().map(|p| p.0).unwrap_or(1.0);
     line_charts(
         &[

@@ -30,6 +30,13 @@ pub const MAY_DIFFER_ON_RESUME: &[(&str, &str)] = &[
     ("dataset_episodes", "collection only"),
     ("image_size", "collection only"),
     ("supersample", "collection only"),
+    ("converted_dir", "as --dataset: where a conversion is cached, compared by the fingerprint"),
+    // What is taken from an imported source decides the converted dataset, which is compared
+    // by its fingerprint.
+    ("cameras", "conversion only"),
+    ("state_keys", "conversion only"),
+    ("filter_key", "conversion only"),
+    ("reward", "conversion only"),
     ("export", "an extra copy of the result"),
     ("resume", "the mode of this invocation"),
     ("overwrite", "the mode of this invocation"),

@@ -164,7 +164,7 @@ pub fn save_checkpoint(lapo: &Lapo, norm: &Normalization, dir: &Path, probe: &Ba
         normalization: norm.clone(),
         bounds: lapo.bounds,
         config: lapo.config.clone(),
-        dims: lapo.dims,
+        dims: lapo.dims.clone(),
     };
     shared::io::write_json_atomic(&info_path, &info)?;
     Ok(tensors_path)

@@ -10,54 +10,86 @@ use shared::rng::SplitMix64;
 use super::normalization::{model_state, privileged_targets, uses_images, Normalization, TASK_FRAME_DIM};
 use crate::dataset::Dataset;
 use crate::encoders::EncoderKind;
-use crate::env::NUM_CAMERAS;
 use crate::lapo::{Batch, Dims, ValueBounds};
 
 /// Random-access transitions over an opened dataset (the memory maps stay where they are; a
 /// batch gathers from them).
 pub struct Replay {
     pub dataset: Dataset,
+    /// The transitions training samples from: every episode's but the held-out ones'.
     index: Vec<(usize, usize)>,
+    /// Episodes kept out of training, for offline evaluation (the dataset's last ones).
+    held_out: Vec<usize>,
     pub norm: Normalization,
     pub bounds: ValueBounds,
     pub encoder: EncoderKind,
     pub dims: Dims,
-    /// Learning reward of a success (terminal) transition, in scaled units: the value of an
-    /// absorbing state paying the maximal per-step reward forever, 1/(1 − γ) = max_v.
-    pub terminal_reward: f32,
+    /// Learning reward of a success (terminal) transition of a collected dataset, in scaled
+    /// units: the value of an absorbing state paying the maximal per-step reward forever,
+    /// 1/(1 − γ) = max_v. `None` for an imported dataset, whose terminal steps keep their own
+    /// reward (there is no environment bonus to replace).
+    pub terminal_reward: Option<f32>,
 }
 
 impl Replay {
+    /// Every episode is trained on (the environment evaluates the policy).
     pub fn open(dir: &Path, encoder: EncoderKind, gamma: f64) -> Result<Self> {
+        Self::open_split(dir, encoder, gamma, 0)
+    }
+
+    /// The last `held_out_episodes` episodes are kept out of training and out of the statistics
+    /// (see [`Replay::held_out`]).
+    pub fn open_split(dir: &Path, encoder: EncoderKind, gamma: f64, held_out_episodes: usize) -> Result<Self> {
         let dataset = Dataset::open(dir).with_context(|| format!("opening dataset {}", dir.display()))?;
+        let episodes = dataset.num_episodes();
+        anyhow::ensure!(
+            held_out_episodes < episodes,
+            "dataset {} has {episodes} episodes: holding out {held_out_episodes} leaves none to train on",
+            dir.display()
+        );
+        let held_out: Vec<usize> = (episodes - held_out_episodes..episodes).collect();
         let mut index = Vec::new();
-        for e in dataset.episodes() {
+        for e in dataset.episodes().take(episodes - held_out_episodes) {
             for t in 0..e.len() {
                 index.push((e.meta().index, t));
             }
         }
         anyhow::ensure!(!index.is_empty(), "dataset {} has no transitions", dir.display());
         let meta = dataset.meta();
-        let state_dim = if uses_images(encoder) {
+        let from_environment = !meta.is_imported();
+        // The environment's privileged state is seen by state-only models and predicted by image
+        // encoders; an imported dataset has none.
+        let with_privileged = from_environment;
+        let state_dim = if uses_images(encoder) || !with_privileged {
             meta.state_dim
         } else {
             meta.state_dim + meta.environment_state_dim + TASK_FRAME_DIM
         };
         let action_dim = meta.action_dim;
-        // Means and stds in f64 over every transition; +1e-6 as the reference.
+        // Means and stds in f64 over every training transition; +1e-6 as the reference.
         let (mut s_sum, mut s_sq) = (vec![0f64; state_dim], vec![0f64; state_dim]);
         let (mut a_sum, mut a_sq) = (vec![0f64; action_dim], vec![0f64; action_dim]);
         let (mut r_min, mut r_max) = (f64::INFINITY, f64::NEG_INFINITY);
-        let privileged_dim = if uses_images(encoder) { meta.environment_state_dim + TASK_FRAME_DIM } else { 0 };
+        let (mut all_min, mut all_max) = (0f64, 0f64);
+        let privileged_dim =
+            if uses_images(encoder) && with_privileged { meta.environment_state_dim + TASK_FRAME_DIM } else { 0 };
         let (mut p_sum, mut p_sq) = (vec![0f64; privileged_dim], vec![0f64; privileged_dim]);
-        for tr in dataset.transitions() {
+        let model_state = |state: &[f32], environment_state: &[f32]| {
+            if with_privileged {
+                model_state(encoder, state, environment_state)
+            } else {
+                state.to_vec()
+            }
+        };
+        for &(e, t) in &index {
+            let tr = dataset.episode(e).expect("indexed episode exists").transition(t);
             if privileged_dim > 0 {
                 for (i, x) in privileged_targets(tr.state, tr.environment_state).iter().enumerate() {
                     p_sum[i] += *x as f64;
                     p_sq[i] += (*x as f64).powi(2);
                 }
             }
-            for (i, x) in model_state(encoder, tr.state, tr.environment_state).iter().enumerate() {
+            for (i, x) in model_state(tr.state, tr.environment_state).iter().enumerate() {
                 s_sum[i] += *x as f64;
                 s_sq[i] += (*x as f64).powi(2);
             }
@@ -72,6 +104,8 @@ impl Replay {
                 r_min = r_min.min(tr.reward as f64);
                 r_max = r_max.max(tr.reward as f64);
             }
+            all_min = all_min.min(tr.reward as f64);
+            all_max = all_max.max(tr.reward as f64);
         }
         let n = index.len() as f64;
         let stats = |sum: &[f64], sq: &[f64]| -> (Vec<f32>, Vec<f32>) {
@@ -82,19 +116,35 @@ impl Replay {
         let (state_mean, state_std) = stats(&s_sum, &s_sq);
         let (action_mean, action_std) = stats(&a_sum, &a_sq);
         let (privileged_mean, privileged_std) = stats(&p_sum, &p_sq);
-        anyhow::ensure!(
-            r_max > 0.0,
-            "dataset per-step rewards are never positive (max {r_max}): cannot scale by max r"
-        );
-        let reward_scale = r_max as f32;
-        let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
-        let terminal_reward = (1.0 / (1.0 - gamma)) as f32;
+        let (reward_scale, bounds, terminal_reward) = if from_environment {
+            anyhow::ensure!(
+                r_max > 0.0,
+                "dataset per-step rewards are never positive (max {r_max}): cannot scale by max r"
+            );
+            let bounds = ValueBounds { min_v: r_min / r_max / (1.0 - gamma), max_v: 1.0 / (1.0 - gamma) };
+            (r_max as f32, bounds, Some((1.0 / (1.0 - gamma)) as f32))
+        } else {
+            // Sparse task rewards (robomimic's 1 on success, a `--reward` rule's 1 at the end)
+            // come on terminal steps: scale by the largest reward of any step, so the returns
+            // stay within ±1/(1 − γ).
+            let scale = all_max.abs().max(all_min.abs());
+            anyhow::ensure!(
+                scale > 0.0,
+                "dataset {}: every reward of the training episodes is 0: there is nothing to learn a value from \
+                 (a source without rewards is converted with --reward)",
+                dir.display()
+            );
+            let bounds = ValueBounds { min_v: all_min / scale / (1.0 - gamma), max_v: all_max / scale / (1.0 - gamma) };
+            (scale as f32, bounds, None)
+        };
         let dims = Dims {
             state_dim,
             action_dim,
             image_hw: (meta.image_height, meta.image_width),
             privileged_dim,
-            supersample: meta.env.supersample,
+            supersample: meta.env.as_ref().map_or(1, |env| env.supersample),
+            cameras: meta.cameras.clone(),
+            from_environment,
         };
         let norm = Normalization {
             state_mean,
@@ -105,7 +155,21 @@ impl Replay {
             privileged_mean,
             privileged_std,
         };
-        Ok(Self { dataset, index, norm, bounds, encoder, dims, terminal_reward })
+        Ok(Self { dataset, index, held_out, norm, bounds, encoder, dims, terminal_reward })
+    }
+
+    /// Episodes kept out of training (for offline evaluation), in dataset order.
+    pub fn held_out(&self) -> &[usize] {
+        &self.held_out
+    }
+
+    /// The state vector the model sees of a transition's observation.
+    fn model_state(&self, state: &[f32], environment_state: &[f32]) -> Vec<f32> {
+        if self.dims.from_environment {
+            model_state(self.encoder, state, environment_state)
+        } else {
+            state.to_vec()
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -141,18 +205,22 @@ impl Replay {
         let mut done = Vec::with_capacity(batch_size);
         let pd = self.dims.privileged_dim;
         let mut privileged = Vec::with_capacity(batch_size * pd);
-        let frame = 3 * NUM_CAMERAS * h * w;
+        let cameras = self.dims.cameras.len();
+        let frame = 3 * cameras * h * w;
         let mut img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
         let mut next_img = if images { vec![0f32; batch_size * frame] } else { Vec::new() };
         for (b, &(e, t)) in picks.iter().enumerate() {
             let tr = self.dataset.episode(e).expect("indexed episode exists").transition(t);
-            state.extend(self.norm.state(&model_state(self.encoder, tr.state, tr.environment_state)));
-            next_state.extend(self.norm.state(&model_state(self.encoder, tr.next_state, tr.next_environment_state)));
+            state.extend(self.norm.state(&self.model_state(tr.state, tr.environment_state)));
+            next_state.extend(self.norm.state(&self.model_state(tr.next_state, tr.next_environment_state)));
             action.extend(
                 tr.action.iter().zip(&self.norm.action_mean).zip(&self.norm.action_std).map(|((x, m), s)| (x - m) / s),
             );
             // Success: the absorbing value replaces the env's undiscounted remaining-steps bonus.
-            reward.push(if tr.terminal { self.terminal_reward } else { tr.reward / self.norm.reward_scale });
+            reward.push(match self.terminal_reward {
+                Some(absorbing) if tr.terminal => absorbing,
+                _ => tr.reward / self.norm.reward_scale,
+            });
             // Bootstrap through time limits; only success is terminal.
             done.push(if tr.terminal { 1f32 } else { 0f32 });
             if pd > 0 {
@@ -164,9 +232,8 @@ impl Replay {
             }
         }
         let t2 = |v: Vec<f32>, d: usize| Tensor::from_vec(v, (batch_size, d), device).and_then(|t| t.to_dtype(dtype));
-        let t4 = |v: Vec<f32>| {
-            Tensor::from_vec(v, (batch_size, 3 * NUM_CAMERAS, h, w), device).and_then(|t| t.to_dtype(dtype))
-        };
+        let t4 =
+            |v: Vec<f32>| Tensor::from_vec(v, (batch_size, 3 * cameras, h, w), device).and_then(|t| t.to_dtype(dtype));
         Ok(Batch {
             images: if images { Some(t4(img)?) } else { None },
             next_images: if images { Some(t4(next_img)?) } else { None },
@@ -180,8 +247,8 @@ impl Replay {
     }
 }
 
-/// Three HWC u8 images → 9×H×W floats in [0, 1] (camera-major, then RGB).
-pub fn cameras_to_chw(images: &[&[u8]; NUM_CAMERAS], h: usize, w: usize, out: &mut [f32]) {
+/// HWC u8 images, one per camera → (3 × cameras)×H×W floats in [0, 1] (camera-major, then RGB).
+pub fn cameras_to_chw(images: &[&[u8]], h: usize, w: usize, out: &mut [f32]) {
     for (c, img) in images.iter().enumerate() {
         for y in 0..h {
             for x in 0..w {
