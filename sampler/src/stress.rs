@@ -251,6 +251,7 @@ pub fn load_policy(path: &Path, device: &Device) -> anyhow::Result<ExportedPolic
     let policy =
         ExportedPolicy::load(path, device).with_context(|| format!("loading the policy {}", path.display()))?;
     let h = &policy.header;
+    h.check_environment().with_context(|| format!("the policy {}", path.display()))?;
     anyhow::ensure!(
         h.encoder.uses_images(),
         "the policy {} is state-only (encoder 'none'): generated images cannot change its actions; export a policy trained with --encoder conv or resnet18",

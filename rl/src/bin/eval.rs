@@ -59,6 +59,9 @@ fn check_fits_environment(policy: &ExportedPolicy, path: &Path) -> Result<()> {
     let state_dim =
         if h.encoder.uses_images() { STATE_DIM } else { STATE_DIM + ENVIRONMENT_STATE_DIM + TASK_FRAME_DIM };
     let mut problems = Vec::new();
+    if let Err(e) = h.check_environment() {
+        problems.push(e.to_string());
+    }
     if h.state_dim != state_dim {
         problems.push(format!("state_dim is {}, the environment gives this encoder {state_dim}", h.state_dim));
     }

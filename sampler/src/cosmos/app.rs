@@ -707,6 +707,8 @@ fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Op
     let (Some(policy_path), Some(reference)) = (&args.policy, &args.policy_reference) else { return Ok(None) };
     let policy = rl::policy::ExportedPolicy::load(policy_path, device)
         .with_context(|| format!("--policy {}: not an exported LAPO policy", policy_path.display()))?;
+    // The generated video is cut into the environment's camera views.
+    policy.header.check_environment().with_context(|| format!("--policy {}", policy_path.display()))?;
     anyhow::ensure!(
         policy.header.encoder.uses_images(),
         "--policy {}: a state-only policy (encoder 'none'): generated frames cannot change its actions",
