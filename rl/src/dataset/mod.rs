@@ -32,6 +32,7 @@
 
 pub mod hdf5;
 pub mod imported;
+pub mod lerobot;
 pub mod npz;
 pub mod reader;
 pub mod writer;
