@@ -343,3 +343,60 @@ fn bad_data_files_name_the_file_and_key() {
         }
     }
 }
+
+/// Largest difference between our decoded video frames and PyAV's (ffmpeg's libdav1d / h264
+/// decoders, then swscale's `rgb24`): the bitstream decode is exact in both, the YUV → RGB
+/// conversion differs in chroma upsampling and rounding. Measured: 3 on both fixtures.
+#[cfg(feature = "video")]
+const VIDEO_TOLERANCE: u8 = 4;
+
+/// Largest difference from the frames that were encoded: the codecs' own loss on 16×24 ramps
+/// with 4:2:0 chroma (measured 13 for H.264 at crf 12, 19 for AV1 at crf 20). Only a sanity
+/// bound: a frame taken at the wrong time differs by far more (the ramps move 0.6 rad a frame).
+#[cfg(feature = "video")]
+const CODEC_LOSS: u8 = 24;
+
+/// A video fixture: every number exact, every pixel within [`VIDEO_TOLERANCE`] of PyAV's decode.
+#[cfg(feature = "video")]
+fn check_video(name: &str, format: SourceFormat, camera: &str, rule: Option<RewardRule>, expect: Expect) {
+    let dir = fixture(name);
+    let npz = npz(&format!("{name}.npz"));
+    let data = read(&dir, &selection(rule)).unwrap();
+    assert_eq!(data.format, format);
+    assert_eq!(data.cameras, [camera]);
+    assert_eq!(data.image_sizes, vec![(16, 24)]);
+    let mut worst = 0u8;
+    let mut worst_source = 0u8;
+    for (e, episode) in data.episodes.iter().enumerate() {
+        let mut expected = expected_episode(&npz, e, &["observation.state"], &[camera], expect);
+        let (_, ours) = &episode.images[0];
+        let (_, theirs) = &expected.images[0];
+        assert_eq!(ours.len(), theirs.len(), "{name} episode {e}");
+        worst = worst.max(ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0));
+        let source = bytes(&npz, &format!("ep{e}.source.{camera}"));
+        worst_source = worst_source.max(ours.iter().zip(&source).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0));
+        expected.images = episode.images.clone();
+        assert_eq!(episode, &expected, "{name} episode {e}");
+    }
+    println!("{name}: max |ours - PyAV| = {worst}, max |ours - source| = {worst_source}");
+    assert!(worst <= VIDEO_TOLERANCE, "{name}: {worst} > {VIDEO_TOLERANCE}");
+    assert!(worst_source <= CODEC_LOSS, "{name}: {worst_source} > {CODEC_LOSS}");
+}
+
+#[cfg(feature = "video")]
+#[test]
+fn v30_av1_video_frames_match_pyav() {
+    check_video(
+        "v30_av1",
+        SourceFormat::LeRobotV30,
+        "observation.images.cam",
+        Some(RewardRule::SparseEnd),
+        Expect::SparseEnd,
+    );
+}
+
+#[cfg(feature = "video")]
+#[test]
+fn v21_h264_video_frames_match_pyav() {
+    check_video("v21_h264", SourceFormat::LeRobotV21, "observation.images.front", None, Expect::Recorded);
+}

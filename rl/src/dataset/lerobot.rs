@@ -79,9 +79,22 @@
 //!
 //! # Video
 //!
-//! Video cameras need the `video` feature of this crate (`--features rl/video`); without it a
-//! video camera is an error naming the MP4 file and the key, saying to build with the feature
-//! or to choose image cameras with `--cameras`. See [`VIDEO_SUPPORT`].
+//! Video cameras need the `video` feature of this crate, off by default (`cargo test --workspace
+//! --features rl/video`; `-p rl` would change feature unification and rebuild candle). Without
+//! it a video camera is an error naming the MP4 file and the key, saying to build with the
+//! feature or to choose image cameras with `--cameras`, before any data is read. With it:
+//!
+//! | part | crate | why |
+//! | --- | --- | --- |
+//! | MP4 demux | `re_mp4` 0.5.1 (Rerun's, pure Rust) | knows `av01` and `avc1` sample entries and gives composition times; the `mp4` crate the sampler uses has no `av01` |
+//! | AV1 | `rav1d` 1.1.0 without default features (`bitdepth_8` only) | Rust port of dav1d; its `asm` feature (default) needs `nasm`, so it is off; 10-bit streams are refused by message |
+//! | H.264 | `openh264` 0.9.9 | Cisco's decoder from its bundled C++ source (g++ at build time), as the sampler crate already builds it |
+//!
+//! Everything comes from crates.io; no system library. Measured on this 2-core machine (other
+//! builds beside it): turning the feature on in a warm workspace build compiled rav1d, re_mp4,
+//! their small dependencies and openh264-sys2 in 1 min 36 s wall (170 s CPU). Frame choice and
+//! colour conversion: see the `video` module below. The test fixtures' frames agree with PyAV's
+//! decode (ffmpeg) to within 3 levels (AV1 from libsvtav1, H.264 from libx264).
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
@@ -1349,4 +1362,453 @@ fn no_video(file: &Path, key: &str) -> LeRobotError {
 #[cfg(not(feature = "video"))]
 fn decode_video(file: &Path, camera: &Camera, _times: &[f64], _fps: f64) -> Result<Vec<u8>> {
     Err(no_video(file, &camera.key))
+}
+
+#[cfg(feature = "video")]
+fn decode_video(file: &Path, camera: &Camera, times: &[f64], fps: f64) -> Result<Vec<u8>> {
+    video::frames_at(file, &camera.key, (camera.height, camera.width), times, fps)
+}
+
+/// What video this build decodes, in words (for messages and `--help`).
+#[cfg(feature = "video")]
+pub const VIDEO_SUPPORT: &str = "MP4 with AV1 (8-bit, rav1d) or H.264 (OpenH264)";
+
+/// MP4 video cameras: demuxed with `re_mp4`, AV1 decoded with `rav1d` (the Rust port of dav1d,
+/// built without its assembly so no `nasm` is needed; 8-bit only, which is what LeRobot's
+/// `libsvtav1` yuv420p encoding gives), H.264 with OpenH264 built from its bundled C++ source.
+///
+/// A row's frame is the one whose presentation time (`re_mp4` shifts the first to 0, as an
+/// edit list does) is nearest to `from_timestamp + timestamp`; one more than half a frame period
+/// (`0.5 / fps`) away is an error, as is a frame of another size than the feature's shape.
+/// Decoding starts at the last sync sample before the first frame needed and stops after the
+/// last one, so a v3.0 file shared by many episodes is not decoded from its start each time.
+///
+/// YUV to RGB: BT.601 (BT.709 when an AV1 sequence header says so), limited range unless an AV1
+/// header says full; chroma taken from the nearest sample (no interpolation). This matches
+/// ffmpeg's untagged `yuv420p` → `rgb24` to within the codec tolerance the tests state.
+#[cfg(feature = "video")]
+mod video {
+    use super::{key_error, Result};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::path::Path;
+
+    /// One decoded picture, planar YUV (chroma subsampled by `1 << shift` per axis).
+    struct Yuv {
+        width: usize,
+        height: usize,
+        planes: [Vec<u8>; 3],
+        strides: [usize; 3],
+        /// Chroma subsampling shift `(x, y)`; `None` for monochrome.
+        chroma_shift: Option<(u32, u32)>,
+        bt709: bool,
+        full_range: bool,
+    }
+
+    impl Yuv {
+        fn to_rgb(&self) -> Vec<u8> {
+            let (kr, kb) = if self.bt709 { (0.2126f32, 0.0722f32) } else { (0.299f32, 0.114f32) };
+            let kg = 1.0 - kr - kb;
+            let (y_off, y_scale, c_scale) =
+                if self.full_range { (0.0, 1.0, 1.0) } else { (16.0, 255.0 / 219.0, 255.0 / 224.0) };
+            let mut out = Vec::with_capacity(self.width * self.height * 3);
+            for row in 0..self.height {
+                for col in 0..self.width {
+                    let y = (f32::from(self.planes[0][row * self.strides[0] + col]) - y_off) * y_scale;
+                    let (cb, cr) = match self.chroma_shift {
+                        Some((sx, sy)) => {
+                            let (r, c) = (row >> sy, col >> sx);
+                            (
+                                (f32::from(self.planes[1][r * self.strides[1] + c]) - 128.0) * c_scale,
+                                (f32::from(self.planes[2][r * self.strides[2] + c]) - 128.0) * c_scale,
+                            )
+                        }
+                        None => (0.0, 0.0),
+                    };
+                    let r = y + 2.0 * (1.0 - kr) * cr;
+                    let b = y + 2.0 * (1.0 - kb) * cb;
+                    let g = y - (2.0 * kb * (1.0 - kb) / kg) * cb - (2.0 * kr * (1.0 - kr) / kg) * cr;
+                    out.extend([r, g, b].map(|v| v.round().clamp(0.0, 255.0) as u8));
+                }
+            }
+            out
+        }
+    }
+
+    /// A codec behind one interface: samples in, pictures out in display order.
+    trait Decode {
+        fn push(&mut self, sample: &[u8], sync: bool, out: &mut Vec<Yuv>) -> Result<(), String>;
+        fn finish(&mut self, out: &mut Vec<Yuv>) -> Result<(), String>;
+    }
+
+    pub(super) fn frames_at(
+        file: &Path,
+        key: &str,
+        (height, width): (usize, usize),
+        times: &[f64],
+        fps: f64,
+    ) -> Result<Vec<u8>> {
+        let err = |reason: String| key_error(file, key, reason);
+        let mut handle = match std::fs::File::open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(err("missing (the metadata lists it)".into()))
+            }
+            Err(e) => return Err(err(format!("cannot open: {e}"))),
+        };
+        let size = handle.metadata().map_err(|e| err(format!("cannot open: {e}")))?.len();
+        let mp4 = re_mp4::Mp4::read(std::io::BufReader::new(&mut handle), size)
+            .map_err(|e| err(format!("not a readable MP4 file: {e}")))?;
+        let Some(track) = mp4.tracks().values().find(|t| t.kind == Some(re_mp4::TrackKind::Video)) else {
+            return Err(err("the MP4 file has no video track".into()));
+        };
+        let samples = &track.samples;
+        if samples.is_empty() {
+            return Err(err("the video track has no frames".into()));
+        }
+        if track.timescale == 0 {
+            return Err(err("the video track has timescale 0".into()));
+        }
+        // Display order: samples sorted by composition time.
+        let mut display: Vec<usize> = (0..samples.len()).collect();
+        display.sort_by_key(|&i| (samples[i].composition_timestamp, i));
+        let seconds: Vec<f64> =
+            display.iter().map(|&i| samples[i].composition_timestamp as f64 / track.timescale as f64).collect();
+        let tolerance = 0.5 / fps;
+        let mut wanted = Vec::with_capacity(times.len());
+        for (row, &t) in times.iter().enumerate() {
+            let at = seconds.partition_point(|&s| s < t);
+            let nearest = [at.checked_sub(1), (at < seconds.len()).then_some(at)]
+                .into_iter()
+                .flatten()
+                .min_by(|&a, &b| (seconds[a] - t).abs().total_cmp(&(seconds[b] - t).abs()));
+            let Some(d) = nearest.filter(|&d| (seconds[d] - t).abs() <= tolerance) else {
+                let last = seconds.last().copied().unwrap_or(0.0);
+                return Err(err(format!(
+                    "frame {row}: no frame within {tolerance:.4} s of time {t:.4} s (the video's frames span 0 to \
+                     {last:.4} s)"
+                )));
+            };
+            wanted.push(d);
+        }
+        // Decode from the last sync sample at or before the first sample needed.
+        let first_needed = wanted.iter().map(|&d| display[d]).min().unwrap_or(0);
+        let start = (0..=first_needed).rev().find(|&i| samples[i].is_sync).unwrap_or(0);
+        // Display rank (within the decoded run) → display index overall.
+        let mut run: Vec<usize> = (start..samples.len()).collect();
+        run.sort_by_key(|&i| (samples[i].composition_timestamp, i));
+        let mut display_of_sample = vec![0usize; samples.len()];
+        for (d, &i) in display.iter().enumerate() {
+            display_of_sample[i] = d;
+        }
+        let rank_to_display: Vec<usize> = run.iter().map(|&i| display_of_sample[i]).collect();
+
+        let stsd = &track.trak(&mp4).mdia.minf.stbl.stsd.contents;
+        let mut decoder: Box<dyn Decode> = match stsd {
+            re_mp4::StsdBoxContent::Av01(_) => Box::new(Av1::new().map_err(err)?),
+            re_mp4::StsdBoxContent::Avc1(avc1) => Box::new(H264::new(avc1).map_err(err)?),
+            other => {
+                let codec = other.codec_string().unwrap_or_else(|| "unknown".into());
+                return Err(err(format!(
+                    "codec {codec} is not decoded here (AV1 and H.264 are); re-encode the videos, e.g. with LeRobot's \
+                     AV1 default"
+                )));
+            }
+        };
+
+        let frame = height * width * 3;
+        let mut frames: Vec<Option<Vec<u8>>> = vec![None; seconds.len()];
+        let needed: std::collections::BTreeSet<usize> = wanted.iter().copied().collect();
+        let mut produced = 0usize;
+        let mut pictures = Vec::new();
+        let mut bytes = Vec::new();
+        let take = |pictures: &mut Vec<Yuv>, produced: &mut usize, frames: &mut [Option<Vec<u8>>]| -> Result<()> {
+            for picture in pictures.drain(..) {
+                let d = rank_to_display.get(*produced).copied().unwrap_or(usize::MAX);
+                *produced += 1;
+                if needed.contains(&d) {
+                    if (picture.height, picture.width) != (height, width) {
+                        return Err(err(format!(
+                            "frames are {}×{} (H×W); the feature's shape says {height}×{width}",
+                            picture.height, picture.width
+                        )));
+                    }
+                    frames[d] = Some(picture.to_rgb());
+                }
+            }
+            Ok(())
+        };
+        for (i, s) in samples.iter().enumerate().skip(start) {
+            let len = usize::try_from(s.size).map_err(|_| err(format!("sample {i}: size {} too large", s.size)))?;
+            if s.offset.checked_add(s.size).is_none_or(|end| end > size) {
+                return Err(err(format!("sample {i} lies beyond the end of the file (truncated?)")));
+            }
+            bytes.resize(len, 0);
+            handle
+                .seek(SeekFrom::Start(s.offset))
+                .and_then(|_| handle.read_exact(&mut bytes))
+                .map_err(|e| err(format!("sample {i}: unreadable: {e}")))?;
+            decoder.push(&bytes, s.is_sync, &mut pictures).map_err(|e| err(format!("sample {i}: {e}")))?;
+            take(&mut pictures, &mut produced, &mut frames)?;
+            if needed.iter().all(|&d| frames[d].is_some()) {
+                break;
+            }
+        }
+        decoder.finish(&mut pictures).map_err(|e| err(format!("at the end of the stream: {e}")))?;
+        take(&mut pictures, &mut produced, &mut frames)?;
+
+        let mut out = Vec::with_capacity(wanted.len() * frame);
+        for (row, d) in wanted.iter().enumerate() {
+            match &frames[*d] {
+                Some(f) => out.extend_from_slice(f),
+                None => {
+                    return Err(err(format!(
+                        "frame {row}: the decoder gave no picture for the frame at {:.4} s",
+                        seconds[*d]
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // H.264 (OpenH264)
+
+    struct H264 {
+        decoder: openh264::decoder::Decoder,
+        length_size: usize,
+        parameter_sets: Vec<u8>,
+        packet: Vec<u8>,
+    }
+
+    impl H264 {
+        fn new(avc1: &re_mp4::Avc1Box) -> Result<Self, String> {
+            let avcc = &avc1.avcc.contents;
+            use openh264::decoder::{Decoder, DecoderConfig, Flush};
+            let mut parameter_sets = Vec::new();
+            for nal in avcc.sequence_parameter_sets.iter().chain(&avcc.picture_parameter_sets) {
+                parameter_sets.extend_from_slice(&[0, 0, 0, 1]);
+                parameter_sets.extend_from_slice(&nal.bytes);
+            }
+            // No flush per packet: B-frames need the reordering buffer (see sampler's h264.rs).
+            let config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
+            let decoder = Decoder::with_api_config(openh264::OpenH264API::from_source(), config)
+                .map_err(|e| format!("cannot start OpenH264: {e}"))?;
+            Ok(Self {
+                decoder,
+                length_size: usize::from(avcc.length_size_minus_one & 3) + 1,
+                parameter_sets,
+                packet: Vec::new(),
+            })
+        }
+    }
+
+    fn yuv_of(picture: &openh264::decoder::DecodedYUV<'_>) -> Yuv {
+        use openh264::formats::YUVSource;
+        let (width, height) = picture.dimensions();
+        let (sy, su, sv) = picture.strides();
+        Yuv {
+            width,
+            height,
+            planes: [picture.y().to_vec(), picture.u().to_vec(), picture.v().to_vec()],
+            strides: [sy, su, sv],
+            chroma_shift: Some((1, 1)),
+            bt709: false,
+            full_range: false,
+        }
+    }
+
+    impl Decode for H264 {
+        fn push(&mut self, sample: &[u8], sync: bool, out: &mut Vec<Yuv>) -> Result<(), String> {
+            self.packet.clear();
+            if sync {
+                self.packet.extend_from_slice(&self.parameter_sets);
+            }
+            // AVCC (length-prefixed NAL units) → Annex B (start codes), what OpenH264 reads.
+            let mut rest = sample;
+            while !rest.is_empty() {
+                if rest.len() < self.length_size {
+                    return Err("a NAL length field is cut off".into());
+                }
+                let len = rest[..self.length_size].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+                rest = &rest[self.length_size..];
+                if len > rest.len() {
+                    return Err(format!("a NAL unit claims {len} bytes, {} remain", rest.len()));
+                }
+                self.packet.extend_from_slice(&[0, 0, 0, 1]);
+                self.packet.extend_from_slice(&rest[..len]);
+                rest = &rest[len..];
+            }
+            match self.decoder.decode(&self.packet) {
+                Ok(Some(picture)) => out.push(yuv_of(&picture)),
+                Ok(None) => {}
+                Err(e) => return Err(format!("OpenH264 cannot decode it ({e})")),
+            }
+            Ok(())
+        }
+
+        fn finish(&mut self, out: &mut Vec<Yuv>) -> Result<(), String> {
+            let rest = self.decoder.flush_remaining().map_err(|e| format!("OpenH264: {e}"))?;
+            out.extend(rest.iter().map(yuv_of));
+            Ok(())
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // AV1 (rav1d, through its dav1d-compatible API)
+
+    use rav1d::include::dav1d::data::Dav1dData;
+    use rav1d::include::dav1d::dav1d::{Dav1dContext, Dav1dSettings};
+    use rav1d::include::dav1d::headers::{
+        DAV1D_PIXEL_LAYOUT_I400, DAV1D_PIXEL_LAYOUT_I420, DAV1D_PIXEL_LAYOUT_I422, DAV1D_PIXEL_LAYOUT_I444,
+    };
+    use rav1d::include::dav1d::picture::Dav1dPicture;
+    use rav1d::src::lib as dav1d;
+    use std::ptr::NonNull;
+
+    /// dav1d's "try again" (`-EAGAIN`): feed more data, or take pictures first.
+    const EAGAIN: i32 = -11;
+
+    struct Av1 {
+        context: Option<Dav1dContext>,
+    }
+
+    impl Av1 {
+        fn new() -> Result<Self, String> {
+            let mut settings = std::mem::MaybeUninit::<Dav1dSettings>::uninit();
+            // SAFETY: `dav1d_default_settings` writes a whole `Dav1dSettings` through the pointer,
+            // which points to writable memory of that type.
+            let mut settings = unsafe {
+                dav1d::dav1d_default_settings(NonNull::new_unchecked(settings.as_mut_ptr()));
+                settings.assume_init()
+            };
+            // One thread and no frame delay: pictures come out as soon as they are decoded.
+            settings.n_threads = 1;
+            settings.max_frame_delay = 1;
+            let mut context: Option<Dav1dContext> = None;
+            // SAFETY: both pointers come from live references to values of the right types.
+            let result =
+                unsafe { dav1d::dav1d_open(Some(NonNull::from(&mut context)), Some(NonNull::from(&mut settings))) };
+            if result.0 < 0 || context.is_none() {
+                return Err(format!("cannot start the AV1 decoder (error {})", result.0));
+            }
+            Ok(Self { context })
+        }
+
+        /// Takes every picture the decoder has ready.
+        fn drain(&mut self, out: &mut Vec<Yuv>) -> Result<(), String> {
+            loop {
+                let mut picture = Dav1dPicture::default();
+                // SAFETY: the context is open (from `dav1d_open`, not closed before `Drop`), and
+                // `picture` is a live, default-initialised picture the call may fill.
+                let result = unsafe { dav1d::dav1d_get_picture(self.context, Some(NonNull::from(&mut picture))) };
+                if result.0 == EAGAIN {
+                    return Ok(());
+                }
+                if result.0 < 0 {
+                    return Err(format!("the AV1 decoder failed (error {})", result.0));
+                }
+                let converted = picture_yuv(&picture);
+                // SAFETY: `picture` was filled by `dav1d_get_picture` and is released once.
+                unsafe { dav1d::dav1d_picture_unref(Some(NonNull::from(&mut picture))) };
+                out.push(converted?);
+            }
+        }
+    }
+
+    /// Copies an 8-bit picture's planes out of the decoder's buffers.
+    fn picture_yuv(picture: &Dav1dPicture) -> Result<Yuv, String> {
+        if picture.p.bpc != 8 {
+            return Err(format!("{}-bit AV1 is not decoded here (8-bit is)", picture.p.bpc));
+        }
+        let (width, height) = (usize::try_from(picture.p.w).unwrap_or(0), usize::try_from(picture.p.h).unwrap_or(0));
+        let chroma_shift = match picture.p.layout {
+            DAV1D_PIXEL_LAYOUT_I420 => Some((1, 1)),
+            DAV1D_PIXEL_LAYOUT_I422 => Some((1, 0)),
+            DAV1D_PIXEL_LAYOUT_I444 => Some((0, 0)),
+            DAV1D_PIXEL_LAYOUT_I400 => None,
+            other => return Err(format!("unknown AV1 pixel layout {other}")),
+        };
+        let luma_stride = usize::try_from(picture.stride[0]).map_err(|_| "negative stride".to_string())?;
+        let chroma_stride = usize::try_from(picture.stride[1]).map_err(|_| "negative stride".to_string())?;
+        let plane = |i: usize, stride: usize, rows: usize| -> Result<Vec<u8>, String> {
+            let Some(ptr) = picture.data[i] else { return Err(format!("plane {i} missing")) };
+            // SAFETY: dav1d's picture planes hold `rows` rows of `stride` bytes each (the stride
+            // covers the row's width, rounded up), valid until the picture is unreferenced.
+            Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), stride * rows) }.to_vec())
+        };
+        let (planes, strides) = match chroma_shift {
+            Some((_, sy)) => {
+                let chroma_rows = (height + (1 << sy) - 1) >> sy;
+                (
+                    [
+                        plane(0, luma_stride, height)?,
+                        plane(1, chroma_stride, chroma_rows)?,
+                        plane(2, chroma_stride, chroma_rows)?,
+                    ],
+                    [luma_stride, chroma_stride, chroma_stride],
+                )
+            }
+            None => ([plane(0, luma_stride, height)?, Vec::new(), Vec::new()], [luma_stride, 0, 0]),
+        };
+        // SAFETY: a picture from the decoder points to its sequence header, valid while the
+        // picture is referenced.
+        let header = picture.seq_hdr.map(|h| unsafe { h.as_ref() });
+        Ok(Yuv {
+            width,
+            height,
+            planes,
+            strides,
+            chroma_shift,
+            bt709: header.is_some_and(|h| h.mtrx == 1),
+            full_range: header.is_some_and(|h| h.color_range != 0),
+        })
+    }
+
+    impl Decode for Av1 {
+        fn push(&mut self, sample: &[u8], _sync: bool, out: &mut Vec<Yuv>) -> Result<(), String> {
+            let mut data = Dav1dData::default();
+            // SAFETY: `data` is a live, empty `Dav1dData`; the call allocates `sample.len()`
+            // bytes it owns and returns a pointer to them (null on failure).
+            let buffer = unsafe { dav1d::dav1d_data_create(Some(NonNull::from(&mut data)), sample.len()) };
+            if buffer.is_null() {
+                return Err("the AV1 decoder could not allocate a sample buffer".into());
+            }
+            // SAFETY: `buffer` points to `sample.len()` writable bytes owned by `data`.
+            unsafe { std::ptr::copy_nonoverlapping(sample.as_ptr(), buffer, sample.len()) };
+            let result = loop {
+                // SAFETY: the context is open; `data` holds the sample (the call consumes it,
+                // leaving `sz == 0`, or leaves it for another try on EAGAIN).
+                let result = unsafe { dav1d::dav1d_send_data(self.context, Some(NonNull::from(&mut data))) };
+                if result.0 < 0 && result.0 != EAGAIN {
+                    break Err(format!("the AV1 decoder refused the sample (error {})", result.0));
+                }
+                if let Err(e) = self.drain(out) {
+                    break Err(e);
+                }
+                if data.sz == 0 {
+                    break Ok(());
+                }
+            };
+            if data.sz > 0 {
+                // SAFETY: `data` still owns its buffer (not consumed); released once.
+                unsafe { dav1d::dav1d_data_unref(Some(NonNull::from(&mut data))) };
+            }
+            result
+        }
+
+        fn finish(&mut self, out: &mut Vec<Yuv>) -> Result<(), String> {
+            self.drain(out)
+        }
+    }
+
+    impl Drop for Av1 {
+        fn drop(&mut self) {
+            if self.context.is_some() {
+                // SAFETY: the context came from `dav1d_open` and is closed once (it is set to
+                // `None` by the call).
+                unsafe { dav1d::dav1d_close(Some(NonNull::from(&mut self.context))) };
+            }
+        }
+    }
 }
