@@ -33,6 +33,7 @@
 pub mod convert;
 pub mod hdf5;
 pub mod imported;
+pub mod lerobot;
 pub mod npz;
 pub mod reader;
 pub mod writer;
