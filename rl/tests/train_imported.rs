@@ -10,7 +10,7 @@ mod probe;
 
 use std::path::{Path, PathBuf};
 
-use probe::{assert_ok, assert_refused, run, stderr};
+use probe::{assert_ok, assert_refused, run, run_env, stderr};
 use rl::dataset::convert::{write_converted, ConvertOptions};
 use rl::dataset::npz::{read_npz, NpyArray, NpyData};
 use rl::dataset::Dataset;
@@ -20,6 +20,22 @@ const TRAIN: &str = env!("CARGO_BIN_EXE_train");
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hdf5").join(name)
+}
+
+fn lerobot(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lerobot").join(name)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 fn s(p: &Path) -> &str {
@@ -110,6 +126,12 @@ fn robomimic_trains_with_both_cameras_and_reuses_its_conversion() {
     assert_ok(&out);
     assert!(stderr(&out).contains("converted from"), "{}", stderr(&out));
     assert_eq!(std::fs::read_dir(tmp.path().join("converted")).unwrap().count(), 1);
+
+    // The same demos stored contiguously (no chunks, no compression).
+    let file = fixture("robomimic_contiguous.hdf5");
+    let args = short_run(s(&file), s(tmp.path()), &["--encoder", "conv", "--name", "contiguous"]);
+    assert_ok(&run(TRAIN, &args, tmp.path()));
+    check_run(&tmp.path().join("contiguous"), &["agentview_image", "robot0_eye_in_hand_image"], 11, 7);
 }
 
 #[test]
@@ -163,7 +185,7 @@ fn converted_shards_hold_the_sources_values() {
         &rl::dataset::hdf5::HdfSelection { state_keys: options.state_keys.clone(), ..Default::default() },
     )
     .unwrap();
-    write_converted(&imported, &file, "test", &options, tmp.path()).unwrap();
+    write_converted(&imported, s(&file), "test", &options, tmp.path()).unwrap();
     let expected = read_npz(&fixture("robomimic.npz")).unwrap();
     let get = |key: &str| expected.get(key).unwrap_or_else(|| panic!("{key} not in robomimic.npz"));
     let dataset = Dataset::open(tmp.path()).unwrap();
@@ -235,4 +257,77 @@ fn bad_combinations_are_refused_by_name() {
     std::fs::write(&junk, b"not a dataset").unwrap();
     let args = ["--dataset", s(&junk), "--runs-dir", s(tmp.path())];
     assert_refused(&run(TRAIN, &args, tmp.path()), &["junk.bin", "not a dataset"]);
+}
+
+/// LeRobot v2.1 with recorded rewards trains from the command line; a `--reward` rule on it is
+/// refused (it would replace recorded rewards silently).
+#[test]
+fn lerobot_v21_trains_on_its_recorded_rewards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = lerobot("v21_images");
+    let args = short_run(s(&dir), s(tmp.path()), &["--encoder", "conv", "--name", "v21"]);
+    assert_ok(&run(TRAIN, &args, tmp.path()));
+    // observation.state (4) and observation.environment_state (3), in that order.
+    check_run(&tmp.path().join("v21"), &["image"], 7, 2);
+    let args = short_run(s(&dir), s(tmp.path()), &["--reward", "sparse-end", "--name", "rule"]);
+    assert_refused(&run(TRAIN, &args, tmp.path()), &["--reward", "next.reward"]);
+}
+
+/// LeRobot v3.0 without rewards: refused until a rule is chosen, then trained with it (two
+/// cameras, one of them 6×8, resized to the square `--image-size`), and the rule is recorded.
+/// The same dataset from a Hub cache (`hf://datasets/org/name`) trains offline.
+#[test]
+fn lerobot_v30_without_rewards_needs_a_rule_and_resolves_from_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = lerobot("v30_images");
+    let args = short_run(s(&dir), s(tmp.path()), &["--encoder", "conv", "--name", "none"]);
+    assert_refused(&run(TRAIN, &args, tmp.path()), &["--reward", "sparse-end"]);
+    let args = short_run(s(&dir), s(tmp.path()), &["--encoder", "conv", "--reward", "sparse-end", "--name", "end"]);
+    assert_ok(&run(TRAIN, &args, tmp.path()));
+    check_run(&tmp.path().join("end"), &["top", "wrist"], 3, 2);
+    let config = read_json(&tmp.path().join("end").join("config.json"));
+    assert_eq!(config["args"]["reward"], "sparse-end");
+
+    // A Hugging Face cache as huggingface_hub lays it out, used offline.
+    let cache = tmp.path().join("hf-cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("datasets--someone--so100_pick");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    copy_dir(&dir, &repo.join("snapshots").join(commit));
+    let extra = ["--encoder", "conv", "--reward", "sparse-end", "--name", "hub"];
+    let args = short_run("hf://datasets/someone/so100_pick", s(tmp.path()), &extra);
+    let out = run_env(TRAIN, &args, tmp.path(), &[("HF_HUB_CACHE", &cache)]);
+    assert_ok(&out);
+    check_run(&tmp.path().join("hub"), &["top", "wrist"], 3, 2);
+    let converted: Vec<String> = std::fs::read_dir(tmp.path().join("converted"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(converted.iter().any(|name| name.starts_with("so100_pick-")), "{converted:?}");
+    let missing = short_run("hf://datasets/someone/absent", s(tmp.path()), &["--reward", "sparse-end"]);
+    let out = run_env(TRAIN, &missing, tmp.path(), &[("HF_HUB_CACHE", &cache)]);
+    assert_refused(&out, &["hf://datasets/someone/absent", "--repo-type dataset"]);
+}
+
+/// Video cameras (the `video` feature): AV1 (LeRobot v3.0, no rewards) and H.264 (v2.1, with
+/// rewards) train from the command line. Without the feature, the video camera is refused by
+/// name (the message says how to build with it).
+#[test]
+fn lerobot_video_cameras_train_with_the_video_feature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let av1 = lerobot("v30_av1");
+    let h264 = lerobot("v21_h264");
+    let av1_run = short_run(s(&av1), s(tmp.path()), &["--encoder", "conv", "--reward", "sparse-end", "--name", "av1"]);
+    let h264_run = short_run(s(&h264), s(tmp.path()), &["--encoder", "conv", "--name", "h264"]);
+    if cfg!(feature = "video") {
+        assert_ok(&run(TRAIN, &av1_run, tmp.path()));
+        check_run(&tmp.path().join("av1"), &["cam"], 3, 2);
+        assert_ok(&run(TRAIN, &h264_run, tmp.path()));
+        check_run(&tmp.path().join("h264"), &["front"], 4, 3);
+    } else {
+        assert_refused(&run(TRAIN, &av1_run, tmp.path()), &["observation.images.cam", "rl/video"]);
+        assert_refused(&run(TRAIN, &h264_run, tmp.path()), &["observation.images.front", "rl/video"]);
+    }
 }

@@ -539,3 +539,166 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
 
 #[cfg(test)]
 mod tests;
+
+/// A dataset reference: a local path (file or directory), or a Hugging Face Hub dataset
+/// repository `hf://datasets/org/name[@revision]` (the whole repository: a LeRobot dataset) or
+/// one file in it, `hf://datasets/org/name[@revision]:path/in/repo` (an HDF5 file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatasetRef {
+    Local(PathBuf),
+    Hub { repo: String, revision: String, file: Option<String> },
+}
+
+impl DatasetRef {
+    /// Parses `hf://datasets/…` as a Hub reference and anything else as a path.
+    pub fn parse(s: &str) -> Result<Self, WeightsError> {
+        let Some(rest) = s.strip_prefix("hf://datasets/") else { return Ok(Self::Local(s.into())) };
+        let bad = |why: &str| WeightsError::BadReference {
+            reference: s.into(),
+            why: format!("{why}; a dataset is hf://datasets/org/name[@revision][:path/in/repo]"),
+        };
+        let (repo_part, file) = match rest.split_once(':') {
+            Some((r, f)) => (r, Some(f)),
+            None => (rest, None),
+        };
+        let (repo, revision) = match repo_part.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => return Err(bad("empty revision after '@'")),
+            None => (repo_part, "main"),
+        };
+        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        match repo.split_once('/') {
+            Some((org, name)) if valid(org) && valid(name) => {}
+            _ => return Err(bad("the repository must be 'org/name'")),
+        }
+        if let Some(f) = file {
+            if f.is_empty() || f.starts_with('/') || f.split('/').any(|c| c == "..") {
+                return Err(bad("the file must be a relative path inside the repository"));
+            }
+        }
+        Ok(Self::Hub { repo: repo.into(), revision: revision.into(), file: file.map(String::from) })
+    }
+}
+
+/// Resolves a dataset reference ([`DatasetRef`]) to a local path, using the environment's Hub
+/// settings: a cached snapshot of the repository (or the file in it), downloaded first when it
+/// is missing, `HF_HUB_OFFLINE` is unset and the `hub-download` feature is on.
+pub fn resolve_dataset(reference: &str) -> Result<PathBuf, WeightsError> {
+    resolve_dataset_with(&DatasetRef::parse(reference)?, &HubOptions::from_env())
+}
+
+/// Resolves a parsed dataset reference.
+pub fn resolve_dataset_with(reference: &DatasetRef, hub: &HubOptions) -> Result<PathBuf, WeightsError> {
+    let DatasetRef::Hub { repo, revision, file } = reference else {
+        let DatasetRef::Local(path) = reference else { unreachable!("two variants") };
+        return if path.exists() { Ok(path.clone()) } else { Err(WeightsError::NotFound(path.clone())) };
+    };
+    let display = match file {
+        Some(f) => format!("hf://datasets/{repo}@{revision}:{f}"),
+        None => format!("hf://datasets/{repo}@{revision}"),
+    };
+    let repo_dir = hub.cache_dir.join(format!("datasets--{}", repo.replace('/', "--")));
+    let ref_file = repo_dir.join("refs").join(revision);
+    let is_hash = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+    let commit =
+        if is_hash { Some(revision.clone()) } else { std::fs::read_to_string(&ref_file).ok().map(|s| s.trim().into()) };
+    let mut looked = vec![ref_file.display().to_string()];
+    if let Some(commit) = commit {
+        let snapshot = repo_dir.join("snapshots").join(&commit);
+        let candidate = match file {
+            Some(f) => snapshot.join(f),
+            None => snapshot,
+        };
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+        looked.push(candidate.display().to_string());
+    }
+    if !hub.offline {
+        if let Some(p) = download_dataset(repo, revision, file.as_deref(), hub)
+            .map_err(|detail| WeightsError::Download { reference: display.clone(), detail })?
+        {
+            return Ok(p);
+        }
+    }
+    let online_hint = if hub.offline {
+        "; HF_HUB_OFFLINE is set, so nothing was downloaded"
+    } else if cfg!(feature = "hub-download") {
+        ""
+    } else {
+        "; this build has no `hub-download` feature, so nothing was downloaded"
+    };
+    let what = file.as_deref().unwrap_or("");
+    let message = format!(
+        "'{display}' is not in the Hugging Face cache at {} (looked for {}).\n  To fix: download it, e.g. \
+         `huggingface-cli download --repo-type dataset {repo} {what} --revision {revision}`, or point HF_HUB_CACHE / \
+         HF_HOME at a cache that has it{online_hint}",
+        hub.cache_dir.display(),
+        looked.join(", ")
+    );
+    Err(WeightsError::NotCached { reference: display, message })
+}
+
+#[cfg(feature = "hub-download")]
+fn download_dataset(
+    repo: &str,
+    revision: &str,
+    file: Option<&str>,
+    hub: &HubOptions,
+) -> Result<Option<PathBuf>, String> {
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(hub.cache_dir.clone())
+        .with_progress(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let repo = api.repo(hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Dataset, revision.into()));
+    if let Some(file) = file {
+        return repo.get(file).map(Some).map_err(|e| e.to_string());
+    }
+    // The whole repository: every file, then the snapshot directory that holds them.
+    let info = repo.info().map_err(|e| e.to_string())?;
+    let mut snapshot = None;
+    for sibling in &info.siblings {
+        let path = repo.get(&sibling.rfilename).map_err(|e| format!("{}: {e}", sibling.rfilename))?;
+        let depth = Path::new(&sibling.rfilename).components().count();
+        snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
+    }
+    Ok(snapshot)
+}
+
+#[cfg(not(feature = "hub-download"))]
+fn download_dataset(_: &str, _: &str, _: Option<&str>, _: &HubOptions) -> Result<Option<PathBuf>, String> {
+    Ok(None)
+}
+
+#[cfg(test)]
+mod dataset_ref_tests {
+    use super::*;
+
+    /// A populated cache (as `huggingface_hub` lays it out) resolves offline: the repository's
+    /// snapshot for `hf://datasets/org/name`, a file of it with `:path`, a commit hash directly.
+    #[test]
+    fn hub_datasets_resolve_from_the_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let repo_dir = cache.path().join("datasets--lerobot--pusht");
+        std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+        std::fs::write(repo_dir.join("refs").join("main"), format!("{commit}\n")).unwrap();
+        let snapshot = repo_dir.join("snapshots").join(commit);
+        std::fs::create_dir_all(snapshot.join("meta")).unwrap();
+        std::fs::write(snapshot.join("meta").join("info.json"), b"{}").unwrap();
+        let hub = HubOptions { cache_dir: cache.path().to_path_buf(), offline: true };
+        let resolve = |s: &str| resolve_dataset_with(&DatasetRef::parse(s).unwrap(), &hub);
+        assert_eq!(resolve("hf://datasets/lerobot/pusht").unwrap(), snapshot);
+        assert_eq!(resolve(&format!("hf://datasets/lerobot/pusht@{commit}")).unwrap(), snapshot);
+        assert_eq!(resolve("hf://datasets/lerobot/pusht:meta/info.json").unwrap(), snapshot.join("meta/info.json"));
+        let missing = resolve("hf://datasets/lerobot/aloha").unwrap_err().to_string();
+        assert!(
+            missing.contains("--repo-type dataset lerobot/aloha") && missing.contains("HF_HUB_OFFLINE"),
+            "{missing}"
+        );
+        let bad = DatasetRef::parse("hf://datasets/pusht").unwrap_err().to_string();
+        assert!(bad.contains("org/name"), "{bad}");
+        assert_eq!(DatasetRef::parse("data/x.hdf5").unwrap(), DatasetRef::Local("data/x.hdf5".into()));
+    }
+}

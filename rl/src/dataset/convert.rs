@@ -132,7 +132,25 @@ fn import_lerobot(path: &Path, options: &ConvertOptions) -> Result<ImportedDatas
         "--filter-key: robomimic's masks; {} is a LeRobot dataset",
         path.display()
     );
-    anyhow::bail!("{}: LeRobot datasets are not read by this build yet", path.display())
+    if options.reward.is_some() {
+        // As for HDF5: a rule is for data without rewards, never a silent replacement.
+        let info_path = path.join(super::lerobot::INFO_FILE);
+        let info: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", info_path.display()))?;
+        anyhow::ensure!(
+            info["features"].get("next.reward").is_none(),
+            "--reward: {} records its rewards (`next.reward`); the flag is for datasets without any",
+            path.display()
+        );
+    }
+    let selection = super::lerobot::LeRobotSelection {
+        cameras: options.cameras.clone(),
+        state_keys: options.state_keys.clone(),
+        reward: options.reward,
+    };
+    Ok(super::lerobot::read(path, &selection)?)
 }
 
 /// A D4RL state-only dataset split into its episodes (at terminals and timeouts).
@@ -216,15 +234,22 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Where the conversion of `source` with `options` is cached under `cache_root`:
-/// `<stem>-<12 hex digits of the hash of the fingerprint and the options>`.
-pub fn converted_dir(cache_root: &Path, source: &Path, fingerprint: &str, options: &ConvertOptions) -> PathBuf {
+/// Where the conversion of the source `label` names (a path, or `hf://datasets/org/name…`)
+/// with `options` is cached under `cache_root`: `<stem>-<12 hex digits of the hash of the
+/// fingerprint and the options>`, the stem being the file's or repository's name.
+pub fn converted_dir(cache_root: &Path, label: &str, fingerprint: &str, options: &ConvertOptions) -> PathBuf {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     hasher.update(fingerprint.as_bytes());
     hasher.update(serde_json::to_vec(options).unwrap_or_default());
     let hash = format!("{:x}", hasher.finalize());
-    let stem: String = source
+    let repo_name = label.strip_prefix("hf://datasets/").map(|rest| {
+        let repo = rest.split([':', '@']).next().unwrap_or(rest);
+        let file = rest.split_once(':').map(|(_, f)| f);
+        file.unwrap_or(repo).to_string()
+    });
+    let named = repo_name.unwrap_or_else(|| label.to_string());
+    let stem: String = Path::new(named.trim_end_matches('/'))
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "dataset".into())
@@ -234,17 +259,19 @@ pub fn converted_dir(cache_root: &Path, source: &Path, fingerprint: &str, option
     cache_root.join(format!("{stem}-{}", &hash[..12]))
 }
 
-/// The converted dataset of `source` (a foreign `kind`): reused from `cache_root` when it is
-/// there, else imported and converted now. Returns its directory.
+/// The converted dataset of `source` (a foreign `kind`, named `label` as the user gave it):
+/// reused from `cache_root` when it is there, else imported and converted now. Returns its
+/// directory.
 pub fn ensure_converted(
     source: &Path,
+    label: &str,
     kind: DatasetKind,
     options: &ConvertOptions,
     cache_root: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<PathBuf> {
     let fingerprint = source_fingerprint(source)?;
-    let dir = converted_dir(cache_root, source, &fingerprint, options);
+    let dir = converted_dir(cache_root, label, &fingerprint, options);
     if dir.join(META_FILE).is_file() {
         let meta = super::Dataset::read_meta(&dir)?;
         let recorded = meta.source.as_ref().map(|s| s.fingerprint.as_str());
@@ -253,7 +280,7 @@ pub fn ensure_converted(
             "{}: a converted dataset of another source (fingerprint {recorded:?}, expected {fingerprint}); remove it",
             dir.display()
         );
-        progress(&format!("using {} (converted from {} before)", dir.display(), source.display()));
+        progress(&format!("using {} (converted from {label} before)", dir.display()));
         return Ok(dir);
     }
     anyhow::ensure!(
@@ -280,7 +307,7 @@ pub fn ensure_converted(
         imported.cameras,
         dir.display()
     ));
-    let written = write_converted(&imported, source, &fingerprint, options, &partial);
+    let written = write_converted(&imported, label, &fingerprint, options, &partial);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);
@@ -289,9 +316,15 @@ pub fn ensure_converted(
     Ok(dir)
 }
 
-/// The camera name in our keys: LeRobot's `observation.images.top` is `top`.
+/// The camera name in our keys: LeRobot's `observation.images.top` is `top`, its single-camera
+/// `observation.image` is `image`; Minari's nested `a/b` is `a.b`.
 fn camera_name(camera: &str) -> String {
-    camera.strip_prefix("observation.images.").unwrap_or(camera).replace('/', ".")
+    let name = match camera.strip_prefix("observation.images.") {
+        Some(short) => short,
+        None if camera == "observation.image" => "image",
+        None => camera,
+    };
+    name.replace('/', ".")
 }
 
 /// Resizes an `H × W × 3` image to `side × side` (box-filtered when shrinking: `image`'s
@@ -306,15 +339,16 @@ fn resize(pixels: &[u8], (h, w): (usize, usize), side: usize) -> Result<Vec<u8>>
     Ok(resized.into_raw())
 }
 
-/// Writes `imported` as our shards and `meta.json` (last) into the empty directory `dir`.
+/// Writes `imported` (from the source `label` names) as our shards and `meta.json` (last) into
+/// the empty directory `dir`.
 pub fn write_converted(
     imported: &ImportedDataset,
-    source: &Path,
+    label: &str,
     fingerprint: &str,
     options: &ConvertOptions,
     dir: &Path,
 ) -> Result<DatasetMeta> {
-    anyhow::ensure!(!imported.episodes.is_empty(), "{}: no episodes to convert", source.display());
+    anyhow::ensure!(!imported.episodes.is_empty(), "{label}: no episodes to convert");
     let cameras: Vec<String> = imported.cameras.iter().map(|c| camera_name(c)).collect();
     let side = if cameras.is_empty() { 0 } else { options.image_size };
     anyhow::ensure!(cameras.is_empty() || side > 0, "--image-size must be at least 1 to convert images");
@@ -334,7 +368,7 @@ pub fn write_converted(
     let mut without_final = 0;
     for (index, episode) in imported.episodes.iter().enumerate() {
         let t = episode.len;
-        let at = || format!("{}: episode {}", source.display(), episode.name);
+        let at = || format!("{label}: episode {}", episode.name);
         anyhow::ensure!(t > 0, "{}: has no steps", at());
         anyhow::ensure!(
             episode.state.len() == t * sd && episode.actions.len() == t * ad && episode.rewards.len() == t,
@@ -438,7 +472,7 @@ pub fn write_converted(
         state_names: names(&imported.state_keys, &imported.state_key_dims),
         environment_state_names: Vec::new(),
         action_names: (0..ad).map(|i| format!("action[{i}]")).collect(),
-        action_description: format!("as recorded in {} ({})", source.display(), imported.format.name()),
+        action_description: format!("as recorded in {label} ({})", imported.format.name()),
         env: None,
         keys: BTreeMap::new(),
         stats: totals.iter().map(|(k, m)| (k.clone(), m.finish())).collect(),
@@ -448,7 +482,7 @@ pub fn write_converted(
         success_rate: episodes.iter().filter(|e| e.success).count() as f32 / n,
         source: Some(ImportSource {
             format: imported.format.name().into(),
-            path: source.display().to_string(),
+            path: label.to_string(),
             fingerprint: fingerprint.into(),
             cameras: imported.cameras.clone(),
             state_keys: imported.state_keys.clone(),

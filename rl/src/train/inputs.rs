@@ -22,15 +22,23 @@ use crate::env::NUM_CAMERAS;
 pub enum DataSource {
     /// Our dataset directory: complete, or absent/empty (a dataset of `--tier` is collected).
     Ours { dir: PathBuf, collecting: bool },
-    /// Another ecosystem's dataset, converted into `converted` (which holds it already when
-    /// `cached`).
-    Imported { path: PathBuf, kind: DatasetKind, converted: PathBuf, cached: bool },
+    /// Another ecosystem's dataset at `path` (resolved from `label`, as given: a path or a Hub
+    /// reference), converted into `converted` (which holds it already when `cached`).
+    Imported { path: PathBuf, label: String, kind: DatasetKind, converted: PathBuf, cached: bool },
 }
 
 impl DataSource {
     /// Recognises `--dataset` and checks that the options fit it.
     pub fn check(config: &TrainConfig) -> Result<Self> {
-        let path = &config.dataset;
+        let label = config.dataset.to_string_lossy().into_owned();
+        // A Hub dataset (`hf://datasets/org/name[@rev][:file]`) resolves through the HF cache
+        // (downloaded when missing and allowed); a path is taken as it is.
+        let resolved = if label.starts_with("hf://") {
+            Some(shared::weights::resolve_dataset(&label).with_context(|| format!("--dataset {label}"))?)
+        } else {
+            None
+        };
+        let path = resolved.as_ref().unwrap_or(&config.dataset);
         let kind = detect(path)?;
         let lapo = &config.lapo;
         if kind == DatasetKind::Ours {
@@ -66,9 +74,9 @@ impl DataSource {
         }
         let options = config.convert_options();
         let fingerprint = source_fingerprint(path).with_context(|| format!("--dataset {}", path.display()))?;
-        let converted = converted_dir(&config.converted_dir, path, &fingerprint, &options);
+        let converted = converted_dir(&config.converted_dir, &label, &fingerprint, &options);
         let cached = converted.join(META_FILE).is_file();
-        Ok(DataSource::Imported { path: path.clone(), kind, converted, cached })
+        Ok(DataSource::Imported { path: path.clone(), label, kind, converted, cached })
     }
 
     /// A dataset is collected from the environment first.
@@ -90,11 +98,10 @@ impl DataSource {
     pub fn prepare(&self, config: &TrainConfig) -> Result<PathBuf> {
         match self {
             DataSource::Ours { dir, .. } => Ok(dir.clone()),
-            DataSource::Imported { path, kind, .. } => {
-                let dir = ensure_converted(path, *kind, &config.convert_options(), &config.converted_dir, &|m| {
-                    eprintln!("{m}")
-                })
-                .with_context(|| format!("--dataset {}", path.display()))?;
+            DataSource::Imported { path, label, kind, .. } => {
+                let options = config.convert_options();
+                let dir = ensure_converted(path, label, *kind, &options, &config.converted_dir, &|m| eprintln!("{m}"))
+                    .with_context(|| format!("--dataset {label}"))?;
                 Ok(dir)
             }
         }
