@@ -17,7 +17,8 @@ const ACTION_DIM: usize = 3;
 
 /// Two hidden layers, as when these checks were written: the ops are the same at any depth, and
 /// at three (measured) one of the actor's 256-unit pre-activations sits close enough to its ReLU
-/// kink that a central difference straddles it (actor rel. error 1.4e-4 > the 1e-4 tolerance).
+/// kink that a central difference straddles it (actor rel. error 1.4e-4 > the 1e-4 tolerance);
+/// the depth-3 check is `three_hidden_layers_and_two_cameras_have_exact_gradients`.
 fn config(encoder: EncoderKind, owner: EncoderOwner) -> LapoConfig {
     LapoConfig { encoder, encoder_owner: owner, batch_size: 4, seed: 7, hidden_layers: 2, ..LapoConfig::reference() }
 }
@@ -382,4 +383,48 @@ fn auxiliary_state_head_case(in_encoder: bool, layout: FeatureLayout) {
     assert!(losses.aux_state > 0.0 && losses.all_finite());
     let audit = audit.unwrap();
     assert!(audit.passed(), "{}", audit.table());
+}
+
+/// The reference depth (three hidden layers, the default) and a camera count other than the
+/// environment's (two RGB cameras, 6 channels: imported data): every loss's gradient is exact
+/// per variable. Step and tolerance from the measured worst relative errors (critic / VAE /
+/// actor) on this case: ε = 1e-6 → 2.6e-7 / 2.1e-8 / 2.5e-6; 1e-7 → 2.5e-6 / 1.6e-7 / 2.1e-5;
+/// 1e-8 → actor 2.7e-4 and 1e-9 → critic 1.1e-4 (round-off, ~1e-16·|f|/ε, grows as ε shrinks;
+/// no kink is straddled at 1e-6 here). 3e-5 keeps a 10× margin at 1e-6 and fails a gradient
+/// wrong by 0.01 %.
+#[test]
+fn three_hidden_layers_and_two_cameras_have_exact_gradients() {
+    let dims = Dims {
+        state_dim: STATE_DIM,
+        action_dim: ACTION_DIM,
+        image_hw: (36, 36),
+        cameras: vec!["front".into(), "wrist".into()],
+        from_environment: false,
+        ..Default::default()
+    };
+    let config = LapoConfig { hidden_layers: 3, ..config(EncoderKind::Conv, EncoderOwner::Critic) };
+    let bounds = ValueBounds { min_v: 0.0, max_v: 100.0 };
+    let lapo = Lapo::new(config, dims, bounds, DType::F64, &Device::Cpu).unwrap();
+    let mut b = batch(4, Some((36, 36)), DType::F64, 17);
+    let mut rng = SplitMix64::new(19);
+    b.images = Some(rng.uniform_tensor((4, 6, 36, 36), 0.0, 1.0, DType::F64, &Device::Cpu).unwrap());
+    b.next_images = Some(rng.uniform_tensor((4, 6, 36, 36), 0.0, 1.0, DType::F64, &Device::Cpu).unwrap());
+    let opts = opts_eps(1e-6);
+    const TOL: f64 = 3e-5;
+
+    let mut watched = vars(&lapo, groups::ENCODER);
+    watched.extend(vars(&lapo, groups::CRITIC));
+    let report = check_gradients(&watched, critic_loss_fn(&lapo, &b), &opts).unwrap();
+    assert!(report.vars_without_grad().is_empty(), "{}", report.table());
+    report.assert_close(TOL, "depth 3, two cameras: critic loss → encoder and critic").unwrap();
+
+    let s = lapo.encoder.forward_t(b.images.as_ref(), &b.state, true).unwrap().detach();
+    let s_next = lapo.target_encoder.forward_t(b.next_images.as_ref(), &b.next_state, true).unwrap().detach();
+    let (weights, _) = lapo.advantage_weights(&b, &s, &s_next).unwrap();
+    let eps = SplitMix64::new(2).normal_tensor((4, 2 * ACTION_DIM), DType::F64, &Device::Cpu).unwrap();
+    let vae_fn = || Ok(lapo.actor_vae_loss(&s, &b.action, &weights, &eps)?.total);
+    let report = check_gradients(&vars(&lapo, groups::ACTOR_VAE), vae_fn, &opts).unwrap();
+    report.assert_close(TOL, "depth 3: VAE loss → VAE").unwrap();
+    let report = check_gradients(&vars(&lapo, groups::ACTOR), || lapo.actor_loss(&s), &opts).unwrap();
+    report.assert_close(TOL, "depth 3: actor loss → actor").unwrap();
 }
