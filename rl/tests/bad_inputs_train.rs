@@ -25,14 +25,7 @@ fn tiny_dataset(dir: &Path, seed: u64) {
         tier: Tier::Medium,
         episodes: 2,
         seed,
-        env: EnvConfig {
-            image_height: 16,
-            image_width: 16,
-            max_steps: 20,
-            render: true,
-            supersample: 1,
-            ..Default::default()
-        },
+        env: EnvConfig { image_height: 16, image_width: 16, max_steps: 20, render: true, supersample: 1 },
         threads: 1,
     };
     collect_dataset(&config, dir, &|| {}).expect("collecting the test dataset");

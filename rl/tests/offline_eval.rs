@@ -68,9 +68,10 @@ fn held_out_action_errors_match_the_exported_policy_on_the_held_out_episode() {
     let a_dim = policy.header.action_dim;
     let (mut policy_sq, mut mean_sq) = (0f64, 0f64);
     for (k, p) in predicted.iter().enumerate() {
-        for j in 0..a_dim {
-            let z = ((held_out.action(k)[j] - norm.action_mean[j]) / norm.action_std[j]) as f64;
-            policy_sq += (p[j] as f64 - z).powi(2);
+        let recorded = held_out.action(k).iter().zip(&norm.action_mean).zip(&norm.action_std);
+        for (predicted, ((a, mean), std)) in p.iter().zip(recorded) {
+            let z = ((a - mean) / std) as f64;
+            policy_sq += (*predicted as f64 - z).powi(2);
             mean_sq += z * z;
         }
     }
