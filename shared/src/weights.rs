@@ -57,20 +57,9 @@ impl WeightRef {
         let s = s.strip_prefix("hf://").unwrap_or(s);
         let Some((repo_part, file)) = s.split_once(':') else { return Ok(Self::Local(s.into())) };
         let bad = |why: &str| WeightsError::BadReference { reference: s.into(), why: why.into() };
-        let (repo, revision) = match repo_part.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() => (r, rev),
-            Some(_) => return Err(bad("empty revision after '@'")),
-            None => (repo_part, "main"),
-        };
-        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        match repo.split_once('/') {
-            Some((org, name)) if valid(org) && valid(name) => {}
-            _ => return Err(bad("the repository must be 'org/name'")),
-        }
-        if file.is_empty() || file.starts_with('/') || file.split('/').any(|c| c == "..") {
-            return Err(bad("the file must be a relative path inside the repository"));
-        }
-        Ok(Self::Hub { repo: repo.into(), revision: revision.into(), file: file.into() })
+        let (repo, revision) = repo_and_revision(repo_part).map_err(bad)?;
+        check_repo_path(file).map_err(bad)?;
+        Ok(Self::Hub { repo, revision, file: file.into() })
     }
 }
 
@@ -540,6 +529,28 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
 #[cfg(test)]
 mod tests;
 
+/// `org/name[@revision]` → (`org/name`, revision; `main` when absent), or why not.
+fn repo_and_revision(repo_part: &str) -> Result<(String, String), &'static str> {
+    let (repo, revision) = match repo_part.split_once('@') {
+        Some((r, rev)) if !rev.is_empty() => (r, rev),
+        Some(_) => return Err("empty revision after '@'"),
+        None => (repo_part, "main"),
+    };
+    let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    match repo.split_once('/') {
+        Some((org, name)) if valid(org) && valid(name) => Ok((repo.into(), revision.into())),
+        _ => Err("the repository must be 'org/name'"),
+    }
+}
+
+/// A path inside a repository: relative, not empty, never climbing out.
+fn check_repo_path(file: &str) -> Result<(), &'static str> {
+    if file.is_empty() || file.starts_with('/') || file.split('/').any(|c| c == "..") {
+        return Err("the file must be a relative path inside the repository");
+    }
+    Ok(())
+}
+
 /// A dataset reference: a local path (file or directory), or a Hugging Face Hub dataset
 /// repository `hf://datasets/org/name[@revision]` (the whole repository: a LeRobot dataset) or
 /// one file in it, `hf://datasets/org/name[@revision]:path/in/repo` (an HDF5 file).
@@ -561,22 +572,11 @@ impl DatasetRef {
             Some((r, f)) => (r, Some(f)),
             None => (rest, None),
         };
-        let (repo, revision) = match repo_part.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() => (r, rev),
-            Some(_) => return Err(bad("empty revision after '@'")),
-            None => (repo_part, "main"),
-        };
-        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        match repo.split_once('/') {
-            Some((org, name)) if valid(org) && valid(name) => {}
-            _ => return Err(bad("the repository must be 'org/name'")),
-        }
+        let (repo, revision) = repo_and_revision(repo_part).map_err(bad)?;
         if let Some(f) = file {
-            if f.is_empty() || f.starts_with('/') || f.split('/').any(|c| c == "..") {
-                return Err(bad("the file must be a relative path inside the repository"));
-            }
+            check_repo_path(f).map_err(bad)?;
         }
-        Ok(Self::Hub { repo: repo.into(), revision: revision.into(), file: file.map(String::from) })
+        Ok(Self::Hub { repo, revision, file: file.map(String::from) })
     }
 }
 

@@ -59,31 +59,8 @@ use std::path::{Path, PathBuf};
 /// (200 × 84 × 84 × 3).
 pub const MAX_DATASET_BYTES: usize = 8 << 30;
 
-/// A bad, missing or unreadable file or key; every message names the file and, where there is
-/// one, the HDF5 path.
-#[derive(Debug, thiserror::Error)]
-pub enum Hdf5Error {
-    #[error("{}: {reason}", file.display())]
-    File { file: PathBuf, reason: String },
-    #[error("{}: `{key}`: {reason}", file.display())]
-    Key { file: PathBuf, key: String, reason: String },
-}
-
-impl Hdf5Error {
-    /// The file the error is about.
-    pub fn file(&self) -> &Path {
-        match self {
-            Hdf5Error::File { file, .. } | Hdf5Error::Key { file, .. } => file,
-        }
-    }
-    /// The HDF5 path the error is about, if any.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Hdf5Error::File { .. } => None,
-            Hdf5Error::Key { key, .. } => Some(key),
-        }
-    }
-}
+/// Errors of this reader (the importers' one error type; the key is the HDF5 path).
+pub type Hdf5Error = super::imported::ImportError;
 
 pub type Result<T, E = Hdf5Error> = std::result::Result<T, E>;
 

@@ -2,6 +2,34 @@
 //! neutral in-memory layout that [`super::convert`] turns into our validated shards.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A bad, missing or unreadable file or key of an imported source; every message names the
+/// file and, where there is one, the key (an HDF5 path, a LeRobot feature, column or metadata
+/// field).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{}: {reason}", file.display())]
+    File { file: PathBuf, reason: String },
+    #[error("{}: `{key}`: {reason}", file.display())]
+    Key { file: PathBuf, key: String, reason: String },
+}
+
+impl ImportError {
+    /// The file the error is about.
+    pub fn file(&self) -> &Path {
+        match self {
+            ImportError::File { file, .. } | ImportError::Key { file, .. } => file,
+        }
+    }
+    /// The key the error is about, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ImportError::File { .. } => None,
+            ImportError::Key { key, .. } => Some(key),
+        }
+    }
+}
 
 /// The format a dataset was imported from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -115,31 +115,8 @@ pub const MAX_DATASET_BYTES: usize = 8 << 30;
 #[cfg(not(feature = "video"))]
 pub const VIDEO_SUPPORT: &str = "none (build with --features rl/video)";
 
-/// A bad, missing or unreadable file or key; every message names the file and, where there is
-/// one, the key (a feature, a column or a metadata field).
-#[derive(Debug, thiserror::Error)]
-pub enum LeRobotError {
-    #[error("{}: {reason}", file.display())]
-    File { file: PathBuf, reason: String },
-    #[error("{}: `{key}`: {reason}", file.display())]
-    Key { file: PathBuf, key: String, reason: String },
-}
-
-impl LeRobotError {
-    /// The file the error is about.
-    pub fn file(&self) -> &Path {
-        match self {
-            LeRobotError::File { file, .. } | LeRobotError::Key { file, .. } => file,
-        }
-    }
-    /// The key the error is about, if any.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            LeRobotError::File { .. } => None,
-            LeRobotError::Key { key, .. } => Some(key),
-        }
-    }
-}
+/// Errors of this reader (the importers' one error type).
+pub type LeRobotError = super::imported::ImportError;
 
 pub type Result<T, E = LeRobotError> = std::result::Result<T, E>;
 

@@ -366,6 +366,33 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
     Ok(())
 }
 
+/// The per-frame schema of a shard: each camera's images, the state, the environment state
+/// (when it has a width), action, reward, flags and indices.
+pub fn shard_key_specs(
+    cameras: &[impl AsRef<str>],
+    (height, width): (usize, usize),
+    state_dim: usize,
+    environment_state_dim: usize,
+    action_dim: usize,
+) -> BTreeMap<String, KeySpec> {
+    let spec = |dtype: &str, shape: &[usize]| KeySpec { dtype: dtype.to_string(), shape: shape.to_vec() };
+    let mut keys = BTreeMap::new();
+    for camera in cameras {
+        keys.insert(image_key(camera.as_ref()), spec("U8", &[height, width, 3]));
+    }
+    keys.insert(KEY_STATE.into(), spec("F32", &[state_dim]));
+    if environment_state_dim > 0 {
+        keys.insert(KEY_ENVIRONMENT_STATE.into(), spec("F32", &[environment_state_dim]));
+    }
+    keys.insert(KEY_ACTION.into(), spec("F32", &[action_dim]));
+    keys.insert(KEY_REWARD.into(), spec("F32", &[]));
+    keys.insert(KEY_DONE.into(), spec("U8", &[]));
+    keys.insert(KEY_SUCCESS.into(), spec("U8", &[]));
+    keys.insert(KEY_EPISODE_INDEX.into(), spec("I64", &[]));
+    keys.insert(KEY_FRAME_INDEX.into(), spec("I64", &[]));
+    keys
+}
+
 impl DatasetMeta {
     /// Converted from another format (no environment, no reference returns).
     pub fn is_imported(&self) -> bool {
@@ -391,22 +418,13 @@ impl DatasetMeta {
     /// Every key of a shard with its per-frame dtype and shape: the cameras' images, the state,
     /// the environment state (collected datasets only), action, reward, flags and indices.
     pub fn expected_keys(&self) -> BTreeMap<String, KeySpec> {
-        let spec = |dtype: &str, shape: &[usize]| KeySpec { dtype: dtype.to_string(), shape: shape.to_vec() };
-        let mut keys = BTreeMap::new();
-        for camera in &self.cameras {
-            keys.insert(image_key(camera), spec("U8", &[self.image_height, self.image_width, 3]));
-        }
-        keys.insert(KEY_STATE.into(), spec("F32", &[self.state_dim]));
-        if self.environment_state_dim > 0 {
-            keys.insert(KEY_ENVIRONMENT_STATE.into(), spec("F32", &[self.environment_state_dim]));
-        }
-        keys.insert(KEY_ACTION.into(), spec("F32", &[self.action_dim]));
-        keys.insert(KEY_REWARD.into(), spec("F32", &[]));
-        keys.insert(KEY_DONE.into(), spec("U8", &[]));
-        keys.insert(KEY_SUCCESS.into(), spec("U8", &[]));
-        keys.insert(KEY_EPISODE_INDEX.into(), spec("I64", &[]));
-        keys.insert(KEY_FRAME_INDEX.into(), spec("I64", &[]));
-        keys
+        shard_key_specs(
+            &self.cameras,
+            (self.image_height, self.image_width),
+            self.state_dim,
+            self.environment_state_dim,
+            self.action_dim,
+        )
     }
 
     /// Keys that also appear as `final.<key>` (the observation after the last action).

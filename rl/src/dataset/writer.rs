@@ -337,20 +337,13 @@ fn shard_bytes(record: &EpisodeRecord, index: usize, config: &EnvConfig) -> Resu
 
 /// The per-frame schema every shard follows (also written to meta.json).
 pub fn key_specs(config: &EnvConfig) -> BTreeMap<String, KeySpec> {
-    let spec = |dtype: &str, shape: &[usize]| KeySpec { dtype: dtype.to_string(), shape: shape.to_vec() };
-    let mut keys = BTreeMap::new();
-    for camera in CAMERA_NAMES {
-        keys.insert(image_key(camera), spec("U8", &[config.image_height, config.image_width, 3]));
-    }
-    keys.insert(KEY_STATE.into(), spec("F32", &[STATE_DIM]));
-    keys.insert(KEY_ENVIRONMENT_STATE.into(), spec("F32", &[ENVIRONMENT_STATE_DIM]));
-    keys.insert(KEY_ACTION.into(), spec("F32", &[ACTION_DIM]));
-    keys.insert(KEY_REWARD.into(), spec("F32", &[]));
-    keys.insert(KEY_DONE.into(), spec("U8", &[]));
-    keys.insert(KEY_SUCCESS.into(), spec("U8", &[]));
-    keys.insert(KEY_EPISODE_INDEX.into(), spec("I64", &[]));
-    keys.insert(KEY_FRAME_INDEX.into(), spec("I64", &[]));
-    keys
+    super::shard_key_specs(
+        &CAMERA_NAMES,
+        (config.image_height, config.image_width),
+        STATE_DIM,
+        ENVIRONMENT_STATE_DIM,
+        ACTION_DIM,
+    )
 }
 
 /// Keys that also appear as `final.<key>` with a leading dimension of 1.
