@@ -1,9 +1,10 @@
 //! Other ecosystems' datasets as our shards: what `train --dataset PATH` does with a robomimic or
 //! Minari HDF5 file, a LeRobot directory or a D4RL `.npz`.
 //!
-//! The format is recognised from the content ([`detect`]): our `meta.json`, LeRobot's
-//! `meta/info.json`, the HDF5 signature, the zip signature of an `.npz`. A foreign source is read
-//! once through its importer into an [`ImportedDataset`], its images resized to the requested
+//! The format is recognised from the content ([`detect`]): our `meta.json`, or one of the
+//! [`SOURCES`] — the [`DatasetSource`] importers: LeRobot's `meta/info.json`, the HDF5 signature,
+//! the zip signature of an `.npz`. A foreign source is read once through its importer into an
+//! [`ImportedDataset`], its images resized to the requested
 //! size and written as validated safetensors shards ([`super::FORMAT_IMPORTED`]) — images are
 //! decoded once here, never per batch. The converted dataset is cached under a name made of the
 //! source's stem and a hash of everything that decides its contents (the source's fingerprint,
@@ -34,50 +35,157 @@ use super::{
     KEY_ACTION, KEY_DONE, KEY_EPISODE_INDEX, KEY_FRAME_INDEX, KEY_REWARD, KEY_STATE, KEY_SUCCESS, META_FILE,
 };
 
+/// An importer of another ecosystem's format: it recognises its sources from their content and
+/// reads them into the neutral [`ImportedDataset`], from which every source converts the same way.
+/// A new format is one more implementation and one more entry in [`SOURCES`].
+pub trait DatasetSource: Sync {
+    /// The format's name, for messages.
+    fn name(&self) -> &'static str;
+    /// Whether `path` is this format's, from its content (`head`: the first bytes of a file,
+    /// empty for a directory).
+    fn recognises(&self, path: &Path, head: &[u8]) -> bool;
+    /// Reads the source with the selection and rules of `options` (refusing options that do
+    /// not apply to the format, by flag).
+    fn import(&self, path: &Path, options: &ConvertOptions) -> Result<ImportedDataset>;
+}
+
+/// robomimic and Minari HDF5 files ([`super::hdf5`]).
+pub struct Hdf5Source;
+/// LeRobot v2.1 / v3.0 directories ([`super::lerobot`]).
+pub struct LeRobotSource;
+/// D4RL-style `.npz` files ([`super::npz`]).
+pub struct D4rlNpzSource;
+
+/// Every format `train --dataset` converts, in the order they are tried.
+pub static SOURCES: &[&dyn DatasetSource] = &[&Hdf5Source, &LeRobotSource, &D4rlNpzSource];
+
 /// What a `--dataset` path holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum DatasetKind {
     /// Our dataset directory (`meta.json`), or a directory to collect one into.
     Ours,
-    /// An HDF5 file (robomimic or Minari layout).
-    Hdf5,
-    /// A LeRobot dataset directory (`meta/info.json`).
-    LeRobot,
-    /// A D4RL-style `.npz` (state-only).
-    Npz,
+    /// Another format, converted through its importer.
+    Imported(&'static dyn DatasetSource),
 }
 
-/// Recognises `path` from its content. A missing path or an empty directory is [`DatasetKind::Ours`]
-/// (where a collection may go); a file that is none of the formats is an error naming it.
-pub fn detect(path: &Path) -> Result<DatasetKind> {
-    if path.is_dir() {
-        if path.join("meta").join("info.json").is_file() {
-            return Ok(DatasetKind::LeRobot);
+impl std::fmt::Debug for DatasetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatasetKind::Ours => write!(f, "Ours"),
+            DatasetKind::Imported(source) => write!(f, "Imported({})", source.name()),
         }
-        return Ok(DatasetKind::Ours);
     }
+}
+
+/// Recognises `path` from its content. A missing path or a directory that no importer
+/// recognises is [`DatasetKind::Ours`] (our dataset, or where a collection may go); a file that
+/// is none of the formats is an error naming it.
+pub fn detect(path: &Path) -> Result<DatasetKind> {
     if !path.exists() {
         return Ok(DatasetKind::Ours);
     }
     let mut head = [0u8; 8];
-    let read = {
+    let read = if path.is_dir() {
+        0
+    } else {
         use std::io::Read;
         let mut file =
             std::fs::File::open(path).with_context(|| format!("--dataset {}: cannot open it", path.display()))?;
         file.read(&mut head).with_context(|| format!("--dataset {}: cannot read it", path.display()))?
     };
     let head = &head[..read];
-    if head == b"\x89HDF\r\n\x1a\n" {
-        return Ok(DatasetKind::Hdf5);
+    if let Some(source) = SOURCES.iter().find(|s| s.recognises(path, head)) {
+        return Ok(DatasetKind::Imported(*source));
     }
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        return Ok(DatasetKind::Npz);
+    if path.is_dir() {
+        return Ok(DatasetKind::Ours);
     }
+    let known: Vec<&str> = SOURCES.iter().map(|s| s.name()).collect();
     anyhow::bail!(
-        "--dataset {}: not a dataset this build reads: neither a directory (ours, with meta.json; or LeRobot, with \
-         meta/info.json), an HDF5 file (robomimic, Minari) nor an .npz (D4RL); its first bytes are {head:02x?}",
+        "--dataset {}: not a dataset this build reads: not a directory (ours, with meta.json) nor one of {known:?}; \
+         its first bytes are {head:02x?}",
         path.display()
     )
+}
+
+/// Refuses each option of `options` that `format` has no use for, naming the flag.
+fn refuse_options(path: &Path, format: &str, options: &ConvertOptions, unused: &[&str]) -> Result<()> {
+    for (flag, set) in [
+        ("--cameras", options.cameras.is_some()),
+        ("--state-keys", options.state_keys.is_some()),
+        ("--filter-key", options.filter_key.is_some()),
+        ("--reward", options.reward.is_some()),
+    ] {
+        if set && unused.contains(&flag) {
+            let why = match flag {
+                // A rule is for data without rewards, never a silent replacement.
+                "--reward" => "it records its rewards; the flag is for sources without any".to_string(),
+                _ => format!("{format} has no use for it"),
+            };
+            anyhow::bail!("{flag}: {} is {format}: {why}", path.display());
+        }
+    }
+    Ok(())
+}
+
+impl DatasetSource for Hdf5Source {
+    fn name(&self) -> &'static str {
+        "HDF5 (robomimic, Minari)"
+    }
+    fn recognises(&self, _: &Path, head: &[u8]) -> bool {
+        head == b"\x89HDF\r\n\x1a\n"
+    }
+    fn import(&self, path: &Path, options: &ConvertOptions) -> Result<ImportedDataset> {
+        refuse_options(path, "an HDF5 file", options, &["--reward"])?;
+        let selection = super::hdf5::HdfSelection {
+            cameras: options.cameras.clone(),
+            state_keys: options.state_keys.clone(),
+            filter_key: options.filter_key.clone(),
+        };
+        Ok(super::hdf5::read(path, &selection)?)
+    }
+}
+
+impl DatasetSource for D4rlNpzSource {
+    fn name(&self) -> &'static str {
+        "D4RL .npz"
+    }
+    fn recognises(&self, _: &Path, head: &[u8]) -> bool {
+        head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06")
+    }
+    fn import(&self, path: &Path, options: &ConvertOptions) -> Result<ImportedDataset> {
+        let all = ["--cameras", "--state-keys", "--filter-key", "--reward"];
+        refuse_options(path, "a D4RL .npz (one state, no cameras)", options, &all)?;
+        Ok(from_d4rl(path, &super::npz::import_d4rl(path)?))
+    }
+}
+
+impl DatasetSource for LeRobotSource {
+    fn name(&self) -> &'static str {
+        "LeRobot (v2.1, v3.0)"
+    }
+    fn recognises(&self, path: &Path, _: &[u8]) -> bool {
+        path.join(super::lerobot::INFO_FILE).is_file()
+    }
+    fn import(&self, path: &Path, options: &ConvertOptions) -> Result<ImportedDataset> {
+        refuse_options(path, "a LeRobot dataset", options, &["--filter-key"])?;
+        if options.reward.is_some() {
+            let info_path = path.join(super::lerobot::INFO_FILE);
+            let info: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
+            )
+            .with_context(|| format!("{}: not JSON", info_path.display()))?;
+            if info["features"].get("next.reward").is_some() {
+                refuse_options(path, "a LeRobot dataset with `next.reward`", options, &["--reward"])?;
+            }
+        }
+        let selection = super::lerobot::LeRobotSelection {
+            cameras: options.cameras.clone(),
+            state_keys: options.state_keys.clone(),
+            reward: options.reward,
+        };
+        Ok(super::lerobot::read(path, &selection)?)
+    }
 }
 
 /// What to take from a source and how to convert it.
@@ -93,64 +201,6 @@ pub struct ConvertOptions {
     pub reward: Option<RewardRule>,
     /// Side of the (square) images of the converted dataset.
     pub image_size: usize,
-}
-
-/// Reads `path` (of a foreign `kind`) with its importer.
-pub fn import(path: &Path, kind: DatasetKind, options: &ConvertOptions) -> Result<ImportedDataset> {
-    match kind {
-        DatasetKind::Hdf5 => {
-            if options.reward.is_some() {
-                // HDF5 files record rewards; a rule would silently replace them.
-                anyhow::bail!("--reward: {} records its rewards; the flag is for sources without any", path.display());
-            }
-            let selection = super::hdf5::HdfSelection {
-                cameras: options.cameras.clone(),
-                state_keys: options.state_keys.clone(),
-                filter_key: options.filter_key.clone(),
-            };
-            Ok(super::hdf5::read(path, &selection)?)
-        }
-        DatasetKind::Npz => {
-            for (flag, set) in [
-                ("--cameras", options.cameras.is_some()),
-                ("--state-keys", options.state_keys.is_some()),
-                ("--filter-key", options.filter_key.is_some()),
-                ("--reward", options.reward.is_some()),
-            ] {
-                anyhow::ensure!(!set, "{flag}: {} is a D4RL .npz, which has one state and no cameras", path.display());
-            }
-            Ok(from_d4rl(path, &super::npz::import_d4rl(path)?))
-        }
-        DatasetKind::LeRobot => import_lerobot(path, options),
-        DatasetKind::Ours => anyhow::bail!("{}: our own dataset needs no conversion", path.display()),
-    }
-}
-
-fn import_lerobot(path: &Path, options: &ConvertOptions) -> Result<ImportedDataset> {
-    anyhow::ensure!(
-        options.filter_key.is_none(),
-        "--filter-key: robomimic's masks; {} is a LeRobot dataset",
-        path.display()
-    );
-    if options.reward.is_some() {
-        // As for HDF5: a rule is for data without rewards, never a silent replacement.
-        let info_path = path.join(super::lerobot::INFO_FILE);
-        let info: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?,
-        )
-        .with_context(|| format!("{}: not JSON", info_path.display()))?;
-        anyhow::ensure!(
-            info["features"].get("next.reward").is_none(),
-            "--reward: {} records its rewards (`next.reward`); the flag is for datasets without any",
-            path.display()
-        );
-    }
-    let selection = super::lerobot::LeRobotSelection {
-        cameras: options.cameras.clone(),
-        state_keys: options.state_keys.clone(),
-        reward: options.reward,
-    };
-    Ok(super::lerobot::read(path, &selection)?)
 }
 
 /// A D4RL state-only dataset split into its episodes (at terminals and timeouts).
@@ -288,8 +338,11 @@ pub fn ensure_converted(
         "{}: exists without meta.json (not a conversion this build made); remove it",
         dir.display()
     );
-    progress(&format!("reading {}", source.display()));
-    let imported = import(source, kind, options)?;
+    let DatasetKind::Imported(importer) = kind else {
+        anyhow::bail!("{label}: our own dataset needs no conversion");
+    };
+    progress(&format!("reading {label} ({})", importer.name()));
+    let imported = importer.import(source, options)?;
     std::fs::create_dir_all(cache_root).with_context(|| format!("creating {}", cache_root.display()))?;
     let partial = cache_root.join(format!(
         ".{}.partial-{}",

@@ -41,7 +41,7 @@ impl DataSource {
         let path = resolved.as_ref().unwrap_or(&config.dataset);
         let kind = detect(path)?;
         let lapo = &config.lapo;
-        if kind == DatasetKind::Ours {
+        if let DatasetKind::Ours = kind {
             for (flag, given) in [
                 ("--cameras", config.cameras.is_some()),
                 ("--state-keys", config.state_keys.is_some()),
