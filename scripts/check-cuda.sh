@@ -17,8 +17,12 @@ cat > "$stand_in/nvcc" <<'NVCC'
 # Stand-in written by scripts/check-cuda.sh: a version for cudarc, empty outputs for candle-kernels.
 for arg in "$@"; do
   if [ "$arg" = "--version" ] || [ "$arg" = "-V" ]; then
-    echo "nvcc: NVIDIA (R) Cuda compiler driver (stand-in for type-checking)"
+    # The real layout: cudarc's build script reads the release from the fourth line.
+    echo "nvcc: NVIDIA (R) Cuda compiler driver"
+    echo "Stand-in written by scripts/check-cuda.sh, for type-checking only"
+    echo "Built on (none)"
     echo "Cuda compilation tools, release 12.6, V12.6.85"
+    echo "Build cuda_12.6.stand-in"
     exit 0
   fi
 done

@@ -14,12 +14,14 @@ mod attention;
 mod checkpoint;
 mod conv;
 mod fused;
+mod optim;
 mod pad;
 pub use attention::sdpa_tiled;
 pub use checkpoint::{checkpoint, checkpoint_many};
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
+pub use optim::{adam_step_inplace, inplace_applicable, polyak_inplace, AdamStep};
 pub use pad::causal_pad;
 
 /// Numerically stable softmax along `dim` (max-subtracted; the max is detached because the

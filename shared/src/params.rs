@@ -217,6 +217,11 @@ impl Partitions {
                     tv.dtype()
                 )));
             }
+            if tau < 1.0 && crate::ops::inplace_applicable(&[tv.as_tensor(), ov.as_tensor()]) {
+                // One pass, no temporaries; the same numbers as the tensor ops below.
+                crate::ops::polyak_inplace(tv.as_tensor(), ov.as_tensor(), tau)?;
+                continue;
+            }
             let mixed = if tau >= 1.0 {
                 ov.as_tensor().detach().copy()?
             } else {
@@ -285,12 +290,15 @@ pub struct GroupOptimizer {
     moments: Vec<Option<(Tensor, Tensor)>>,
     step: u64,
     pub config: OptimizerConfig,
+    /// Update CPU f32/f64 buffers in place (`shared::ops::adam_step_inplace`); on by default,
+    /// off only to compare with the tensor-op path.
+    pub fused: bool,
 }
 
 impl GroupOptimizer {
     pub fn new(name: &str, vars: Vec<(String, Var)>, config: OptimizerConfig) -> candle_core::Result<Self> {
         let moments = vec![None; vars.len()];
-        Ok(Self { name: name.into(), vars, moments, step: 0, config })
+        Ok(Self { name: name.into(), vars, moments, step: 0, config, fused: true })
     }
 
     pub fn name(&self) -> &str {
@@ -333,6 +341,21 @@ impl GroupOptimizer {
                         Some((m, v)) => (m, v),
                         None => (g.zeros_like()?, g.zeros_like()?),
                     };
+                    if self.fused && crate::ops::inplace_applicable(&[var.as_tensor(), &m, &v, &g]) {
+                        // Three passes over the buffers and no temporaries (the tensor ops below
+                        // allocate ~10 per var); the same numbers, bit for bit.
+                        let step = crate::ops::AdamStep {
+                            lr: c.lr,
+                            beta1: c.beta1,
+                            beta2: c.beta2,
+                            eps: c.eps,
+                            weight_decay: c.weight_decay,
+                            t: self.step as i32,
+                        };
+                        crate::ops::adam_step_inplace(var.as_tensor(), &m, &v, &g, step)?;
+                        *moments = Some((m, v));
+                        continue;
+                    }
                     let m = ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     let t = self.step as i32;
@@ -352,7 +375,8 @@ impl GroupOptimizer {
     }
 
     /// The optimiser state as named tensors (`<group>/<var>/m`, `/v`) plus the step count, for
-    /// checkpoints.
+    /// checkpoints. The tensors share the optimiser's buffers, which the next step updates in
+    /// place: use them (write, check) before stepping again, or `copy()` them.
     pub fn state_tensors(&self) -> (HashMap<String, Tensor>, u64) {
         let mut out = HashMap::new();
         for ((name, _), m) in self.vars.iter().zip(&self.moments) {
@@ -379,7 +403,8 @@ impl GroupOptimizer {
                             var.dims()
                         );
                     }
-                    Some((m.to_device(var.device())?, v.to_device(var.device())?))
+                    // Copies: the moments are updated in place, never the caller's tensors.
+                    Some((m.to_device(var.device())?.copy()?, v.to_device(var.device())?.copy()?))
                 }
                 _ => None,
             };
