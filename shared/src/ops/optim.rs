@@ -114,7 +114,7 @@ impl candle_core::InplaceOp3 for AdamApply {
             let update = m_hat / (v_hat.sqrt() * 1.0 + c.eps as T);
             let mut next = *theta - (update * c.lr as T + 0.0);
             if decayed {
-                next = next - (*theta * decay as T + 0.0);
+                next -= *theta * decay as T + 0.0;
             }
             *theta = next;
         })
