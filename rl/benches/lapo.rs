@@ -1,6 +1,13 @@
 //! ms per multimodal LAPO iteration: batch 64, 9×84×84 (three cameras), ResNet18 encoder owned
-//! by the critic, train-mode batch norm — the configuration of the source system. Compare with
-//! `rl/benches/lapo_torch.py` (the same iteration in PyTorch eager) on the same machine.
+//! by the critic, train-mode batch norm — the configuration of the source system — then the same
+//! iteration in PyTorch eager (`rl/benches/lapo_torch.py`, run from here with the same thread
+//! count: `python3`, or `$WORLDGRAD_PYTHON`; skipped with a note when torch is missing) and the
+//! ratio. Each Rust phase also prints the process's user and system CPU time: the system share is
+//! the allocator's (large buffers mapped and unmapped per op).
+//!
+//! The Rust iterations run three ways: with the allocator's defaults, then after
+//! `shared::memory::keep_freed_memory` (what the binaries do), with the in-place optimisers and
+//! with their tensor-op path.
 //!
 //! `cargo bench -p rl --bench lapo [-- ITERS [BATCH]]`
 
@@ -10,6 +17,53 @@ use candle_core::{DType, Device, Tensor};
 use rl::encoders::EncoderKind;
 use rl::lapo::{Batch, Dims, EncoderOwner, Lapo, LapoConfig, ValueBounds};
 use shared::rng::SplitMix64;
+
+/// User and system CPU seconds of this process so far (`/proc/self/stat`; zeros elsewhere).
+fn cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    // Field 3 (the state letter) is the first after it, so field n is token n − 3.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    (ticks(11), ticks(12))
+}
+
+/// Median ms of `iters` LAPO iterations, with the CPU user and system seconds they took.
+fn iterations(lapo: &mut Lapo, batch: &Batch, iters: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let (u0, s0) = cpu_seconds();
+    let mut times = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        lapo.train_step(batch, false)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (u1, s1) = cpu_seconds();
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], u1 - u0, s1 - s0))
+}
+
+/// The PyTorch twin's median ms, or why there is none.
+fn torch_median(iters: usize, batch_size: usize, threads: usize) -> Result<f64, String> {
+    let python = std::env::var("WORLDGRAD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/lapo_torch.py");
+    let out = std::process::Command::new(&python)
+        .args([script, &iters.to_string(), &batch_size.to_string(), &threads.to_string()])
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{python} {script} failed: {}", err.lines().last().unwrap_or("")));
+    }
+    print!("{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("lapo_iteration_ms median "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no median in the twin's output: {text}"))
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -37,13 +91,20 @@ fn main() -> anyhow::Result<()> {
         done: Tensor::zeros((batch_size, 1), DType::F32, &dev)?,
         privileged: None,
     };
-    println!("candle {}-thread CPU, batch {batch_size}, 9x{h}x{w}, ResNet18", candle_core::utils::get_num_threads());
+    let threads = candle_core::utils::get_num_threads();
+    println!("candle {threads}-thread CPU, batch {batch_size}, 9x{h}x{w}, ResNet18");
     lapo.train_step(&batch, false)?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        lapo.train_step(&batch, false)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+    let (default_alloc, default_user, default_system) = iterations(&mut lapo, &batch, iters)?;
+    shared::memory::keep_freed_memory();
+    lapo.train_step(&batch, false)?; // the heap grows to its working set
+    let (median, user, system) = iterations(&mut lapo, &batch, iters)?;
+    // The same iterations with the optimisers' tensor-op path (≈10 temporaries per parameter).
+    for opt in [&mut lapo.critic_opt, &mut lapo.actor_vae_opt, &mut lapo.actor_opt] {
+        opt.fused = false;
+    }
+    let (unfused, unfused_user, unfused_system) = iterations(&mut lapo, &batch, iters)?;
+    for opt in [&mut lapo.critic_opt, &mut lapo.actor_vae_opt, &mut lapo.actor_opt] {
+        opt.fused = true;
     }
     // Where the time goes: the encoder passes dominate; measure them alone.
     let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
@@ -60,13 +121,32 @@ fn main() -> anyhow::Result<()> {
         s.sqr()?.mean_all()?.backward()?;
         Ok(())
     })?;
-    times.sort_by(f64::total_cmp);
-    println!("lapo_iteration_ms median {:.1} (min {:.1}, {} runs)", times[times.len() / 2], times[0], times.len());
+    let per = |x: f64| x / iters as f64;
+    println!(
+        "with the allocator's defaults           {default_alloc:.1} ms (user {:.2} s, system {:.2} s)",
+        per(default_user),
+        per(default_system)
+    );
+    println!("after keep_freed_memory (as the binaries run):");
+    println!(
+        "lapo_iteration_ms median {median:.1} ({iters} runs; CPU per iteration: user {:.2} s, system {:.2} s)",
+        per(user),
+        per(system)
+    );
+    println!(
+        "  with the optimisers' tensor-op path   {unfused:.1} ms (user {:.2} s, system {:.2} s)",
+        per(unfused_user),
+        per(unfused_system)
+    );
     println!("  encoder forward (train-mode BN)      {fwd:.1} ms");
     println!("  encoder forward + backward           {fwd_bwd:.1} ms  (backward {:.1} ms)", fwd_bwd - fwd);
     println!(
         "  rest (target encoder fwd, MLPs, Adam over 11M params, 4 Polyak updates) ≈ {:.1} ms",
-        times[times.len() / 2] - fwd_bwd - fwd
+        median - fwd_bwd - fwd
     );
+    match torch_median(iters, batch_size, threads) {
+        Ok(torch) => println!("ratio Rust / PyTorch eager: {:.2}x ({median:.1} ms / {torch:.1} ms)", median / torch),
+        Err(why) => println!("PyTorch twin skipped: {why}"),
+    }
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 batch 64, 9x84x84, ResNet18 (9-ch conv1, train-mode BN) owned by the critic optimiser,
 target encoder on s', critic / VAE / actor MLPs 3x256, Adam, Polyak. CPU, default threads.
-    python rl/benches/lapo_torch.py [ITERS] [BATCH]
+    python rl/benches/lapo_torch.py [ITERS] [BATCH] [THREADS]
 """
 import copy
 import sys
@@ -58,6 +58,9 @@ def mlp(i, o):
 def main():
     iters = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     B = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    if len(sys.argv) > 3:
+        # The Rust side's thread count, so the ratio compares like with like.
+        torch.set_num_threads(int(sys.argv[3]))
     S, A, L, H = 16, 8, 16, 84
     torch.manual_seed(0)
     enc = Encoder(S)

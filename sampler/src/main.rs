@@ -281,6 +281,9 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(Command::Cosmos(args)) = &cli.command {

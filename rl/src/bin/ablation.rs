@@ -111,6 +111,9 @@ fn across(runs: &[&Run], pick: impl Fn(&Run) -> &BTreeMap<u64, f64>) -> Vec<(u64
 }
 
 fn main() -> Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     check_args(&args)?;
     let mut by_owner: BTreeMap<String, Vec<Run>> = BTreeMap::new();

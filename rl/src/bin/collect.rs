@@ -100,6 +100,9 @@ fn check_args(args: &Args, env: &EnvConfig, threads: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     let env_config = EnvConfig {
         image_height: args.height.unwrap_or(args.image_size),

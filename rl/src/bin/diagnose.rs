@@ -105,6 +105,9 @@ fn check_args(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     check_args(&args)?;
     std::env::set_var("RAYON_NUM_THREADS", "1");

@@ -97,6 +97,9 @@ fn evaluation_bytes(episodes: usize, hw: (usize, usize), supersample: usize, max
 }
 
 fn main() -> Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     let mut checks = ArgChecks::new();
     checks.count("--episodes", args.episodes as u64);

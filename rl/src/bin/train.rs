@@ -25,6 +25,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     let summary = rl::train::run(&args.config)?;
     // Through a JSON value: its keys are sorted, as in final_eval.json.

@@ -175,6 +175,9 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Tensor buffers are allocated and freed per op: keep freed memory for reuse (measured in
+    // shared::memory::keep_freed_memory).
+    shared::memory::keep_freed_memory();
     let args = Args::parse();
     if args.threads > 0 {
         // Candle's CPU kernels size their thread pool from this variable on first use.
