@@ -3,35 +3,19 @@
 //! `.npz` by the script, read with `rl::dataset::npz::read_npz`, never from the reader under test.
 
 use rl::dataset::hdf5::{detect, read, read_minari, read_robomimic, Hdf5Error, HdfSelection, ImportedEpisode, Layout};
-use rl::dataset::npz::{read_npz, NpyArray, NpyData};
-use std::collections::BTreeMap;
+#[path = "support/expected.rs"]
+mod expected;
+
+use expected::{array, bytes, row_f32, Npz};
+use rl::dataset::npz::NpyData;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hdf5").join(name)
 }
 
-type Npz = BTreeMap<String, NpyArray>;
-
 fn npz(name: &str) -> Npz {
-    read_npz(&fixture(name)).unwrap()
-}
-
-fn array<'a>(npz: &'a Npz, key: &str) -> &'a NpyArray {
-    npz.get(key).unwrap_or_else(|| panic!("{key} not in the npz"))
-}
-
-fn bytes(npz: &Npz, key: &str) -> Vec<u8> {
-    match &array(npz, key).data {
-        NpyData::U8(v) => v.clone(),
-        other => panic!("{key}: expected uint8, got {other:?}"),
-    }
-}
-
-/// Row `t` of an array with a leading time axis, as f32.
-fn row_f32(a: &NpyArray, t: usize) -> Vec<f32> {
-    let width: usize = a.shape[1..].iter().product();
-    a.data.to_f32()[t * width..(t + 1) * width].to_vec()
+    expected::npz(&fixture(name))
 }
 
 /// The episode the reader must produce, built from numpy's arrays: the state is the selected

@@ -5,6 +5,8 @@
 //! fixture's values (expected values written by the fixture script with h5py, read here with
 //! our npz reader, never with the importer under test); bad combinations are refused by name.
 
+#[path = "support/expected.rs"]
+mod expected;
 #[path = "../../tests/support/probe.rs"]
 mod probe;
 
@@ -12,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 use probe::{assert_ok, assert_refused, run, run_env, stderr};
 use rl::dataset::convert::{write_converted, ConvertOptions};
-use rl::dataset::npz::{read_npz, NpyArray, NpyData};
 use rl::dataset::Dataset;
 use rl::policy::ExportedPolicy;
 
@@ -150,24 +151,6 @@ fn minari_trains_multimodal_and_state_only() {
     assert_eq!(summary["offline_eval"]["episodes"], 1);
 }
 
-/// Reads a float array of the fixture's expected values as f32 (the shards store f32).
-fn floats(array: &NpyArray) -> Vec<f32> {
-    match &array.data {
-        NpyData::F32(v) => v.clone(),
-        NpyData::F64(v) => v.iter().map(|x| *x as f32).collect(),
-        NpyData::I32(v) => v.iter().map(|x| *x as f32).collect(),
-        NpyData::I64(v) => v.iter().map(|x| *x as f32).collect(),
-        other => panic!("not numeric: {other:?}"),
-    }
-}
-
-fn bytes(array: &NpyArray) -> Vec<u8> {
-    match &array.data {
-        NpyData::U8(v) => v.clone(),
-        other => panic!("not bytes: {other:?}"),
-    }
-}
-
 /// Every image, state, action and reward of the converted robomimic fixture (at its own 8 px:
 /// copied, not resized) equals what h5py read, the final observation is `next_obs`' last row,
 /// and the terminal is the last `dones` flag.
@@ -186,8 +169,10 @@ fn converted_shards_hold_the_sources_values() {
     )
     .unwrap();
     write_converted(&imported, s(&file), "test", &options, tmp.path()).unwrap();
-    let expected = read_npz(&fixture("robomimic.npz")).unwrap();
-    let get = |key: &str| expected.get(key).unwrap_or_else(|| panic!("{key} not in robomimic.npz"));
+    let expected = expected::npz(&fixture("robomimic.npz"));
+    let get = |key: &str| expected::array(&expected, key);
+    let floats = |a: &rl::dataset::npz::NpyArray| a.data.to_f32();
+    let bytes = |key: &str| expected::bytes(&expected, key);
     let dataset = Dataset::open(tmp.path()).unwrap();
     let meta = dataset.meta();
     assert_eq!(meta.cameras, ["agentview_image", "robot0_eye_in_hand_image"]);
@@ -212,11 +197,11 @@ fn converted_shards_hold_the_sources_values() {
         assert_eq!(episode.actions(), floats(get(&format!("{demo}.actions"))).as_slice(), "{demo} actions");
         assert_eq!(episode.rewards(), floats(get(&format!("{demo}.rewards"))).as_slice(), "{demo} rewards");
         for (c, camera) in meta.cameras.iter().enumerate() {
-            let frames = bytes(get(&format!("{demo}.obs.{camera}")));
+            let frames = bytes(&format!("{demo}.obs.{camera}"));
             for k in 0..t {
                 assert_eq!(episode.image(c, k), &frames[k * 192..(k + 1) * 192], "{demo} {camera} frame {k}");
             }
-            let next = bytes(get(&format!("{demo}.next_obs.{camera}")));
+            let next = bytes(&format!("{demo}.next_obs.{camera}"));
             assert_eq!(episode.image(c, t), &next[(t - 1) * 192..], "{demo} {camera} final frame");
         }
         let dones = floats(get(&format!("{demo}.dones")));
