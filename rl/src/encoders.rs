@@ -3,8 +3,9 @@
 //! * [`EncoderKind::ResNet18`]: the source system's encoder — one ResNet18 whose first conv takes
 //!   the three RGB cameras stacked as 9 channels, batch norm in train mode, → 256-d, fused with
 //!   a joint-state MLP into a 256-d feature. Candle's `max_pool2d(3, stride 2)` has no backward
-//!   and candle-transformers' ResNet uses eval-mode batch norm, so both are rebuilt here from
-//!   differentiable primitives ([`max_pool_3x3_s2`], `BatchNorm::forward_t`).
+//!   and candle-transformers' ResNet uses eval-mode batch norm, so the pool and the train-mode
+//!   batch norm are `shared::ops`' (`max_pool2d`, `BatchNorm2d`: one op each on the CPU, with
+//!   their backward; finite-difference tested).
 //! * [`EncoderKind::Conv`]: a small 4-layer conv net (DrQ-style) that trains on a CPU.
 //! * [`EncoderKind::None`]: state-only data; the feature is the z-scored state itself.
 //!
@@ -16,8 +17,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Module, ModuleT, Result, Tensor, D};
-use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder, VarMap};
-use shared::ops::Conv2d;
+use candle_nn::{Linear, VarBuilder, VarMap};
+use shared::ops::{max_pool2d, BatchNorm2d, Conv2d};
 
 use crate::nets::Mlp;
 
@@ -46,35 +47,9 @@ impl EncoderKind {
     }
 }
 
-/// 3×3 max-pool, stride 2, padding 1 (torchvision ResNet's), from differentiable primitives:
-/// edge-replicating padding (the replicated value is already in the window, so the max equals
-/// PyTorch's −∞ padding), then a separable max over three strided taps per axis, each tap an
-/// `index_select` whose backward is an `index_add`. Ties split the gradient (Candle's `maximum`
-/// backward halves it), which sums to the same total as PyTorch's pick-one rule.
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    let padded = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
-    let rows = strided_window_max(&padded, 3)?;
-    strided_window_max(&rows, 2)
-}
-
-fn strided_window_max(x: &Tensor, dim: usize) -> Result<Tensor> {
-    let len = x.dim(dim)?;
-    let out = (len - 3) / 2 + 1;
-    let mut best: Option<Tensor> = None;
-    for tap in 0..3u32 {
-        let index: Vec<u32> = (0..out as u32).map(|i| 2 * i + tap).collect();
-        let index = Tensor::new(index, x.device())?;
-        let values = x.index_select(&index, dim)?;
-        best = Some(match best {
-            None => values,
-            Some(b) => b.maximum(&values)?,
-        });
-    }
-    Ok(best.expect("three taps"))
-}
-
-fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    candle_nn::batch_norm(channels, BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 }, vb)
+fn bn(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
+    // torchvision's defaults.
+    BatchNorm2d::new(channels, 1e-5, 0.1, vb)
 }
 
 fn conv_no_bias(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
@@ -85,10 +60,10 @@ fn conv_no_bias(cin: usize, cout: usize, k: usize, stride: usize, padding: usize
 #[derive(Clone, Debug)]
 struct BasicBlock {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: BatchNorm2d,
     conv2: Conv2d,
-    bn2: BatchNorm,
-    downsample: Option<(Conv2d, BatchNorm)>,
+    bn2: BatchNorm2d,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
 }
 
 impl BasicBlock {
@@ -124,7 +99,7 @@ impl BasicBlock {
 pub struct ResNet18 {
     channels: usize,
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: BatchNorm2d,
     layers: Vec<BasicBlock>,
     proj: Linear,
 }
@@ -160,7 +135,7 @@ impl ResNet18 {
         let (mean, std) = imagenet_stats(self.channels, images.dtype(), images.device())?;
         let x = images.broadcast_sub(&mean)?.broadcast_div(&std)?;
         let x = self.bn1.forward_t(&self.conv1.forward(&x)?, train)?.relu()?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let mut x = max_pool2d(&x, 3, 2, 1)?;
         for block in &self.layers {
             x = block.forward_t(&x, train)?;
         }

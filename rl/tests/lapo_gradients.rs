@@ -7,7 +7,7 @@
 //! * the built-in audit passes for the design and catches the source's original bug.
 
 use candle_core::{DType, Device, Tensor, Var};
-use rl::encoders::{max_pool_3x3_s2, EncoderKind, FeatureLayout, FEATURE_DIM};
+use rl::encoders::{EncoderKind, FeatureLayout, FEATURE_DIM};
 use rl::lapo::{groups, Batch, Dims, EncoderOwner, Lapo, LapoConfig, ValueBounds};
 use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::rng::SplitMix64;
@@ -160,10 +160,10 @@ fn resnet18_error_curve() {
 }
 
 #[test]
-fn max_pool_matches_reference_and_its_gradient() {
+fn resnet_stem_max_pool_matches_reference_and_its_gradient() {
     let mut rng = SplitMix64::new(5);
     let x = Var::from_tensor(&rng.normal_tensor((2, 3, 7, 6), DType::F64, &Device::Cpu).unwrap()).unwrap();
-    let y = max_pool_3x3_s2(x.as_tensor()).unwrap();
+    let y = shared::ops::max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
     assert_eq!(y.dims(), &[2, 3, 4, 3]);
     // Direct reference: window max with −∞ padding.
     let xv: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
@@ -185,7 +185,7 @@ fn max_pool_matches_reference_and_its_gradient() {
         }
     }
     let w = SplitMix64::new(9).normal_tensor((2, 3, 4, 3), DType::F64, &Device::Cpu).unwrap();
-    let f = || (max_pool_3x3_s2(x.as_tensor())? * &w)?.sum_all();
+    let f = || (shared::ops::max_pool2d(x.as_tensor(), 3, 2, 1)? * &w)?.sum_all();
     check_gradients(&[("x", x.clone())], f, &opts()).unwrap().assert_close(1e-6, "max-pool").unwrap();
 }
 

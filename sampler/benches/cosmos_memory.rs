@@ -250,6 +250,8 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 fn main() -> anyhow::Result<()> {
     if let Ok(case) = std::env::var(CASE_ENV) {
+        // As the sampler binary runs (glibc keeps freed memory instead of unmapping it per op).
+        shared::memory::keep_freed_memory();
         return child(&case);
     }
     let threads: usize = match std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()) {

@@ -14,15 +14,20 @@ mod attention;
 mod checkpoint;
 mod conv;
 mod fused;
+mod norm;
 mod optim;
 mod pad;
+mod parallel;
+mod pool;
 pub use attention::sdpa_tiled;
 pub use checkpoint::{checkpoint, checkpoint_many};
 pub use conv::{conv2d, conv3d, Conv2d};
 #[cfg(test)]
 use conv::{conv2d_with, conv3d_with, gathered_columns, ColumnsPath, ConvPaths, Im2Col, InputGradPath};
+pub use norm::{batch_norm_train, BatchNorm2d};
 pub use optim::{adam_step_inplace, inplace_applicable, polyak_inplace, AdamStep};
 pub use pad::causal_pad;
+pub use pool::max_pool2d;
 
 /// Numerically stable softmax along `dim` (max-subtracted; the max is detached because the
 /// result does not depend on it).
@@ -339,3 +344,5 @@ impl Module for RmsNorm {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cnn;

@@ -22,6 +22,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::parallel::SharedSlice;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
     CpuStorage, CudaStorage, DType, Layout, MetalStorage, Module, Result, Shape, Storage, Tensor, WithDType,
@@ -268,52 +269,113 @@ impl Im2Col {
         )
     }
 
-    /// Calls `f(column_index, source_index)` for every column entry that reads the input
-    /// (padding reads none), per image: the shared walk of im2col and its adjoint.
-    fn walk(&self, mut f: impl FnMut(usize, usize)) {
+    /// The output columns `ox` of one kernel column `j` that read inside the image (the rest read
+    /// padding): `lo..hi`, with source column `ox·stride + j − padding`.
+    fn valid_columns(&self, j: usize, wo: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let lo = if p > j { (p - j).div_ceil(s).min(wo) } else { 0 };
+        let hi = if self.w + p > j { ((self.w + p - j - 1) / s + 1).min(wo) } else { 0 };
+        (lo, hi.max(lo))
+    }
+
+    /// im2col: column row `((ch·kh + i)·kw + j)·n + b` holds image b's channel ch shifted by the
+    /// tap (i, j), zeros where the tap reads padding. Rows are independent, so they are filled in
+    /// parallel on Candle's CPU pool, each row as whole output rows (a copy at stride 1).
+    ///
+    /// Why not a per-element walk: it was 8 % of a LAPO iteration (ResNet18, batch 64), one thread.
+    fn gather<T: WithDType>(&self, x: &[T], len: usize) -> Vec<T> {
         let (ho, wo) = self.output_hw();
         let l = ho * wo;
-        for b in 0..self.n {
-            for ch in 0..self.c {
+        let mut out: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(len);
+        // SAFETY: MaybeUninit needs no initialisation; every element is written below (each row of
+        // `l` entries is filled completely: zeros, then the valid range) before it is read.
+        unsafe { out.set_len(len) };
+        let rows = len / l.max(1);
+        let dst = SharedSlice::new(&mut out);
+        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+            for row in range {
+                // SAFETY: rows are disjoint ranges of `out`, each visited once.
+                let dst = unsafe { dst.range(row * l, l) };
+                let (b, k) = (row % self.n, row / self.n);
+                let (j, i, ch) = (k % self.kw, (k / self.kw) % self.kh, k / (self.kw * self.kh));
+                let (lo, hi) = self.valid_columns(j, wo);
+                let zero = std::mem::MaybeUninit::new(T::from_f64(0.0));
+                for oy in 0..ho {
+                    let line = &mut dst[oy * wo..(oy + 1) * wo];
+                    let y = (oy * self.stride + i) as isize - self.padding as isize;
+                    if y < 0 || y >= self.h as isize {
+                        line.fill(zero);
+                        continue;
+                    }
+                    let src = &x[((b * self.c + ch) * self.h + y as usize) * self.w..][..self.w];
+                    line[..lo].fill(zero);
+                    line[hi..].fill(zero);
+                    // Source column of output column ox: ox·stride + j − padding (≥ 0 for ox ≥ lo).
+                    let first = lo * self.stride + j - self.padding;
+                    if self.stride == 1 {
+                        for (d, &v) in line[lo..hi].iter_mut().zip(&src[first..first + (hi - lo)]) {
+                            *d = std::mem::MaybeUninit::new(v);
+                        }
+                    } else {
+                        for (d, &v) in line[lo..hi].iter_mut().zip(src[first..].iter().step_by(self.stride)) {
+                            *d = std::mem::MaybeUninit::new(v);
+                        }
+                    }
+                }
+            }
+        });
+        let mut out = std::mem::ManuallyDrop::new(out);
+        // SAFETY: every element was initialised above; MaybeUninit<T> has T's layout.
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) }
+    }
+
+    /// col2im, the adjoint: x[b, ch] = Σ over taps (i, j) of the columns that read it. Each image
+    /// plane (b, ch) gathers from its own kh·kw rows, so planes are summed in parallel with no
+    /// shared writes. bf16/f16 sums run in f32 and are rounded once, as PyTorch's CPU kernels do:
+    /// up to kh·kw terms each.
+    fn scatter_add<T: WithDType>(&self, columns: &[T], len: usize) -> Vec<T> {
+        let (ho, wo) = self.output_hw();
+        let (l, plane) = (ho * wo, self.h * self.w);
+        let mut out = vec![T::from_f64(0.0); len];
+        let dst = SharedSlice::new(&mut out);
+        candle_core::utils::barrier_pool().execute_chunked(self.n * self.c, |range| {
+            let mut sum = vec![0f32; if is_half(T::DTYPE) { plane } else { 0 }];
+            for image in range {
+                // SAFETY: planes are disjoint ranges of `out`, each visited once.
+                let dst = unsafe { dst.range(image * plane, plane) };
+                let (b, ch) = (image / self.c, image % self.c);
+                sum.fill(0.0);
                 for i in 0..self.kh {
                     for j in 0..self.kw {
                         let row = ((ch * self.kh + i) * self.kw + j) * self.n + b;
+                        let (lo, hi) = self.valid_columns(j, wo);
                         for oy in 0..ho {
                             let y = (oy * self.stride + i) as isize - self.padding as isize;
                             if y < 0 || y >= self.h as isize {
                                 continue;
                             }
-                            let src_row = ((b * self.c + ch) * self.h + y as usize) * self.w;
-                            for ox in 0..wo {
-                                let x = (ox * self.stride + j) as isize - self.padding as isize;
-                                if x >= 0 && x < self.w as isize {
-                                    f(row * l + oy * wo + ox, src_row + x as usize);
+                            let src = &columns[row * l + oy * wo..][lo..hi];
+                            let first = y as usize * self.w + lo * self.stride + j - self.padding;
+                            if is_half(T::DTYPE) {
+                                let line = sum[first..].iter_mut().step_by(self.stride);
+                                for (d, &v) in line.zip(src) {
+                                    *d += v.to_f64() as f32;
+                                }
+                            } else {
+                                for (d, &v) in dst[first..].iter_mut().step_by(self.stride).zip(src) {
+                                    *d += v;
                                 }
                             }
                         }
                     }
                 }
+                if is_half(T::DTYPE) {
+                    for (d, &v) in dst.iter_mut().zip(&sum) {
+                        *d = T::from_f64(v as f64);
+                    }
+                }
             }
-        }
-    }
-
-    /// im2col: columns[dst] = x[src] (padding stays zero).
-    fn gather<T: WithDType>(&self, x: &[T], len: usize) -> Vec<T> {
-        let mut out = vec![T::from_f64(0.0); len];
-        self.walk(|dst, from| out[dst] = x[from]);
-        out
-    }
-
-    /// col2im, the adjoint: x[src] += columns[dst]. bf16/f16 sums run in f32 and are rounded
-    /// once, as PyTorch's CPU kernels do: up to kh·kw terms each.
-    fn scatter_add<T: WithDType>(&self, columns: &[T], len: usize) -> Vec<T> {
-        if is_half(T::DTYPE) {
-            let mut sum = vec![0f32; len];
-            self.walk(|from, dst| sum[dst] += columns[from].to_f64() as f32);
-            return sum.into_iter().map(|v| T::from_f64(v as f64)).collect();
-        }
-        let mut out = vec![T::from_f64(0.0); len];
-        self.walk(|from, dst| out[dst] += columns[from]);
+        });
         out
     }
 

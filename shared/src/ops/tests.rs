@@ -331,9 +331,10 @@ fn conv2d_module_uses_candle_names_and_rejects_bad_shapes() {
 #[test]
 fn conv2d_cpu_columns_equal_the_device_generic_gather() {
     // The CPU im2col kernel and the gather path (used on CUDA/Metal) build identical columns.
-    for &(kernel, stride, padding, side) in &[(7, 2, 3, 11), (3, 2, 1, 9), (3, 1, 1, 6), (1, 2, 0, 7)] {
-        let x = var(&[2, 3, side, side], 7).as_tensor().clone();
-        let g = Im2Col { n: 2, c: 3, h: side, w: side, kh: kernel, kw: kernel, stride, padding };
+    for &(kernel, stride, padding, side) in &[(7, 2, 3, 11), (3, 2, 1, 9), (3, 1, 1, 6), (1, 2, 0, 7), (5, 3, 4, 8)] {
+        // Non-square (side × side + 3) so rows and columns cannot be swapped unseen.
+        let x = var(&[2, 3, side, side + 3], 7).as_tensor().clone();
+        let g = Im2Col { n: 2, c: 3, h: side, w: side + 3, kh: kernel, kw: kernel, stride, padding };
         let cpu = x.apply_op1(g).unwrap();
         let gathered = gathered_columns(&x, &g).unwrap();
         assert_eq!(cpu.dims(), gathered.dims());
