@@ -10,10 +10,15 @@
 //! with their tensor-op path.
 //!
 //! `cargo bench -p rl --bench lapo [-- ITERS [BATCH]]`
+//!
+//! `WORLDGRAD_BENCH_DEVICE` (default `cpu`; `cuda` in a `--features cuda` build, as
+//! `scripts/gpu-check.sh` runs it) picks the device; every timing then waits for the device to
+//! finish. The PyTorch twin runs on the CPU, so it is skipped on any other device (its ratio
+//! would compare two devices).
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rl::encoders::EncoderKind;
 use rl::lapo::{Batch, Dims, EncoderOwner, Lapo, LapoConfig, ValueBounds};
 use shared::rng::SplitMix64;
@@ -37,6 +42,7 @@ fn iterations(lapo: &mut Lapo, batch: &Batch, iters: usize) -> anyhow::Result<(f
     for _ in 0..iters {
         let t = Instant::now();
         lapo.train_step(batch, false)?;
+        lapo.device().synchronize()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (u1, s1) = cpu_seconds();
@@ -70,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     let iters: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(3);
     let batch_size: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let (h, w, state_dim, action_dim) = (84, 84, 16, 8);
-    let dev = Device::Cpu;
+    let device_name = std::env::var("WORLDGRAD_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = shared::device::parse_device(&device_name)
+        .map_err(|e| anyhow::anyhow!("WORLDGRAD_BENCH_DEVICE={device_name}: {e}"))?;
     let config = LapoConfig {
         encoder: EncoderKind::ResNet18,
         encoder_owner: EncoderOwner::Critic,
@@ -92,7 +100,8 @@ fn main() -> anyhow::Result<()> {
         privileged: None,
     };
     let threads = candle_core::utils::get_num_threads();
-    println!("candle {threads}-thread CPU, batch {batch_size}, 9x{h}x{w}, ResNet18");
+    let on = if dev.is_cpu() { format!("{threads}-thread CPU") } else { shared::device::describe(&dev) };
+    println!("candle {on}, batch {batch_size}, 9x{h}x{w}, ResNet18");
     lapo.train_step(&batch, false)?; // warm-up
     let (default_alloc, default_user, default_system) = iterations(&mut lapo, &batch, iters)?;
     shared::memory::keep_freed_memory();
@@ -110,6 +119,7 @@ fn main() -> anyhow::Result<()> {
     let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
         let t = Instant::now();
         f()?;
+        dev.synchronize()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
     // The optimisers alone: Adam over every trained parameter with fixed gradients, 5 steps
@@ -128,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                     vars.iter().position(|(_, w)| w.as_tensor().id() == v.as_tensor().id()).map(|i| grads[i].clone())
                 })?;
             }
+            dev.synchronize()?;
             total += t.elapsed().as_secs_f64() * 1e3 / 5.0;
         }
         Ok(total)
@@ -175,6 +186,10 @@ fn main() -> anyhow::Result<()> {
         "  rest (target encoder fwd, MLPs, Adam over 11M params, 4 Polyak updates) ≈ {:.1} ms",
         median - fwd_bwd - fwd
     );
+    if !dev.is_cpu() {
+        println!("PyTorch twin skipped: it runs on the CPU, this run on {}", shared::device::describe(&dev));
+        return Ok(());
+    }
     match torch_median(iters, batch_size, threads) {
         Ok(torch) => println!("ratio Rust / PyTorch eager: {:.2}x ({median:.1} ms / {torch:.1} ms)", median / torch),
         Err(why) => println!("PyTorch twin skipped: {why}"),

@@ -54,6 +54,7 @@ struct Cli {
     optimizer: Option<String>,
     #[arg(long)]
     objective: Option<String>,
+    /// auto | cpu | cuda[:N] | metal (default cpu), for the stress test and the demo.
     #[arg(long)]
     device: Option<String>,
     /// recompute | full-graph
@@ -170,7 +171,6 @@ fn demo_only_flags(cli: &Cli) -> Vec<&'static str> {
         ("--seed", cli.seed.is_some()),
         ("--optimizer", cli.optimizer.is_some()),
         ("--objective", cli.objective.is_some()),
-        ("--device", cli.device.is_some()),
         ("--grad-mode", cli.grad_mode.is_some()),
         ("--grad-clip", cli.grad_clip.is_some()),
         ("--chi-reg", cli.chi_reg.is_some()),
@@ -257,14 +257,15 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
         ignored.is_empty(),
         "{} apply to the analytic demo, not the policy stress test (the default here); add --demo \
          (or -i params.json) to run the demo, or drop them. The stress test takes --seeds \
-         --iterations --num-steps --lr --direction --solver --policy --world-model",
+         --iterations --num-steps --lr --direction --solver --policy --world-model --device",
         ignored.join(", ")
     );
     // Arguments and the output directory before anything is loaded; then the inputs, each
     // checked; the directory is claimed only once they all are.
     let settings = stress_settings(cli)?;
     let out = shared::outputs::OutputDir::check(cli.out.as_deref(), Path::new(DEFAULT_OUT), cli.overwrite)?;
-    let device = candle_core::Device::Cpu;
+    let device_spec = cli.device.as_deref().unwrap_or("cpu");
+    let device = shared::device::parse_device(device_spec).with_context(|| format!("--device {device_spec}"))?;
     let model = sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &device)
         .with_context(|| format!("--world-model {}", weights.display()))?;
     settings.check(&model.cfg, &device)?;
@@ -276,7 +277,7 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
         policy.display(),
         claimed.path().display()
     );
-    sampler::stress::run(&model, &policy, &settings, claimed.path(), |line| println!("{line}"))?;
+    sampler::stress::run_on(&model, &policy, &settings, &device, claimed.path(), |line| println!("{line}"))?;
     Ok(true)
 }
 

@@ -301,17 +301,29 @@ pub fn expert_clip(model: &WorldModel, seed: u64, start_frame: usize, device: &D
     Ok(clips.select(&[last])?)
 }
 
-/// Runs the stress test for every seed, writing `report.json`, `metrics.jsonl`, and per seed
-/// `seed<k>_before_after.png` (rows: real, before, after) and `seed<k>_{before,after}.gif`.
+/// Runs the stress test for every seed on the CPU, writing `report.json`, `metrics.jsonl`, and per
+/// seed `seed<k>_before_after.png` (rows: real, before, after) and `seed<k>_{before,after}.gif`.
 pub fn run(
     model: &WorldModel,
     policy_path: &Path,
     settings: &StressSettings,
     out_dir: &Path,
+    log: impl FnMut(&str),
+) -> anyhow::Result<StressSummary> {
+    run_on(model, policy_path, settings, &Device::Cpu, out_dir, log)
+}
+
+/// [`run`] on `device`, the device `model` was loaded on (`sampler --device`).
+pub fn run_on(
+    model: &WorldModel,
+    policy_path: &Path,
+    settings: &StressSettings,
+    device: &Device,
+    out_dir: &Path,
     mut log: impl FnMut(&str),
 ) -> anyhow::Result<StressSummary> {
     let started = Instant::now();
-    let device = Device::Cpu;
+    let device = device.clone();
     // Everything checked before the first write.
     settings.check(&model.cfg, &device)?;
     let mut first_policy = Some(load_policy(policy_path, &device)?);

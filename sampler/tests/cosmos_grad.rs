@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarBuilder;
 use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel, ForwardOptions, MemoryMode};
+use shared::device::test_device;
 use shared::gradcheck::{check_gradients, GradCheckOptions, GradCheckReport};
 use shared::rng::SplitMix64;
 
@@ -27,14 +28,14 @@ fn setup() -> Result<Setup> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
     let path = dir.join("cosmos_tiny.safetensors");
-    let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
+    let tensors = shared::weights::read_safetensors(&path, &test_device())
         .with_context(|| format!("loading fixture {}", path.display()))?;
     let weights = tensors
         .iter()
         .filter(|(k, _)| !k.starts_with("case_"))
         .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F64)?)))
         .collect::<Result<_>>()?;
-    let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu))?;
+    let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F64, &test_device()))?;
     Ok(Setup { model, tensors })
 }
 
@@ -46,7 +47,7 @@ impl Setup {
 
 /// A fixed random projection of the output, so the scalar depends on every output element.
 fn readout(shape: &[usize], seed: u64) -> Result<Tensor> {
-    Ok(SplitMix64::new(seed).normal_tensor(shape, DType::F64, &Device::Cpu)?)
+    Ok(SplitMix64::new(seed).normal_tensor(shape, DType::F64, &test_device())?)
 }
 
 fn print_report(what: &str, report: &GradCheckReport) {
@@ -101,7 +102,7 @@ fn trainable_model(stem: &str) -> Result<(CosmosTransformer3DModel, candle_nn::V
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
     let varmap = candle_nn::VarMap::new();
-    let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu))?;
+    let model = CosmosTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F64, &test_device()))?;
     let opts = shared::weights::LoadOptions { allow_unexpected: true, allow_dtype_cast: true, ..Default::default() };
     let report = shared::weights::load_into_varmap(&varmap, &dir.join(format!("{stem}.safetensors")), &opts)?;
     anyhow::ensure!(report.unexpected.iter().all(|k| k.starts_with("case_")), "unexpected: {:?}", report.unexpected);
@@ -160,7 +161,7 @@ fn p25_input_and_weight_gradients_match_finite_differences() -> Result<()> {
     let (model, varmap) = trainable_model("cosmos_tiny_p25")?;
     anyhow::ensure!(model.config().use_crossattn_projection, "the p25 fixture has no context projection");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let tensors = shared::weights::read_safetensors(&dir.join("cosmos_tiny_p25.safetensors"), &Device::Cpu)?;
+    let tensors = shared::weights::read_safetensors(&dir.join("cosmos_tiny_p25.safetensors"), &test_device())?;
     let input = |k: &str| -> Result<Tensor> {
         Ok(tensors.get(k).ok_or_else(|| anyhow!("fixture has no tensor '{k}'"))?.to_dtype(DType::F64)?)
     };
@@ -395,7 +396,7 @@ fn checkpointing_refuses_other_differentiated_inputs() -> Result<()> {
     let err = err.map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("timestep") && err.contains("carries a gradient"), "{err}");
     let weight = Var::from_tensor(&s.input("transformer_blocks.0.ff.net.2.weight")?)?;
-    let x = Var::from_tensor(&Tensor::ones((3, weight.dim(0)?), DType::F64, &Device::Cpu)?)?;
+    let x = Var::from_tensor(&Tensor::ones((3, weight.dim(0)?), DType::F64, &test_device())?)?;
     let w = weight.as_tensor().clone();
     let err = shared::ops::checkpoint(x.as_tensor(), move |x| x.matmul(&w)).err().map(|e| e.to_string());
     assert!(err.as_deref().is_some_and(|e| e.contains("only the input is differentiable")), "{err:?}");

@@ -10,9 +10,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel, ForwardOptions, Trace};
+use shared::device::test_device;
 
 /// Required agreement with diffusers (max |Δ| / max |reference|; the reference is f32). Measured
 /// ~6e-7. The issue asks for < 1e-4, but at 1e-4 a tanh-approximated GELU in place of the exact
@@ -34,7 +35,7 @@ impl Fixture {
         let dir = fixture_dir();
         let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
         let path = dir.join(format!("{stem}.safetensors"));
-        let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
+        let tensors = shared::weights::read_safetensors(&path, &test_device())
             .with_context(|| format!("loading fixture {}", path.display()))?;
         Ok(Self { cfg, tensors })
     }
@@ -53,7 +54,7 @@ impl Fixture {
     }
 
     fn model(&self, dtype: DType) -> Result<CosmosTransformer3DModel> {
-        let vb = VarBuilder::from_tensors(self.weights(dtype)?, dtype, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(self.weights(dtype)?, dtype, &test_device());
         Ok(CosmosTransformer3DModel::new(&self.cfg, vb)?)
     }
 
@@ -163,7 +164,7 @@ fn parameter_names_match_diffusers() -> Result<()> {
 fn parameter_names_match(stem: &str) -> Result<()> {
     let fx = Fixture::load(stem)?;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &test_device());
     CosmosTransformer3DModel::new(&fx.cfg, vb)?;
     let data = varmap.data().lock().map_err(|_| anyhow!("varmap lock poisoned"))?;
     let model_names: BTreeSet<&String> = data.keys().collect();
@@ -290,11 +291,11 @@ fn bad_inputs_are_errors_not_panics() -> Result<()> {
     // Missing padding mask.
     assert!(model.forward(x, t, ctx, Some(cm), None).is_err());
     // Timestep of the wrong shape.
-    assert!(model.forward(x, &Tensor::zeros(5, DType::F32, &Device::Cpu)?, ctx, Some(cm), Some(pm)).is_err());
+    assert!(model.forward(x, &Tensor::zeros(5, DType::F32, &test_device())?, ctx, Some(cm), Some(pm)).is_err());
     // Grid beyond the positional tables (max T = 4 latent frames).
     let long = Tensor::cat(&[x, x], 2)?;
     let long_cm = Tensor::cat(&[cm, cm], 2)?;
-    let err = model.forward(&long, &Tensor::zeros(2, DType::F32, &Device::Cpu)?, ctx, Some(&long_cm), Some(pm)).err();
+    let err = model.forward(&long, &Tensor::zeros(2, DType::F32, &test_device())?, ctx, Some(&long_cm), Some(pm)).err();
     assert!(err.is_some_and(|e| e.to_string().contains("positional range")));
     Ok(())
 }

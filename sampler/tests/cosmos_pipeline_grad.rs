@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use sampler::cosmos::pipeline::{self, CosmosPipeline, GenerateRequest, Repository};
 use sampler::cosmos::vae::DecodedObjective;
 use sampler::noise::{NoiseState, NoiseTensor};
@@ -15,6 +15,7 @@ use sampler::objective::Objective;
 use sampler::objective::TargetMse;
 use sampler::optimize::verify_gradient;
 use sampler::trajectory::GradMode;
+use shared::device::test_device;
 use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::rng::SplitMix64;
 
@@ -25,7 +26,7 @@ fn fixtures() -> PathBuf {
 fn load(repo: &str) -> Result<CosmosPipeline> {
     let hub = shared::weights::HubOptions { cache_dir: fixtures().join("hf_cache"), offline: true };
     let repo = Repository::Hub { repo: repo.into(), revision: "main".into(), hub };
-    CosmosPipeline::load_from(repo, DType::F64, &Device::Cpu)
+    CosmosPipeline::load_from(repo, DType::F64, &test_device())
 }
 
 #[test]
@@ -39,7 +40,7 @@ fn z0_gradient_through_the_predict25_pipeline_and_the_decode() -> Result<()> {
 }
 
 fn z0_gradient_through(pipe: &CosmosPipeline, embeds: &str) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (h, w, frames) = (32, 48, 5);
     let video = pipeline::load_conditioning(&fixtures().join("cosmos_condition.png"), h, w, &dev)?;
     let (prompt, negative) = pipeline::read_prompt_embeds(&fixtures().join(embeds), &dev)?;

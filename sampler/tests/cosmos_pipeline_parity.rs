@@ -8,8 +8,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use sampler::cosmos::pipeline::{self, CosmosPipeline, GenerateRequest, Repository};
+use shared::device::test_device;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -25,8 +26,15 @@ fn cases() -> Result<serde_json::Value> {
 }
 
 fn reference(name: &str) -> Result<std::collections::HashMap<String, Tensor>> {
-    let all = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &Device::Cpu)?;
+    let all = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &test_device())?;
     Ok(all.into_iter().filter_map(|(k, t)| k.strip_prefix(&format!("{name}.")).map(|k| (k.to_string(), t))).collect())
+}
+
+/// `--device` and `--dtype` for the CLI runs: the device the tests run on (`WORLDGRAD_TEST_DEVICE`,
+/// the CPU when unset) in f32, the references' precision (on CUDA the CLI's default is bf16).
+fn cli_device_args() -> [String; 4] {
+    let device = std::env::var(shared::device::TEST_DEVICE_ENV).unwrap_or_else(|_| "cpu".into());
+    ["--device".into(), device, "--dtype".into(), "f32".into()]
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {
@@ -41,7 +49,7 @@ fn case_request(
     conditioning: &str,
     dtype: DType,
 ) -> Result<(CosmosPipeline, GenerateRequest)> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let text = |key: &str| case[key].as_str().unwrap_or_default().to_string();
     let number = |key: &str| case[key].as_u64().unwrap_or(0) as usize;
     let pipe = CosmosPipeline::load_from(offline_hub(&text("model")), dtype, &dev)?;
@@ -123,7 +131,7 @@ fn scheduler_configs_give_diffusers_sigmas() -> Result<()> {
         let pipe = CosmosPipeline::load_from(
             offline_hub(case["model"].as_str().unwrap_or_default()),
             DType::F32,
-            &Device::Cpu,
+            &test_device(),
         )?;
         let steps = case["num_inference_steps"].as_u64().unwrap_or(0) as usize;
         let ours = pipe.scheduler.schedule(steps)?.sigmas;
@@ -187,6 +195,7 @@ fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.extend(cli_device_args());
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -202,7 +211,7 @@ fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
     let first = run(&args(&[]))?;
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let read = |file: &str, key: &str| -> Result<Tensor> {
-        shared::weights::read_safetensors(&dir.join(file), &Device::Cpu)?.remove(key).context(key.to_string())
+        shared::weights::read_safetensors(&dir.join(file), &test_device())?.remove(key).context(key.to_string())
     };
     let r = reference("predict2_nofps")?;
     let expected = r.get("final_latents").context("final_latents")?;
@@ -238,7 +247,7 @@ fn cli_matches_diffusers_from_the_hub_cache_offline() -> Result<()> {
 fn cli_prompt_through_t5_matches_diffusers_prompt_embeddings() -> Result<()> {
     let cases = cases()?;
     let prompt = cases["t5_prompts"][0].as_str().context("t5 prompt")?.to_string();
-    let t5 = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &Device::Cpu)?;
+    let t5 = shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_cases.safetensors"), &test_device())?;
     let tmp = tempfile::tempdir()?;
     let embeds = tmp.path().join("diffusers_t5.safetensors");
     let map = std::collections::HashMap::from([
@@ -257,12 +266,13 @@ fn cli_prompt_through_t5_matches_diffusers_prompt_embeddings() -> Result<()> {
             .arg(f("cosmos_latents_predict2.safetensors"))
             .args(["--height", "32", "--width", "48", "--num-frames", "9", "--steps", "4", "--guidance", "3", "-o"])
             .arg(&dir)
+            .args(cli_device_args())
             .env("HF_HUB_OFFLINE", "1")
             .env("HF_HUB_CACHE", fixtures().join("hf_cache"))
             .env_remove("HF_HOME")
             .output()?;
         anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        shared::weights::read_safetensors(&dir.join("latents.safetensors"), &Device::Cpu)?
+        shared::weights::read_safetensors(&dir.join("latents.safetensors"), &test_device())?
             .remove("latents")
             .context("latents")
     };
@@ -290,12 +300,13 @@ fn cli_runs_predict25_from_the_hub_cache_offline() -> Result<()> {
         .arg(f("cosmos_latents_predict25.safetensors"))
         .args(["--height", "32", "--width", "48", "--num-frames", "9", "--steps", "4", "--guidance", "3", "-o"])
         .arg(&dir)
+        .args(cli_device_args())
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HUB_CACHE", fixtures().join("hf_cache"))
         .env_remove("HF_HOME")
         .output()?;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let latents = shared::weights::read_safetensors(&dir.join("latents.safetensors"), &Device::Cpu)?
+    let latents = shared::weights::read_safetensors(&dir.join("latents.safetensors"), &test_device())?
         .remove("latents")
         .context("latents")?;
     let r = reference("predict25")?;
@@ -349,7 +360,7 @@ fn video_conditioning_matches_diffusers() -> Result<()> {
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("cosmos_pipeline_video_cases.json"))?)?;
     let all =
-        shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_video_cases.safetensors"), &Device::Cpu)?;
+        shared::weights::read_safetensors(&fixtures().join("cosmos_pipeline_video_cases.safetensors"), &test_device())?;
     let cases = cases["cases"].as_array().context("cases")?;
     assert_eq!(cases.len(), 3);
     for case in cases {

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel, MemoryMode};
 use sampler::denoiser::{Conditioning, FrameReplace, Network, Preconditioned};
@@ -20,6 +20,7 @@ use sampler::param::Parameterization;
 use sampler::schedule::Schedule;
 use sampler::solver::SolverKind;
 use sampler::trajectory::{GradMode, Trajectory};
+use shared::device::test_device;
 use shared::gradcheck::GradCheckOptions;
 use shared::rng::SplitMix64;
 
@@ -54,14 +55,14 @@ fn fixture_dit() -> Result<CosmosTransformer3DModel> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let cfg = Config::from_json_file(&dir.join("cosmos_tiny_config.json"))?;
     let path = dir.join("cosmos_tiny.safetensors");
-    let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
+    let tensors = shared::weights::read_safetensors(&path, &test_device())
         .with_context(|| format!("loading fixture {}", path.display()))?;
     let weights = tensors
         .into_iter()
         .filter(|(k, _)| !k.starts_with("case_"))
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F64)?)))
         .collect::<Result<_>>()?;
-    Ok(CosmosTransformer3DModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu))?)
+    Ok(CosmosTransformer3DModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F64, &test_device()))?)
 }
 
 /// Runs the directional check of ∇z0 (and of the learned step noises, in `sde-learnable`) and
@@ -87,7 +88,7 @@ fn problem(
     seed: u64,
     memory: MemoryMode,
 ) -> Result<Problem> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let mut model = fixture_dit()?;
     model.set_memory_mode(memory)?;
     let denoiser = FrameReplace { inner: Preconditioned { net: DitNetwork { model }, param }, condition_sigma: None };

@@ -3,7 +3,7 @@
 //! the full-graph backward; and causality — a prefix decodes to the same frames whatever follows.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use sampler::cosmos::vae::{AutoencoderKLWan, Config, DecodedObjective};
 use sampler::denoiser::{Conditioning, GaussianDenoiser};
 use sampler::noise::{Churn, NoiseMode, NoiseState};
@@ -12,11 +12,12 @@ use sampler::optimize::verify_gradient;
 use sampler::schedule::Schedule;
 use sampler::solver::SolverKind;
 use sampler::trajectory::{GradMode, Trajectory};
+use shared::device::test_device;
 use shared::gradcheck::{check_gradients, GradCheckOptions};
 use shared::rng::SplitMix64;
 
 fn random_model(cfg: &Config, seed: u64) -> Result<AutoencoderKLWan> {
-    AutoencoderKLWan::random(cfg, seed, DType::F64, &Device::Cpu)
+    AutoencoderKLWan::random(cfg, seed, DType::F64, &test_device())
 }
 
 /// Two levels of up-sampling — one temporal (upsample3d), one spatial only — and the mid
@@ -42,7 +43,7 @@ fn real_shaped_config() -> Config {
 }
 
 fn latents(shape: (usize, usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
-    Ok((SplitMix64::new(seed).normal_tensor(shape, DType::F64, &Device::Cpu)? * 0.5)?)
+    Ok((SplitMix64::new(seed).normal_tensor(shape, DType::F64, &test_device())? * 0.5)?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -59,7 +60,7 @@ fn recompute_equals_full_graph(cfg: &Config, z_shape: (usize, usize, usize, usiz
     let vae = random_model(cfg, 1)?;
     let z = latents(z_shape, 2)?;
     let (video, tape) = vae.decode_taped(&z)?;
-    let probe = SplitMix64::new(3).normal_tensor(video.shape(), DType::F64, &Device::Cpu)?;
+    let probe = SplitMix64::new(3).normal_tensor(video.shape(), DType::F64, &test_device())?;
     let recomputed = tape.vjp(&vae, &probe)?;
 
     let z_var = Var::from_tensor(&z)?;
@@ -119,7 +120,7 @@ fn decode_vjp_matches_finite_differences() -> Result<()> {
     let vae = random_model(&cfg, 4)?;
     let first = Var::from_tensor(&latents((1, 2, 1, 2, 3), 5)?)?;
     let rest = Var::from_tensor(&latents((1, 2, 2, 2, 3), 6)?)?;
-    let probe = SplitMix64::new(7).normal_tensor((1, 3, 5, 8, 12), DType::F64, &Device::Cpu)?;
+    let probe = SplitMix64::new(7).normal_tensor((1, 3, 5, 8, 12), DType::F64, &test_device())?;
     // The value of ⟨decode(z), r⟩ with the VJP as its gradient: value + ⟨z − sg(z), vjp⟩.
     let f = || -> candle_core::Result<Tensor> {
         let z = Tensor::cat(&[first.as_tensor(), rest.as_tensor()], 2)?;
@@ -179,14 +180,14 @@ fn gradient_through_trajectory_and_decode() -> Result<()> {
     let shape = [1usize, 2, 2, 2, 3];
     let mut rng = SplitMix64::new(14);
     let denoiser =
-        GaussianDenoiser { mean: (rng.normal_tensor(&shape[..], DType::F64, &Device::Cpu)? * 0.3)?, std: 0.6 };
-    let target = rng.uniform_tensor((1, 3, 3, 8, 12), 0.0, 1.0, DType::F64, &Device::Cpu)?;
+        GaussianDenoiser { mean: (rng.normal_tensor(&shape[..], DType::F64, &test_device())? * 0.3)?, std: 0.6 };
+    let target = rng.uniform_tensor((1, 3, 3, 8, 12), 0.0, 1.0, DType::F64, &test_device())?;
     let objective = DecodedObjective { vae: &vae, inner: TargetMse { target, label: "random video".into() } };
     let cond = Conditioning::default();
     let schedule = Schedule::karras(3, 0.05, 20.0, 7.0)?;
     let churn = Churn { s_churn: 1.0, s_tmin: 0.0, s_tmax: f64::INFINITY, s_noise: 1.0 };
     let plan = churn.plan(&schedule.sigmas, true);
-    let noise = NoiseState::draw(15, &shape, &plan, NoiseMode::SdeLearnable, true, DType::F64, &Device::Cpu)?;
+    let noise = NoiseState::draw(15, &shape, &plan, NoiseMode::SdeLearnable, true, DType::F64, &test_device())?;
     let solver = SolverKind::Res.build();
     let traj = Trajectory { denoiser: &denoiser, solver: solver.as_ref(), cond: &cond, schedule, plan };
 
@@ -221,7 +222,7 @@ fn decoded_objective_value_and_gradient_match_its_full_graph() -> Result<()> {
     let cfg = tiny_config();
     let vae = random_model(&cfg, 17)?;
     let z = latents((1, 2, 2, 2, 3), 18)?;
-    let target = Tensor::full(0.5f64, (1, 3, 3, 8, 12), &Device::Cpu)?;
+    let target = Tensor::full(0.5f64, (1, 3, 3, 8, 12), &test_device())?;
     let objective = DecodedObjective { vae: &vae, inner: TargetMse { target, label: "grey".into() } };
     let video01 = ((vae.decode(&vae.denormalize_latents(&z)?)? + 1.0)? / 2.0)?;
     let by_hand = shared::gradcheck::scalar_f64(&(video01 - 0.5)?.sqr()?.mean_all()?)?;
@@ -255,8 +256,8 @@ fn posterior_sample_is_seeded_and_has_the_posterior_moments() -> Result<()> {
     use sampler::cosmos::vae::DiagonalGaussian;
     let shape = (2, 4, 1, 32, 32);
     let posterior = DiagonalGaussian {
-        mean: Tensor::full(0.3f64, shape, &Device::Cpu)?,
-        logvar: Tensor::full(0.25f64.ln(), shape, &Device::Cpu)?,
+        mean: Tensor::full(0.3f64, shape, &test_device())?,
+        logvar: Tensor::full(0.25f64.ln(), shape, &test_device())?,
     };
     let a: Vec<f64> = posterior.sample(1)?.flatten_all()?.to_vec1()?;
     let n = a.len() as f64;

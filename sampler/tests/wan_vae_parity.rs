@@ -13,9 +13,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use sampler::cosmos::vae::{AutoencoderKLWan, Config};
+use shared::device::test_device;
 use shared::weights::ShapeRecorder;
 
 const TOL: f64 = 1e-5;
@@ -34,7 +35,7 @@ impl Fixture {
         let dir = fixtures();
         let cfg = Config::from_json_file(&dir.join(format!("{name}_config.json")))?;
         let path = dir.join(format!("{name}.safetensors"));
-        let tensors = shared::weights::read_safetensors(&path, &Device::Cpu)
+        let tensors = shared::weights::read_safetensors(&path, &test_device())
             .with_context(|| format!("loading fixture {}", path.display()))?;
         Ok(Self { cfg, tensors })
     }
@@ -46,7 +47,7 @@ impl Fixture {
             .filter(|(k, _)| !k.starts_with("case_"))
             .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        AutoencoderKLWan::new(&self.cfg, VarBuilder::from_tensors(weights, dtype, &Device::Cpu))
+        AutoencoderKLWan::new(&self.cfg, VarBuilder::from_tensors(weights, dtype, &test_device()))
     }
 
     fn get(&self, key: &str) -> Result<Tensor> {
@@ -136,7 +137,7 @@ fn real_wan21_config_expects_exactly_diffusers_keys_and_shapes() -> Result<()> {
     let listed: serde_json::Value = serde_json::from_str(&text)?;
     let expected: std::collections::BTreeMap<String, Vec<usize>> = serde_json::from_value(listed["keys"].clone())?;
     let recorder = ShapeRecorder::new();
-    AutoencoderKLWan::new(&cfg, recorder.var_builder(DType::BF16, &Device::Cpu))?;
+    AutoencoderKLWan::new(&cfg, recorder.var_builder(DType::BF16, &test_device()))?;
     let ours = recorder.shapes();
     let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
     let unexpected: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
@@ -183,7 +184,7 @@ fn vae_folder_loads_and_bad_weights_are_named() -> Result<()> {
         Ok(dir)
     };
     let dir = write(&weights)?;
-    let vae = AutoencoderKLWan::from_dir(dir.path(), DType::F32, &Device::Cpu)?;
+    let vae = AutoencoderKLWan::from_dir(dir.path(), DType::F32, &test_device())?;
     let decoded = vae.decode(&fx.get("case_f5.latents")?)?;
     assert!(rel_error(&decoded, &fx.get("case_f5.decoded")?)? < TOL);
 
@@ -191,11 +192,11 @@ fn vae_folder_loads_and_bad_weights_are_named() -> Result<()> {
     let mut broken = weights.clone();
     let original = broken.remove(key).ok_or_else(|| anyhow!("fixture lacks {key}"))?;
     broken.insert("decoder.extra.weight".into(), original.clone());
-    broken.insert("encoder.conv_in.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu)?);
-    let nan = Tensor::full(f32::NAN, fx.get("quant_conv.bias")?.shape(), &Device::Cpu)?;
+    broken.insert("encoder.conv_in.bias".into(), Tensor::zeros(7, DType::F32, &test_device())?);
+    let nan = Tensor::full(f32::NAN, fx.get("quant_conv.bias")?.shape(), &test_device())?;
     broken.insert("quant_conv.bias".into(), nan);
     let err =
-        format!("{:#}", AutoencoderKLWan::from_dir(write(&broken)?.path(), DType::F32, &Device::Cpu).unwrap_err());
+        format!("{:#}", AutoencoderKLWan::from_dir(write(&broken)?.path(), DType::F32, &test_device()).unwrap_err());
     for needle in [key, "decoder.extra.weight", "encoder.conv_in.bias", "quant_conv.bias", "NaN"] {
         assert!(err.contains(needle), "the error should name {needle}: {err}");
     }

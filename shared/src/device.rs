@@ -98,6 +98,38 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
     spec.parse::<DeviceSpec>()?.open()
 }
 
+/// The environment variable [`test_device`] reads.
+pub const TEST_DEVICE_ENV: &str = "WORLDGRAD_TEST_DEVICE";
+
+/// The device the parity and gradient tests run on: `WORLDGRAD_TEST_DEVICE` (`auto`, `cpu`,
+/// `cuda[:N]`, `metal`, as [`DeviceSpec`] parses them), the CPU when it is unset, so a plain
+/// `cargo test` is unchanged. `scripts/gpu-check.sh` sets it to `cuda` on a GPU machine.
+///
+/// Opened once per process and shared by every caller: Candle refuses to combine tensors of two
+/// CUDA devices opened separately (each `Device::new_cuda` is a new device id), so tests that
+/// build their inputs and models through several calls must all get this same device.
+///
+/// Test-only configuration, so it panics (with the variable, its value and the reason) when the
+/// value is not a device name or the device cannot be opened — not compiled in, or no GPU. A run
+/// asked to test on a GPU must never pass on the CPU without saying so. Binaries take `--device`
+/// and report such errors without panicking ([`parse_device`]).
+pub fn test_device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let value = std::env::var(TEST_DEVICE_ENV).ok();
+            open_test_device(value.as_deref()).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .clone()
+}
+
+/// [`test_device`]'s parsing and opening, for a given value of the variable (`None`: unset).
+fn open_test_device(value: Option<&str>) -> Result<Device, String> {
+    let Some(value) = value else { return Ok(Device::Cpu) };
+    let context = |e: DeviceError| format!("{TEST_DEVICE_ENV}={value:?}: {e}");
+    value.parse::<DeviceSpec>().map_err(context)?.open().map_err(context)
+}
+
 /// A short human name for logs: `cpu`, `cuda:0`, `metal`.
 pub fn describe(device: &Device) -> String {
     match device.location() {
@@ -171,6 +203,20 @@ mod tests {
         if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
             assert!(auto.is_cpu());
         }
+    }
+
+    #[test]
+    fn test_device_defaults_to_the_cpu_and_names_a_bad_value() {
+        assert!(open_test_device(None).unwrap().is_cpu());
+        assert!(open_test_device(Some("cpu")).unwrap().is_cpu());
+        let err = open_test_device(Some("tpu")).unwrap_err();
+        assert!(err.contains("WORLDGRAD_TEST_DEVICE=\"tpu\"") && err.contains("expected one of"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            let err = open_test_device(Some("cuda")).unwrap_err();
+            assert!(err.contains("WORLDGRAD_TEST_DEVICE") && err.contains("--features cuda"), "{err}");
+        }
+        // Every call is the same device (one CUDA context for a whole test process).
+        assert!(test_device().same_device(&test_device()));
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Every op against central finite differences in f64, and every fused Candle op shown to
 //! still drop its gradient.
+//!
+//! On the device `WORLDGRAD_TEST_DEVICE` names (the CPU when unset; `crate::device::test_device`),
+//! so `scripts/gpu-check.sh` runs the same checks on CUDA. The few tests about the CPU's own
+//! kernels stay on the CPU and say so.
 
 use super::*;
 use crate::gradcheck::{check_gradients, GradCheckOptions};
@@ -8,13 +12,26 @@ use candle_core::{DType, Device, Tensor, Var};
 
 const TOL: f64 = 1e-5;
 
+/// The device under test (`WORLDGRAD_TEST_DEVICE`, default the CPU).
+fn dev() -> Device {
+    crate::device::test_device()
+}
+
 fn var(shape: &[usize], seed: u64) -> Var {
-    let t = SplitMix64::new(seed).normal_tensor(shape, DType::F64, &Device::Cpu).unwrap();
+    var_on(shape, seed, &dev())
+}
+
+fn var_on(shape: &[usize], seed: u64, device: &Device) -> Var {
+    let t = SplitMix64::new(seed).normal_tensor(shape, DType::F64, device).unwrap();
     Var::from_tensor(&t).unwrap()
 }
 
 fn weights(shape: &[usize], seed: u64) -> Tensor {
-    SplitMix64::new(seed ^ 0xABCD).normal_tensor(shape, DType::F64, &Device::Cpu).unwrap()
+    weights_on(shape, seed, &dev())
+}
+
+fn weights_on(shape: &[usize], seed: u64, device: &Device) -> Tensor {
+    SplitMix64::new(seed ^ 0xABCD).normal_tensor(shape, DType::F64, device).unwrap()
 }
 
 /// ⟨op(x), w⟩ with fixed random w: a scalar whose gradient exercises every output element
@@ -102,7 +119,7 @@ fn rms_norm_matches_finite_differences() {
 fn rope_inputs(seed: u64) -> (Var, Tensor, Tensor, Tensor) {
     let (b, h, t, d) = (2, 3, 5, 8);
     let x = var(&[b, h, t, d], seed);
-    let (cos, sin) = rope_tables_1d(t, d, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+    let (cos, sin) = rope_tables_1d(t, d, 10_000.0, 1.0, DType::F64, &dev()).unwrap();
     (x, cos, sin, weights(&[b, h, t, d], seed))
 }
 
@@ -126,11 +143,11 @@ fn rope_half_matches_finite_differences_and_candle() {
 fn rope_3d_tables_split_axes_and_are_differentiable() {
     let grid = (2, 3, 4);
     let dims = (4, 6, 6);
-    let (cos, sin) = rope_tables_3d(grid, dims, (10_000.0, 10_000.0, 10_000.0), DType::F64, &Device::Cpu).unwrap();
+    let (cos, sin) = rope_tables_3d(grid, dims, (10_000.0, 10_000.0, 10_000.0), DType::F64, &dev()).unwrap();
     assert_eq!(cos.dims(), &[24, 8]);
     // Token (t=1, h=2, w=3): its t-part equals the 1D table at position 1, etc.
-    let (ct, _) = rope_tables_1d(2, 4, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
-    let (cw, _) = rope_tables_1d(4, 6, 10_000.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+    let (ct, _) = rope_tables_1d(2, 4, 10_000.0, 1.0, DType::F64, &dev()).unwrap();
+    let (cw, _) = rope_tables_1d(4, 6, 10_000.0, 1.0, DType::F64, &dev()).unwrap();
     let token = 3 * 4 + 2 * 4 + 3;
     let row = cos.get(token).unwrap();
     assert_close(&row.narrow(0, 0, 2).unwrap(), &ct.get(1).unwrap(), 1e-15);
@@ -151,7 +168,7 @@ fn sdpa_matches_finite_differences_with_and_without_mask() {
         contract(&sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, None)?, &w)
     });
     let allowed: Vec<f64> = (0..4 * 6).map(|i| if (i % 6) <= (i / 6) + 1 { 1.0 } else { 0.0 }).collect();
-    let allowed = Tensor::from_vec(allowed, (4, 6), &Device::Cpu).unwrap();
+    let allowed = Tensor::from_vec(allowed, (4, 6), &dev()).unwrap();
     let mask = additive_mask(&allowed, DType::F64).unwrap();
     check("sdpa masked", &[("q", &q), ("k", &k), ("v", &v)], || {
         contract(&sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), Some(0.3))?, &w)
@@ -197,7 +214,7 @@ fn activations_match_finite_differences_and_candle() {
 #[test]
 fn norm_modules_load_upstream_names() {
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &dev());
     let ln = LayerNorm::new(8, 1e-5, vb.pp("norm")).unwrap();
     let _rms = RmsNorm::new(8, 1e-6, vb.pp("q_norm")).unwrap();
     let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
@@ -230,12 +247,11 @@ fn fused_softmax_last_dim_still_drops_gradient() {
 fn fused_layer_norm_still_drops_gradient() {
     let x = var32(&[3, 8], 21);
     let w = weights(&[3, 8], 21).to_dtype(DType::F32).unwrap();
-    let (g, b) =
-        (Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
+    let (g, b) = (Tensor::ones(8, DType::F32, &dev()).unwrap(), Tensor::zeros(8, DType::F32, &dev()).unwrap());
     assert!(grad_is_dropped(&x, candle_nn::ops::layer_norm(x.as_tensor(), &g, &b, 1e-5), &w));
     // The default `candle_nn::layer_norm` module takes the fused path too.
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev());
     let ln = candle_nn::layer_norm(8, 1e-5, vb).unwrap();
     assert!(grad_is_dropped(&x, ln.forward(x.as_tensor()), &w));
 }
@@ -244,7 +260,7 @@ fn fused_layer_norm_still_drops_gradient() {
 fn fused_rms_norm_still_drops_gradient() {
     let x = var32(&[3, 8], 22);
     let w = weights(&[3, 8], 22).to_dtype(DType::F32).unwrap();
-    let g = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+    let g = Tensor::ones(8, DType::F32, &dev()).unwrap();
     assert!(grad_is_dropped(&x, candle_nn::ops::rms_norm(x.as_tensor(), &g, 1e-6), &w));
 }
 
@@ -261,8 +277,8 @@ fn fused_rope_variants_still_drop_gradient() {
 #[test]
 fn fused_sdpa_has_no_cpu_kernel_at_all() {
     // candle_nn::ops::sdpa is a Metal-only custom op applied without backward; on CPU it cannot
-    // even run a forward, so models must use `ops::sdpa` everywhere.
-    let q = var(&[1, 1, 4, 8], 24);
+    // even run a forward, so models must use `ops::sdpa` everywhere. (On the CPU by design.)
+    let q = var_on(&[1, 1, 4, 8], 24, &Device::Cpu);
     let r = candle_nn::ops::sdpa(q.as_tensor(), q.as_tensor(), q.as_tensor(), None, false, 1.0, 1.0);
     assert!(r.is_err());
 }
@@ -318,22 +334,23 @@ fn conv2d_matches_candle_forward_and_finite_differences() {
 #[test]
 fn conv2d_module_uses_candle_names_and_rejects_bad_shapes() {
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev());
     let conv = Conv2d::new(9, 16, 3, 2, 1, true, vb.pp("conv1")).unwrap();
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
     assert!(names.contains(&"conv1.weight".to_string()) && names.contains(&"conv1.bias".to_string()), "{names:?}");
-    let y = conv.forward(&Tensor::zeros((1, 9, 16, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let y = conv.forward(&Tensor::zeros((1, 9, 16, 16), DType::F32, &dev()).unwrap()).unwrap();
     assert_eq!(y.dims(), &[1, 16, 8, 8]);
-    let err = conv.forward(&Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    let err = conv.forward(&Tensor::zeros((1, 3, 16, 16), DType::F32, &dev()).unwrap()).unwrap_err();
     assert!(err.to_string().contains("3 channels"), "{err}");
 }
 
 #[test]
 fn conv2d_cpu_columns_equal_the_device_generic_gather() {
-    // The CPU im2col kernel and the gather path (used on CUDA/Metal) build identical columns.
+    // The CPU im2col kernel and the gather path (used on CUDA/Metal) build identical columns:
+    // on the CPU by design (the im2col kernel is the CPU's).
     for &(kernel, stride, padding, side) in &[(7, 2, 3, 11), (3, 2, 1, 9), (3, 1, 1, 6), (1, 2, 0, 7), (5, 3, 4, 8)] {
         // Non-square (side × side + 3) so rows and columns cannot be swapped unseen.
-        let x = var(&[2, 3, side, side + 3], 7).as_tensor().clone();
+        let x = var_on(&[2, 3, side, side + 3], 7, &Device::Cpu).as_tensor().clone();
         let g = Im2Col { n: 2, c: 3, h: side, w: side + 3, kh: kernel, kw: kernel, stride, padding };
         let cpu = x.apply_op1(g).unwrap();
         let gathered = gathered_columns(&x, &g).unwrap();
@@ -344,15 +361,17 @@ fn conv2d_cpu_columns_equal_the_device_generic_gather() {
 
 /// The gather path (CUDA/Metal) run on the CPU: its forward equals `Tensor::conv2d`, its
 /// gradients match finite differences for each of input, weight and bias, and equal the CPU
-/// im2col path's gradients.
+/// im2col path's gradients. On the CPU by design (on a GPU both paths are the gather, which
+/// `conv2d_matches_candle_forward_and_finite_differences` checks there).
 #[test]
 fn conv2d_gather_path_gradients_match_finite_differences_and_the_cpu_path() {
     let cases = [(3, 4, 7, 2, 3, 11), (2, 3, 3, 2, 1, 9), (2, 3, 3, 1, 1, 6), (3, 2, 1, 2, 0, 7), (2, 2, 3, 2, 0, 8)];
+    let cpu = &Device::Cpu;
     for (k, &(cin, cout, kernel, stride, padding, side)) in cases.iter().enumerate() {
         let seed = 200 + 10 * k as u64;
-        let x = var(&[2, cin, side, side], seed);
-        let w = var(&[cout, cin, kernel, kernel], seed + 1);
-        let b = var(&[cout], seed + 2);
+        let x = var_on(&[2, cin, side, side], seed, cpu);
+        let w = var_on(&[cout, cin, kernel, kernel], seed + 1, cpu);
+        let b = var_on(&[cout], seed + 2, cpu);
         let run = |columns: ColumnsPath| {
             let paths = ConvPaths { columns, ..Default::default() };
             conv2d_with(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, padding, paths)
@@ -365,7 +384,7 @@ fn conv2d_gather_path_gradients_match_finite_differences_and_the_cpu_path() {
             .broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1)).unwrap())
             .unwrap();
         assert_close(&gathered, &reference, 1e-12);
-        let probe = weights(gathered.dims(), seed + 3);
+        let probe = weights_on(gathered.dims(), seed + 3, cpu);
         check(&format!("conv2d gather path case {k}"), &[("x", &x), ("weight", &w), ("bias", &b)], || {
             contract(&run(ColumnsPath::Gather)?, &probe)
         });
@@ -417,7 +436,7 @@ fn values(t: &Tensor) -> Vec<f64> {
 fn randomise(varmap: &candle_nn::VarMap, name: &str, seed: u64) -> Var {
     let data = varmap.data().lock().unwrap();
     let v = data.get(name).unwrap_or_else(|| panic!("varmap has no '{name}'")).clone();
-    let noise = SplitMix64::new(seed).normal_tensor(v.dims(), DType::F64, &Device::Cpu).unwrap();
+    let noise = SplitMix64::new(seed).normal_tensor(v.dims(), DType::F64, &dev()).unwrap();
     v.set(&noise.affine(0.5, 1.0).unwrap()).unwrap();
     v
 }
@@ -427,19 +446,19 @@ fn randomise(varmap: &candle_nn::VarMap, name: &str, seed: u64) -> Var {
 #[test]
 fn rms_norm_module_matches_formula_and_finite_differences() {
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &dev());
     // eps = 0.1 and a batch of rows scaled ×0.2 (mean x² ≈ 0.04): eps carries weight in the
     // denominator, so eps outside the square root or a missing eps changes the output by ≫ 1e-12.
     let eps = 0.1;
     let norm = RmsNorm::new(8, eps, vb.pp("q_norm")).unwrap();
     let weight = randomise(&varmap, "q_norm.weight", 30);
-    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &Device::Cpu).unwrap().reshape((1, 3, 1)).unwrap();
+    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &dev()).unwrap().reshape((1, 3, 1)).unwrap();
     let x = Var::from_tensor(&var(&[2, 3, 8], 31).as_tensor().broadcast_mul(&scale).unwrap()).unwrap();
 
     let y = norm.forward(x.as_tensor()).unwrap();
     assert_eq!(y.dims(), &[2, 3, 8]);
     let by_hand = rms_norm_by_hand(&values(x.as_tensor()), &values(weight.as_tensor()), eps);
-    let by_hand = Tensor::from_vec(by_hand, (2, 3, 8), &Device::Cpu).unwrap();
+    let by_hand = Tensor::from_vec(by_hand, (2, 3, 8), &dev()).unwrap();
     // The same arithmetic in another order: f64 round-off only (measured 2.2e-16).
     assert_close(&y, &by_hand, 1e-14);
     assert_close(&y, &rms_norm(x.as_tensor(), Some(weight.as_tensor()), eps).unwrap(), 0.0);
@@ -453,19 +472,19 @@ fn rms_norm_module_matches_formula_and_finite_differences() {
 #[test]
 fn layer_norm_module_matches_formula_and_finite_differences() {
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &dev());
     let eps = 0.1;
     let norm = LayerNorm::new(8, eps, vb.pp("norm")).unwrap();
     let weight = randomise(&varmap, "norm.weight", 32);
     let bias = randomise(&varmap, "norm.bias", 33);
-    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &Device::Cpu).unwrap().reshape((1, 3, 1)).unwrap();
+    let scale = Tensor::new(&[1.0f64, 0.2, 3.0], &dev()).unwrap().reshape((1, 3, 1)).unwrap();
     let x = Var::from_tensor(&var(&[2, 3, 8], 34).as_tensor().broadcast_mul(&scale).unwrap()).unwrap();
 
     let y = norm.forward(x.as_tensor()).unwrap();
     let by_hand =
         layer_norm_by_hand(&values(x.as_tensor()), &values(weight.as_tensor()), &values(bias.as_tensor()), eps);
     // f64 round-off only (measured 4.4e-16).
-    assert_close(&y, &Tensor::from_vec(by_hand, (2, 3, 8), &Device::Cpu).unwrap(), 1e-14);
+    assert_close(&y, &Tensor::from_vec(by_hand, (2, 3, 8), &dev()).unwrap(), 1e-14);
 
     let w = weights(&[2, 3, 8], 34);
     check("LayerNorm module", &[("x", &x), ("weight", &weight), ("bias", &bias)], || {
@@ -487,7 +506,7 @@ fn fixture_tensor(v: &serde_json::Value) -> Tensor {
     let shape: Vec<usize> =
         v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
     let data: Vec<f64> = v["data"].as_array().expect("data").iter().map(|d| d.as_f64().expect("number")).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(data, shape, &dev()).unwrap()
 }
 
 struct Conv3dCase {
@@ -643,15 +662,17 @@ fn conv2d_frozen_weight_path_equals_trainable_path_and_finite_differences() {
 
 /// bf16 and f16 on the CPU: conv2d and conv3d forwards (untracked, trainable-weight and frozen
 /// paths) and backwards against the same computation in f32 on the same half-rounded inputs, so
-/// only the arithmetic's precision differs.
+/// only the arithmetic's precision differs. On the CPU by design: the tolerances are the CPU
+/// kernels' measured rounding (GPU GEMMs round half precision differently).
 #[test]
 fn conv2d_and_conv3d_run_in_bf16_and_f16_on_the_cpu() {
-    let x2 = weights(&[2, 4, 9, 8], 600);
-    let w2 = weights(&[5, 4, 3, 3], 601).affine(1.0 / 6.0, 0.0).unwrap();
-    let x3 = weights(&[1, 4, 5, 7, 6], 602);
-    let w3 = weights(&[3, 4, 3, 3, 3], 603).affine(1.0 / 10.0, 0.0).unwrap();
-    let bias5 = weights(&[5], 604);
-    let bias3 = weights(&[3], 605);
+    let cpu = &Device::Cpu;
+    let x2 = weights_on(&[2, 4, 9, 8], 600, cpu);
+    let w2 = weights_on(&[5, 4, 3, 3], 601, cpu).affine(1.0 / 6.0, 0.0).unwrap();
+    let x3 = weights_on(&[1, 4, 5, 7, 6], 602, cpu);
+    let w3 = weights_on(&[3, 4, 3, 3, 3], 603, cpu).affine(1.0 / 10.0, 0.0).unwrap();
+    let bias5 = weights_on(&[5], 604, cpu);
+    let bias3 = weights_on(&[3], 605, cpu);
     type Conv = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
     let conv2: Conv = |x, w, b| conv2d(x, w, Some(b), 2, 1);
     let conv3: Conv = |x, w, b| conv3d(x, w, Some(b), (1, 1), 1);
@@ -675,7 +696,7 @@ fn conv2d_and_conv3d_run_in_bf16_and_f16_on_the_cpu() {
             assert!(forward_error <= tol, "{what} {dtype:?}: forward relative error {forward_error:.2e} > {tol:.0e}");
 
             // Backward, frozen weight (x a Var) and trainable weight (weight a Var).
-            let probe = weights(reference.dims(), 606);
+            let probe = weights_on(reference.dims(), 606, cpu);
             let grad_of = |x: &Tensor, w: &Tensor, b: &Tensor, of_weight: bool| {
                 let (xv, wv) = (as_var(x), as_var(w));
                 let y = if of_weight { conv(x, wv.as_tensor(), b) } else { conv(xv.as_tensor(), w, b) }.unwrap();
@@ -748,7 +769,7 @@ fn l2_normalize_matches_torch_formula_and_finite_differences() {
         // One division by a norm of ≤ 6 terms in f64: round-off (measured ≤ 1.1e-16).
         assert_close(&y, &torch_out, 1e-15);
         let by_hand = l2_normalize_by_hand(&values(&x), x.dims(), dim, eps);
-        assert_close(&y, &Tensor::from_vec(by_hand, x.dims(), &Device::Cpu).unwrap(), 1e-15);
+        assert_close(&y, &Tensor::from_vec(by_hand, x.dims(), &dev()).unwrap(), 1e-15);
         let grads = contract(&y, &probe).unwrap().backward().unwrap();
         // Gradients of size ~1–5: round-off (measured ≤ 2.2e-16).
         assert_close(grads.get(xv.as_tensor()).expect("x gradient"), &torch_grad, 1e-14);
@@ -757,7 +778,7 @@ fn l2_normalize_matches_torch_formula_and_finite_differences() {
         });
     }
     // The zero row's gradient is finite: probe / eps (torch agrees above); in f16 too.
-    let zeros = Tensor::zeros((2, 3), DType::F16, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros((2, 3), DType::F16, &dev()).unwrap();
     let y = l2_normalize(&zeros, 1, 1e-12).unwrap();
     assert_eq!(y.dtype(), DType::F16);
     assert_eq!(max_abs(&y), 0.0);
