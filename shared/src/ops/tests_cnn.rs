@@ -1,6 +1,7 @@
 //! Batch norm and max pooling: values against references outside the code under test (an
 //! explicit per-channel formula, `candle_nn::BatchNorm`, Candle's unpadded `max_pool2d`) and
-//! gradients against central finite differences in f64, per variable.
+//! gradients against central finite differences in f64, per variable. On the CPU: the one-op
+//! paths are CPU kernels, and the composed paths other devices take are checked here too.
 
 use super::norm::batch_norm_train_composed;
 use super::pool::max_pool2d_composed;
