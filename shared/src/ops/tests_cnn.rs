@@ -6,7 +6,6 @@
 use super::norm::batch_norm_train_composed;
 use super::pool::max_pool2d_composed;
 use super::*;
-use crate::gradcheck::{check_gradients, GradCheckOptions};
 use crate::rng::SplitMix64;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 
@@ -21,15 +20,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
-/// Each variable on its own and jointly, ⟨f, probe⟩ against central differences.
+/// Each variable on its own and jointly, ⟨f, probe⟩ against central differences, to 1e-6.
 fn check(name: &str, vars: &[(&str, &Var)], f: impl Fn() -> candle_core::Result<Tensor>) {
-    let vars: Vec<(&str, Var)> = vars.iter().map(|(n, v)| (*n, (*v).clone())).collect();
-    let report =
-        check_gradients(&vars, f, &GradCheckOptions { eps: 1e-6, directions: 4, ..Default::default() }).unwrap();
-    assert!(report.vars_without_grad().is_empty(), "{name}: vars without gradient {:?}", report.vars_without_grad());
-    report.assert_nondegenerate(1e-8, name).unwrap();
-    report.assert_close(1e-6, name).unwrap();
-    eprintln!("{name}: max rel error {:.2e}", report.max_rel_error());
+    super::tests::check_within(name, vars, f, 1e-6)
 }
 
 /// Per-channel mean and biased variance by explicit loops over (N, C, S) data.
