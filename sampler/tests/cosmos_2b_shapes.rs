@@ -161,23 +161,3 @@ fn real_configs_tolerate_unknown_and_absent_keys() -> Result<()> {
     }
     Ok(())
 }
-
-/// What the port does not cover, stated rather than silently mis-built: the Transfer2.5 DiT (the
-/// conversion script's "Cosmos-2.5-Transfer-General-2B": the Predict2.5 config plus
-/// `img_context_dim_in` 1152 and `controlnet_block_every_n` 7) has image-context cross-attention
-/// weights (`attn2.{q,k,v}_img`, `img_context_proj`) the port lacks; its config is refused with
-/// the key named.
-#[test]
-fn transfer25_image_context_config_is_refused_by_name() -> Result<()> {
-    let mut json = config_json("cosmos_predict25_2b")?;
-    json["controlnet_block_every_n"] = serde_json::json!(7);
-    json["img_context_dim_in"] = serde_json::json!(1152);
-    let err = parse(&json).expect_err("img_context_dim_in is not supported").to_string();
-    assert!(err.contains("img_context_dim_in"), "{err}");
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, json.to_string())?;
-    let err = format!("{:#}", Config::from_json_file(&path).expect_err("refused from a file too"));
-    assert!(err.contains("img_context_dim_in") && err.contains("config.json"), "{err}");
-    Ok(())
-}
