@@ -4,7 +4,9 @@
 //! Parameter names and the config follow diffusers, so a diffusers checkpoint directory
 //! (`transformer/config.json` + safetensors) loads unchanged. Parity with diffusers is proven by
 //! `tests/cosmos_parity.rs` against a fixture made by `tests/fixtures/make_cosmos_fixture.py`,
-//! and the input gradient by finite differences in `tests/cosmos_grad.rs`.
+//! and the input gradient by finite differences in `tests/cosmos_grad.rs`; the Transfer2.5
+//! features (image context, ControlNet residuals) by `tests/cosmos_controlnet_parity.rs` and
+//! `tests/cosmos_controlnet_grad.rs`.
 //!
 //! Architecture, per forward:
 //! 1. Channels: latent ‖ condition mask (if given; counted in `in_channels`) ‖ padding mask
@@ -15,6 +17,10 @@
 //! 4. Blocks: (+ learnable pos. embedding) → AdaLN-zero → self-attention with per-head RMSNorm on
 //!    q, k and 3D RoPE → AdaLN-zero → cross-attention → AdaLN-zero → GELU(erf) MLP; each branch
 //!    gated. AdaLN-LoRA: shift/scale/gate = W₂·W₁·SiLU(embedded_timestep) + temb.
+//!    Transfer2.5 (`img_context_dim_in`): the cross-attention adds an attention over the
+//!    projected image context (own q/k/v, RMS-normed q and k) to the text attention before its
+//!    output projection; the ControlNet's i-th residual is added after block
+//!    i·`controlnet_block_every_n` ([`TransferInputs`], `cosmos::controlnet`).
 //! 5. Final AdaLN (shift, scale), linear to patch·C_out, unpatchify.
 //!
 //! Candle's fused kernels drop gradients (see `shared::ops`), so norms, softmax and RoPE come
