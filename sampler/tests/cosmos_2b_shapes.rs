@@ -1,20 +1,24 @@
 //! The real 2B Cosmos DiTs, without their weights: `CosmosTransformer3DModel` built from the
-//! real `transformer/config.json` of Cosmos-Predict2-2B-Video2World and of Cosmos-Predict2.5-2B
-//! (base) asks for exactly the keys and shapes diffusers' model has — so the real checkpoints
-//! (which cannot be downloaded here) load without a missing, unexpected or mis-shaped weight.
+//! real `transformer/config.json` of Cosmos-Predict2-2B-Video2World, of Cosmos-Predict2.5-2B
+//! (base) and of Cosmos-Transfer2.5-2B, and `CosmosControlNetModel` from Transfer2.5-2B's
+//! `controlnet/config.json`, ask for exactly the keys and shapes diffusers' models have — so the
+//! real checkpoints (which cannot be downloaded here) load without a missing, unexpected or
+//! mis-shaped weight.
 //!
-//! Outside reference: `tests/fixtures/make_cosmos_2b_keys.py` builds diffusers 0.42.1's
-//! `CosmosTransformer3DModel` on PyTorch's meta device from the configs of diffusers'
-//! `scripts/convert_cosmos_to_diffusers.py` (the script that made the diffusers checkpoints) and
-//! writes its config.json and its state_dict's names and shapes. Here the model is built over a
-//! `ShapeRecorder`: every weight is a stride-0 view of one zero, so the ~2·10⁹ parameters cost
-//! nothing. Comparisons are exact (names, shapes, counts are integers).
+//! Outside reference: `tests/fixtures/make_cosmos_2b_keys.py` and
+//! `tests/fixtures/make_cosmos_transfer_2b_keys.py` build diffusers 0.42.1's models on PyTorch's
+//! meta device from the configs of diffusers' `scripts/convert_cosmos_to_diffusers.py` (the
+//! script that made the diffusers checkpoints) and write their config.json and their
+//! state_dict's names and shapes. Here the models are built over a `ShapeRecorder`: every weight
+//! is a stride-0 view of one zero, so the ~2·10⁹ parameters cost nothing. Comparisons are exact
+//! (names, shapes, counts are integers).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use sampler::cosmos::controlnet::{self, CosmosControlNetModel};
 use sampler::cosmos::transformer::{Config, CosmosTransformer3DModel};
 use shared::weights::ShapeRecorder;
 
@@ -40,15 +44,31 @@ fn parse(json: &serde_json::Value) -> Result<Config> {
 /// set (missing and unexpected listed), every shape equal, same parameter count. Returns the
 /// parameter count.
 fn assert_matches_diffusers(stem: &str) -> Result<usize> {
-    let dir = fixtures();
-    let cfg = Config::from_json_file(&dir.join(format!("{stem}_config.json")))?;
-    let text = std::fs::read_to_string(dir.join(format!("{stem}_keys.json")))?;
+    let cfg = Config::from_json_file(&fixtures().join(format!("{stem}_config.json")))?;
+    assert_recorded_match(stem, |recorder| {
+        CosmosTransformer3DModel::new(&cfg, recorder.var_builder(DType::BF16, &Device::Cpu))?;
+        Ok(())
+    })
+}
+
+/// [`assert_matches_diffusers`] for the ControlNet of `stem` (`controlnet::Config`).
+fn assert_controlnet_matches_diffusers(stem: &str) -> Result<usize> {
+    let cfg = controlnet::Config::from_json_file(&fixtures().join(format!("{stem}_config.json")))?;
+    assert_recorded_match(stem, |recorder| {
+        CosmosControlNetModel::new(&cfg, recorder.var_builder(DType::BF16, &Device::Cpu))?;
+        Ok(())
+    })
+}
+
+/// Builds a model over a shape recorder with `build` and compares with `{stem}_keys.json`.
+fn assert_recorded_match(stem: &str, build: impl Fn(&ShapeRecorder) -> Result<()>) -> Result<usize> {
+    let text = std::fs::read_to_string(fixtures().join(format!("{stem}_keys.json")))?;
     let listed: serde_json::Value = serde_json::from_str(&text)?;
     let expected: BTreeMap<String, Vec<usize>> = serde_json::from_value(listed["keys"].clone())?;
     let expected_count = listed["parameter_count"].as_u64().context("parameter_count")? as usize;
 
     let recorder = ShapeRecorder::new();
-    CosmosTransformer3DModel::new(&cfg, recorder.var_builder(DType::BF16, &Device::Cpu))?;
+    build(&recorder)?;
     let ours = recorder.shapes();
     let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
     let unexpected: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
@@ -162,22 +182,71 @@ fn real_configs_tolerate_unknown_and_absent_keys() -> Result<()> {
     Ok(())
 }
 
-/// What the port does not cover, stated rather than silently mis-built: the Transfer2.5 DiT (the
-/// conversion script's "Cosmos-2.5-Transfer-General-2B": the Predict2.5 config plus
-/// `img_context_dim_in` 1152 and `controlnet_block_every_n` 7) has image-context cross-attention
-/// weights (`attn2.{q,k,v}_img`, `img_context_proj`) the port lacks; its config is refused with
-/// the key named.
 #[test]
-fn transfer25_image_context_config_is_refused_by_name() -> Result<()> {
-    let mut json = config_json("cosmos_predict25_2b")?;
-    json["controlnet_block_every_n"] = serde_json::json!(7);
-    json["img_context_dim_in"] = serde_json::json!(1152);
-    let err = parse(&json).expect_err("img_context_dim_in is not supported").to_string();
-    assert!(err.contains("img_context_dim_in"), "{err}");
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, json.to_string())?;
-    let err = format!("{:#}", Config::from_json_file(&path).expect_err("refused from a file too"));
-    assert!(err.contains("img_context_dim_in") && err.contains("config.json"), "{err}");
+fn transfer25_2b_config_expects_exactly_the_diffusers_keys_and_shapes() -> Result<()> {
+    let count = assert_matches_diffusers("cosmos_transfer25_2b")?;
+    // Transfer2.5 = the Predict2.5 DiT + img_context_proj Linear(1152 → 2048, bias) + per block
+    // the image branch of the cross-attention: q/k/v_img (2048 × 2048 each) and two RMS-norm
+    // gains (128 each).
+    let predict25 = assert_matches_diffusers("cosmos_predict25_2b")?;
+    assert_eq!(count - predict25, 1152 * 2048 + 2048 + 28 * (3 * 2048 * 2048 + 2 * 128));
+    Ok(())
+}
+
+#[test]
+fn transfer25_2b_controlnet_config_expects_exactly_the_diffusers_keys_and_shapes() -> Result<()> {
+    let count = assert_controlnet_matches_diffusers("cosmos_transfer25_2b_controlnet")?;
+    // The DiT's blocks are the same as the ControlNet's (28 vs 4), and the ControlNet has the DiT's
+    // embeddings and projections less `norm_out`/`proj_out`, plus its own control patch embedding
+    // (130·4 → 2048, no bias) and before_proj (one) / after_proj (four) Linear(2048 → 2048, bias).
+    let dit = assert_matches_diffusers("cosmos_transfer25_2b")?;
+    let block = (dit - dit_non_block_params()) / 28;
+    let shared = dit_non_block_params() - (256 * 2048 + 2 * 2048 * 256 + 2048 * 4 * 16);
+    let control_own = 130 * 4 * 2048 + 5 * (2048 * 2048 + 2048);
+    assert_eq!(count, 4 * block + shared + control_own);
+    Ok(())
+}
+
+/// Parameters of the Transfer2.5-2B DiT outside its blocks: patch embedding (18·4 → 2048), time
+/// embedding (2048 → 2048 → 6144 and a gain), norm_out (2048 → 256 → 4096), proj_out (2048 → 64),
+/// crossattn_proj (100352 → 1024, bias), img_context_proj (1152 → 2048, bias).
+fn dit_non_block_params() -> usize {
+    18 * 4 * 2048
+        + (2048 * 2048 + 2048 * 6144 + 2048)
+        + (2048 * 256 + 256 * 4096)
+        + 2048 * 64
+        + (100352 * 1024 + 1024)
+        + (1152 * 2048 + 2048)
+}
+
+/// The Transfer2.5-2B configs read key for key (as [`real_configs_are_read_key_for_key`]), with
+/// the architecture the conversion script gives: the DiT takes residuals after blocks 0, 7, 14,
+/// 21 — one per ControlNet block — and both models have the 1152-wide image context.
+#[test]
+fn transfer25_configs_are_read_key_for_key() -> Result<()> {
+    let dit_json = config_json("cosmos_transfer25_2b")?;
+    let cn_json = config_json("cosmos_transfer25_2b_controlnet")?;
+    let dit = parse(&dit_json)?;
+    let cn: controlnet::Config = serde_json::from_value(cn_json.clone())?;
+    cn.validate()?;
+    for (stem, json, back) in [
+        ("cosmos_transfer25_2b", &dit_json, serde_json::to_value(&dit)?),
+        ("cosmos_transfer25_2b_controlnet", &cn_json, serde_json::to_value(&cn)?),
+    ] {
+        let file = json.as_object().context("config.json is an object")?;
+        for (key, value) in file.iter().filter(|(k, _)| !k.starts_with('_')) {
+            assert_eq!(back.get(key), Some(value), "{stem}: key {key:?} not read as written");
+        }
+        let ignored: Vec<_> = file.keys().filter(|k| back.get(*k).is_none()).collect();
+        assert_eq!(ignored, ["_class_name", "_diffusers_version"], "{stem}: keys Config ignores");
+    }
+    assert_eq!(dit.controlnet_blocks()?, [0, 7, 14, 21]);
+    assert_eq!(dit.controlnet_blocks()?.len(), cn.n_controlnet_blocks);
+    assert!(dit.img_context() && dit.img_context_dim_in == cn.img_context_dim_in);
+    assert_eq!((dit.hidden_size(), cn.hidden_size(), cn.model_channels), (2048, 2048, 2048));
+    assert_eq!(dit.context_dim(), cn.context_dim());
+    // The ControlNet's base input is the DiT's: 16 latent + condition mask + padding mask.
+    assert_eq!(cn.latent_channels, dit.in_channels + 1);
+    assert_eq!(cn.control_channels(), 128);
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! `Config` read from the upstream `config.json` and upstream parameter names so real weights
 //! load as they are.
 //!
-//! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5).
+//! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5 /
+//!   Transfer2.5).
+//! * [`controlnet`]: `CosmosControlNetModel`, the Cosmos-Transfer2.5 ControlNet.
 //! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
 //! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
 //! * [`memory_plan`]: the memory one z0 optimisation iteration needs, predicted before loading.
@@ -11,6 +13,7 @@
 //!   input files, MP4 video, Cosmos-Predict2.5 inference JSON and policy objective.
 
 pub mod app;
+pub mod controlnet;
 pub mod h264;
 pub mod inputs;
 pub mod memory_plan;

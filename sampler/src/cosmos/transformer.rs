@@ -4,7 +4,9 @@
 //! Parameter names and the config follow diffusers, so a diffusers checkpoint directory
 //! (`transformer/config.json` + safetensors) loads unchanged. Parity with diffusers is proven by
 //! `tests/cosmos_parity.rs` against a fixture made by `tests/fixtures/make_cosmos_fixture.py`,
-//! and the input gradient by finite differences in `tests/cosmos_grad.rs`.
+//! and the input gradient by finite differences in `tests/cosmos_grad.rs`; the Transfer2.5
+//! features (image context, ControlNet residuals) by `tests/cosmos_controlnet_parity.rs` and
+//! `tests/cosmos_controlnet_grad.rs`.
 //!
 //! Architecture, per forward:
 //! 1. Channels: latent ‖ condition mask (if given; counted in `in_channels`) ‖ padding mask
@@ -15,6 +17,10 @@
 //! 4. Blocks: (+ learnable pos. embedding) → AdaLN-zero → self-attention with per-head RMSNorm on
 //!    q, k and 3D RoPE → AdaLN-zero → cross-attention → AdaLN-zero → GELU(erf) MLP; each branch
 //!    gated. AdaLN-LoRA: shift/scale/gate = W₂·W₁·SiLU(embedded_timestep) + temb.
+//!    Transfer2.5 (`img_context_dim_in`): the cross-attention adds an attention over the
+//!    projected image context (own q/k/v, RMS-normed q and k) to the text attention before its
+//!    output projection; the ControlNet's i-th residual is added after block
+//!    i·`controlnet_block_every_n` ([`TransferInputs`], `cosmos::controlnet`).
 //! 5. Final AdaLN (shift, scale), linear to patch·C_out, unpatchify.
 //!
 //! Candle's fused kernels drop gradients (see `shared::ops`), so norms, softmax and RoPE come
@@ -63,10 +69,15 @@ pub struct Config {
     pub use_crossattn_projection: bool,
     pub crossattn_proj_in_channels: usize,
     pub encoder_hidden_states_channels: usize,
-    /// ControlNet residual spacing; without ControlNet inputs (never passed here) it has no effect.
+    /// Cosmos-Transfer2.5: the ControlNet's residuals are added after blocks 0, n, 2n, … (the
+    /// i-th residual after block i·n). Needed only when residuals are passed.
     pub controlnet_block_every_n: Option<usize>,
-    /// Cosmos-Transfer2.5 image context. Not supported: a value > 0 is rejected.
+    /// Cosmos-Transfer2.5 image context: a value > 0 is the width of the image-context tokens,
+    /// which go through Linear(+bias)–GELU to `img_context_dim_out` (= the hidden size) and feed
+    /// a second, image branch of every cross-attention (`attn2.{q,k,v}_img`, with RMS-normed
+    /// q and k).
     pub img_context_dim_in: Option<usize>,
+    /// Tokens of the image context the pipelines pass (not a weight shape; not used by the model).
     pub img_context_num_tokens: usize,
     pub img_context_dim_out: usize,
 }
@@ -135,7 +146,24 @@ impl Config {
         (d - 2 * dh, dh, dh)
     }
 
-    fn learnable_pos_embed(&self) -> Result<bool> {
+    /// Whether the model has the Transfer2.5 image context (`img_context_dim_in` > 0).
+    pub fn img_context(&self) -> bool {
+        self.img_context_dim_in.is_some_and(|d| d > 0)
+    }
+
+    /// Injection points of the ControlNet residuals: blocks 0, n, 2n, … below `num_layers`
+    /// (n = `controlnet_block_every_n`), as many as residuals are needed.
+    pub fn controlnet_blocks(&self) -> Result<Vec<usize>> {
+        match self.controlnet_block_every_n {
+            Some(n) if n > 0 => Ok((0..self.num_layers).step_by(n).collect()),
+            Some(_) => bail!("cosmos config: controlnet_block_every_n must be at least 1"),
+            None => {
+                bail!("cosmos config: controlnet_block_every_n is unset, so the model takes no ControlNet residuals")
+            }
+        }
+    }
+
+    pub(crate) fn learnable_pos_embed(&self) -> Result<bool> {
         match self.extra_pos_embed_type.as_deref() {
             None => Ok(false),
             Some("learnable") => Ok(true),
@@ -164,8 +192,17 @@ impl Config {
         if self.num_attention_heads == 0 || self.in_channels == 0 || self.out_channels == 0 {
             bail!("cosmos config: heads, in_channels and out_channels must be positive")
         }
-        if self.img_context_dim_in.is_some_and(|d| d > 0) {
-            bail!("cosmos config: img_context_dim_in (Transfer2.5 image context) is not supported")
+        if self.controlnet_block_every_n == Some(0) {
+            bail!("cosmos config: controlnet_block_every_n must be at least 1 (or null)")
+        }
+        if self.img_context() && self.img_context_dim_out != self.hidden_size() {
+            // The image keys/values are Linear(hidden → hidden) of the projected image context.
+            bail!(
+                "cosmos config: img_context_dim_out {} must equal the hidden size num_attention_heads × \
+                 attention_head_dim = {} (the image-context keys and values project from it)",
+                self.img_context_dim_out,
+                self.hidden_size()
+            )
         }
         if self.use_crossattn_projection && self.encoder_hidden_states_channels != self.text_embed_dim {
             bail!(
@@ -182,19 +219,19 @@ impl Config {
 /// Bias-free linear layer on the last dimension of any-rank input (diffusers' Cosmos has no
 /// biases anywhere).
 #[derive(Clone, Debug)]
-struct Linear {
+pub(crate) struct Linear {
     /// (out, in), PyTorch layout.
-    weight: Tensor,
+    pub(crate) weight: Tensor,
     /// Use Candle's matmul even for a frozen weight (see [`CosmosTransformer3DModel::set_candle_matmul`]).
-    candle_matmul: bool,
+    pub(crate) candle_matmul: bool,
 }
 
 impl Linear {
-    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, candle_matmul: false })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
@@ -209,6 +246,24 @@ impl Linear {
         };
         dims.push(self.weight.dim(0)?);
         y.reshape(dims)
+    }
+}
+
+/// Linear layer with a bias (`nn.Linear` defaults): the Predict2.5/Transfer2.5 context
+/// projections and the ControlNet's `before_proj`/`after_proj`.
+#[derive(Clone, Debug)]
+pub(crate) struct LinearBias {
+    pub(crate) linear: Linear,
+    bias: Tensor,
+}
+
+impl LinearBias {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { linear: Linear::new(in_dim, out_dim, vb.clone())?, bias: vb.get(out_dim, "bias")? })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear.forward(x)?.broadcast_add(&self.bias)
     }
 }
 
@@ -276,9 +331,9 @@ impl CustomOp1 for FrozenMatmul {
 /// AdaLN-LoRA modulation producing `n_chunks` vectors (shift, scale[, gate]) of width D from
 /// W₂·W₁·SiLU(embedded_timestep) + temb[.., :n_chunks·D].
 #[derive(Clone, Debug)]
-struct AdaLnLora {
-    linear_1: Linear,
-    linear_2: Linear,
+pub(crate) struct AdaLnLora {
+    pub(crate) linear_1: Linear,
+    pub(crate) linear_2: Linear,
     n_chunks: usize,
     hidden: usize,
 }
@@ -330,7 +385,9 @@ const ROPE_BASE_FPS: f64 = 24.0;
 const ROPE_THETA: f64 = 10000.0;
 
 /// diffusers `Attention` with `CosmosAttnProcessor2_0`: bias-free q/k/v/out projections,
-/// per-head RMSNorm (with weight) on q and k, optional RoPE.
+/// per-head RMSNorm (with weight) on q and k, optional RoPE. With `img` (Transfer2.5's
+/// `CosmosAttention` + `CosmosAttnProcessor2_5`), a second attention of the same queries' own
+/// projection over the image context is added to the text attention before `to_out`.
 #[derive(Clone, Debug)]
 struct Attention {
     to_q: Linear,
@@ -339,22 +396,63 @@ struct Attention {
     to_out: Linear,
     norm_q: Tensor,
     norm_k: Tensor,
+    img: Option<ImageAttention>,
     heads: usize,
     head_dim: usize,
 }
 
+/// The image branch of Transfer2.5's cross-attention: `q_img` from the tokens, `k_img`/`v_img`
+/// from the projected image context (both hidden-wide), per-head RMSNorm (eps 1e-6, unlike the
+/// text branch's 1e-5) on q and k, no RoPE, no mask.
+#[derive(Clone, Debug)]
+struct ImageAttention {
+    q_img: Linear,
+    k_img: Linear,
+    v_img: Linear,
+    q_img_norm: Tensor,
+    k_img_norm: Tensor,
+}
+
 impl Attention {
-    fn new(hidden: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        hidden: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        img_context: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let img = if img_context {
+            Some(ImageAttention {
+                q_img: Linear::new(hidden, inner, vb.pp("q_img"))?,
+                k_img: Linear::new(hidden, inner, vb.pp("k_img"))?,
+                v_img: Linear::new(hidden, inner, vb.pp("v_img"))?,
+                q_img_norm: vb.pp("q_img_norm").get(head_dim, "weight")?,
+                k_img_norm: vb.pp("k_img_norm").get(head_dim, "weight")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            to_q: Linear::new(hidden, heads * head_dim, vb.pp("to_q"))?,
-            to_k: Linear::new(context_dim, heads * head_dim, vb.pp("to_k"))?,
-            to_v: Linear::new(context_dim, heads * head_dim, vb.pp("to_v"))?,
-            to_out: Linear::new(heads * head_dim, hidden, vb.pp("to_out").pp("0"))?,
+            to_q: Linear::new(hidden, inner, vb.pp("to_q"))?,
+            to_k: Linear::new(context_dim, inner, vb.pp("to_k"))?,
+            to_v: Linear::new(context_dim, inner, vb.pp("to_v"))?,
+            to_out: Linear::new(inner, hidden, vb.pp("to_out").pp("0"))?,
             norm_q: vb.pp("norm_q").get(head_dim, "weight")?,
             norm_k: vb.pp("norm_k").get(head_dim, "weight")?,
+            img,
             heads,
             head_dim,
         })
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut l = vec![&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out];
+        if let Some(img) = &mut self.img {
+            l.extend([&mut img.q_img, &mut img.k_img, &mut img.v_img]);
+        }
+        l
     }
 
     /// (B, S, heads·hd) → (B, heads, S, hd).
@@ -363,8 +461,15 @@ impl Attention {
         x.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)
     }
 
+    /// (B, heads, N, hd) → (B, N, heads·hd).
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, n, _) = x.dims4()?;
+        x.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))
+    }
+
     /// `x` (B, N, D); `context` (B, L, Dc) for cross-attention, `None` for self-attention;
-    /// `rope` = (cos, sin) of shape (N, hd/2); `mask` additive, broadcastable to (B, h, N, L).
+    /// `rope` = (cos, sin) of shape (N, hd/2); `mask` additive, broadcastable to (B, h, N, L);
+    /// `img_context` (B, Li, D), the projected image context, for the image branch.
     fn forward(
         &self,
         x: &Tensor,
@@ -372,7 +477,12 @@ impl Attention {
         rope: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
         tile: Option<usize>,
+        img_context: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>| match tile {
+            Some(tile) => ops::sdpa_tiled(q, k, v, mask, None, tile),
+            None => ops::sdpa(q, k, v, mask, None),
+        };
         let kv_source = context.unwrap_or(x);
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(kv_source)?)?;
@@ -383,18 +493,29 @@ impl Attention {
             q = ops::rope_half(&q, cos, sin)?;
             k = ops::rope_half(&k, cos, sin)?;
         }
-        let out = match tile {
-            Some(tile) => ops::sdpa_tiled(&q, &k, &v, mask, None, tile)?,
-            None => ops::sdpa(&q, &k, &v, mask, None)?,
-        };
-        let (b, _, n, _) = out.dims4()?;
-        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?)
+        let mut out = self.merge_heads(&attend(&q, &k, &v, mask)?)?;
+        match (&self.img, img_context) {
+            (Some(img), Some(ctx)) => {
+                let q = self.split_heads(&img.q_img.forward(x)?)?;
+                let k = self.split_heads(&img.k_img.forward(ctx)?)?;
+                let v = self.split_heads(&img.v_img.forward(ctx)?)?;
+                let q = ops::rms_norm(&q, Some(&img.q_img_norm), NORM_EPS)?;
+                let k = ops::rms_norm(&k, Some(&img.k_img_norm), NORM_EPS)?;
+                out = (out + self.merge_heads(&attend(&q, &k, &v, None)?)?)?;
+            }
+            (None, Some(_)) => bail!("cosmos attention: an image context was given to a layer without an image branch"),
+            // An image branch without an image context: the text attention alone, as diffusers'
+            // processor with `(text, None)`.
+            (_, None) => {}
+        }
+        self.to_out.forward(&out)
     }
 }
 
-/// One `CosmosTransformerBlock`.
+/// One `CosmosTransformerBlock` (without the ControlNet's `before_proj`/`after_proj`, which
+/// `cosmos::controlnet` applies around it).
 #[derive(Clone, Debug)]
-struct Block {
+pub(crate) struct Block {
     norm1: AdaLnLora,
     attn1: Attention,
     norm2: AdaLnLora,
@@ -405,24 +526,37 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// The block of a model with config `cfg` (its width, heads, context width, MLP, and whether
+    /// the cross-attention has the image branch, `cfg.img_context()`).
+    pub(crate) fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let hidden = cfg.hidden_size();
         let (heads, hd, lora) = (cfg.num_attention_heads, cfg.attention_head_dim, cfg.adaln_lora_dim);
         Ok(Self {
             norm1: AdaLnLora::new(hidden, lora, 3, vb.pp("norm1"))?,
-            attn1: Attention::new(hidden, hidden, heads, hd, vb.pp("attn1"))?,
+            attn1: Attention::new(hidden, hidden, heads, hd, false, vb.pp("attn1"))?,
             norm2: AdaLnLora::new(hidden, lora, 3, vb.pp("norm2"))?,
-            attn2: Attention::new(hidden, cfg.text_embed_dim, heads, hd, vb.pp("attn2"))?,
+            attn2: Attention::new(hidden, cfg.text_embed_dim, heads, hd, cfg.img_context(), vb.pp("attn2"))?,
             norm3: AdaLnLora::new(hidden, lora, 3, vb.pp("norm3"))?,
             ff_in: Linear::new(hidden, cfg.mlp_hidden_size(), vb.pp("ff.net.0.proj"))?,
             ff_out: Linear::new(cfg.mlp_hidden_size(), hidden, vb.pp("ff.net.2"))?,
         })
     }
 
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut l = Vec::new();
+        for norm in [&mut self.norm1, &mut self.norm2, &mut self.norm3] {
+            l.extend([&mut norm.linear_1, &mut norm.linear_2]);
+        }
+        l.extend(self.attn1.linears_mut());
+        l.extend(self.attn2.linears_mut());
+        l.extend([&mut self.ff_in, &mut self.ff_out]);
+        l
+    }
+
     /// The block: its three residual sub-layers in turn, each under `shared::ops::checkpoint`
     /// when `cond.checkpoint_sublayers` (nested inside a checkpointed block, a block's
     /// recomputation then keeps the sub-layers' inputs and one sub-layer's graph at a time).
-    fn forward(&self, x: &Tensor, cond: &Arc<BlockInputs>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, cond: &Arc<BlockInputs>) -> Result<Tensor> {
         let mut x = x.clone();
         for part in [SubLayer::SelfAttention, SubLayer::CrossAttention, SubLayer::Mlp] {
             x = if cond.checkpoint_sublayers {
@@ -433,6 +567,21 @@ impl Block {
             };
         }
         Ok(x)
+    }
+
+    /// [`Self::forward`] under `shared::ops::checkpoint` when `checkpointed`.
+    pub(crate) fn forward_maybe_checkpointed(
+        &self,
+        x: &Tensor,
+        cond: &Arc<BlockInputs>,
+        checkpointed: bool,
+    ) -> Result<Tensor> {
+        if checkpointed {
+            let (block, cond) = (self.clone(), cond.clone());
+            ops::checkpoint(x, move |x| block.forward(x, &cond))
+        } else {
+            self.forward(x, cond)
+        }
     }
 
     /// x + gate · branch(AdaLN(x)) for one of the three branches.
@@ -453,6 +602,7 @@ impl Block {
                     Some(&cond.rope),
                     None,
                     cond.attention_tile,
+                    None,
                 )?;
                 gated_residual(&x, &m[2], &h)
             }
@@ -464,6 +614,7 @@ impl Block {
                     None,
                     cond.context_mask.as_ref(),
                     cond.attention_tile,
+                    cond.img_context.as_ref(),
                 )?;
                 gated_residual(x, &m[2], &h)
             }
@@ -486,22 +637,24 @@ enum SubLayer {
 
 /// What every block receives besides the tokens.
 #[derive(Clone)]
-struct BlockInputs {
+pub(crate) struct BlockInputs {
     /// (B, F, D), F = 1 or the number of latent frames.
-    embedded_timestep: Tensor,
+    pub(crate) embedded_timestep: Tensor,
     /// (B, F, 3D).
-    temb: Tensor,
+    pub(crate) temb: Tensor,
     /// cos, sin: (N, hd/2).
-    rope: (Tensor, Tensor),
+    pub(crate) rope: (Tensor, Tensor),
     /// (1, N, D).
-    extra_pos_emb: Option<Tensor>,
-    context: Tensor,
+    pub(crate) extra_pos_emb: Option<Tensor>,
+    pub(crate) context: Tensor,
     /// Additive, (B, 1, 1, L).
-    context_mask: Option<Tensor>,
+    pub(crate) context_mask: Option<Tensor>,
+    /// The projected image context (B, Li, D), Transfer2.5.
+    pub(crate) img_context: Option<Tensor>,
     /// Query/key tile of `sdpa_tiled`, or `None` for `sdpa`.
-    attention_tile: Option<usize>,
+    pub(crate) attention_tile: Option<usize>,
     /// Each residual branch under `shared::ops::checkpoint`.
-    checkpoint_sublayers: bool,
+    pub(crate) checkpoint_sublayers: bool,
 }
 
 impl BlockInputs {
@@ -509,7 +662,7 @@ impl BlockInputs {
     /// refuses captured inputs that carry a gradient): names the first input that does. In the
     /// z0 optimisation none does — the timestep comes from σ (a constant of the schedule), RoPE
     /// and the positional embedding from the grid and frozen weights, the context from the prompt.
-    fn ensure_constant(&self) -> Result<()> {
+    pub(crate) fn ensure_constant(&self) -> Result<()> {
         let named = [
             ("the embedded timestep", Some(&self.embedded_timestep)),
             ("the timestep embedding (temb)", Some(&self.temb)),
@@ -518,6 +671,7 @@ impl BlockInputs {
             ("the learnable positional embedding", self.extra_pos_emb.as_ref()),
             ("the context (encoder_hidden_states)", Some(&self.context)),
             ("the context mask", self.context_mask.as_ref()),
+            ("the image context", self.img_context.as_ref()),
         ];
         if let Some((name, _)) = named.iter().find(|(_, t)| t.is_some_and(Tensor::track_op)) {
             bail!(
@@ -533,14 +687,14 @@ impl BlockInputs {
 /// diffusers' `CosmosLearnablePositionalEmbed`: per-axis tables summed, then divided by
 /// (eps + ‖e‖₂/√D), i.e. normalised to unit RMS.
 #[derive(Clone, Debug)]
-struct LearnablePosEmbed {
+pub(crate) struct LearnablePosEmbed {
     pos_emb_t: Tensor,
     pos_emb_h: Tensor,
     pos_emb_w: Tensor,
 }
 
 impl LearnablePosEmbed {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let hidden = cfg.hidden_size();
         let [mt, mh, mw] = max_grid(cfg);
         Ok(Self {
@@ -551,7 +705,7 @@ impl LearnablePosEmbed {
     }
 
     /// (1, t·h·w, D), tokens t-major.
-    fn forward(&self, grid: [usize; 3]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, grid: [usize; 3]) -> Result<Tensor> {
         let [nt, nh, nw] = grid;
         let d = self.pos_emb_t.dim(1)?;
         // diffusers keeps this module in f32 (`_keep_in_fp32_modules`).
@@ -570,7 +724,7 @@ impl LearnablePosEmbed {
 }
 
 /// Positional table sizes: max_size / patch_size per axis.
-fn max_grid(cfg: &Config) -> [usize; 3] {
+pub(crate) fn max_grid(cfg: &Config) -> [usize; 3] {
     [0, 1, 2].map(|i| cfg.max_size[i] / cfg.patch_size[i])
 }
 
@@ -629,6 +783,14 @@ impl MemoryMode {
         }
     }
 
+    /// Refuses an attention tile of 0.
+    pub fn validate(&self) -> Result<()> {
+        if self.attention_tile == Some(0) {
+            bail!("cosmos memory mode: the attention tile must be at least 1")
+        }
+        Ok(())
+    }
+
     /// Blocks per checkpointed segment for `layers` blocks (1: no segments).
     pub fn segment_len(&self, layers: usize) -> usize {
         if self.checkpoint_blocks && self.checkpoint_segments {
@@ -639,6 +801,21 @@ impl MemoryMode {
     }
 }
 
+/// Transfer2.5 inputs of [`CosmosTransformer3DModel::forward_transfer`].
+#[derive(Clone, Debug, Default)]
+pub struct TransferInputs {
+    /// (B, Li, img_context_dim_in): the image context before `img_context_proj` (the Transfer2.5
+    /// pipeline passes zeros of (B, img_context_num_tokens, img_context_dim_in)). Only for a
+    /// model with `img_context_dim_in`; `None` on such a model is diffusers'
+    /// `(text, None)`: the cross-attention's text branch alone.
+    pub img_context: Option<Tensor>,
+    /// diffusers' `block_controlnet_hidden_states`: the ControlNet's (already scaled) samples,
+    /// each (B, N, D) with N the token count; the i-th is added to the output of block
+    /// i·`controlnet_block_every_n`. As in diffusers, at least one per injection point is needed
+    /// and any beyond those are unused.
+    pub block_controlnet_hidden_states: Option<Vec<Tensor>>,
+}
+
 /// diffusers' `CosmosTransformer3DModel`.
 #[derive(Clone, Debug)]
 pub struct CosmosTransformer3DModel {
@@ -646,14 +823,12 @@ pub struct CosmosTransformer3DModel {
     memory: MemoryMode,
     patch_embed: Linear,
     learnable_pos_embed: Option<LearnablePosEmbed>,
-    time_linear_1: Linear,
-    time_linear_2: Linear,
-    time_norm: Tensor,
+    time_embed: TimeEmbed,
     blocks: Vec<Block>,
     norm_out: AdaLnLora,
     proj_out: Linear,
-    /// Predict2.5 context projection: (weight, bias) of Linear, then GELU.
-    crossattn_proj: Option<(Linear, Tensor)>,
+    /// Predict2.5 context projection and Transfer2.5 image-context projection.
+    context_proj: ContextProjections,
 }
 
 /// Named intermediate activations, in diffusers' layouts, for locating a parity mismatch.
@@ -671,14 +846,6 @@ impl CosmosTransformer3DModel {
         } else {
             None
         };
-        let te = vb.pp("time_embed");
-        let crossattn_proj = if cfg.use_crossattn_projection {
-            let (i, o) = (cfg.crossattn_proj_in_channels, cfg.encoder_hidden_states_channels);
-            let pv = vb.pp("crossattn_proj.0");
-            Some((Linear::new(i, o, pv.clone())?, pv.get(o, "bias")?))
-        } else {
-            None
-        };
         let blocks =
             (0..cfg.num_layers).map(|i| Block::new(cfg, vb.pp("transformer_blocks").pp(i))).collect::<Result<_>>()?;
         Ok(Self {
@@ -686,13 +853,11 @@ impl CosmosTransformer3DModel {
             memory: MemoryMode::default(),
             patch_embed: Linear::new(embed_in, hidden, vb.pp("patch_embed.proj"))?,
             learnable_pos_embed,
-            time_linear_1: Linear::new(hidden, hidden, te.pp("t_embedder.linear_1"))?,
-            time_linear_2: Linear::new(hidden, 3 * hidden, te.pp("t_embedder.linear_2"))?,
-            time_norm: te.pp("norm").get(hidden, "weight")?,
+            time_embed: TimeEmbed::new(hidden, vb.pp("time_embed"))?,
             blocks,
             norm_out: AdaLnLora::new(hidden, cfg.adaln_lora_dim, 2, vb.pp("norm_out"))?,
             proj_out: Linear::new(hidden, pt * ph * pw * cfg.out_channels, vb.pp("proj_out"))?,
-            crossattn_proj,
+            context_proj: ContextProjections::new(cfg, vb.clone())?,
         })
     }
 
@@ -702,35 +867,18 @@ impl CosmosTransformer3DModel {
 
     /// A model with every weight random and non-zero, for benchmarks and memory measurements:
     /// linear weights N(0, 1/fan_in), norm gains 1 + N(0, 0.2²), positional tables N(0, 1), the
-    /// context projection's bias N(0, 0.1²). Not a trained model's statistics; the shapes, and so
-    /// the time and memory, are the real ones.
+    /// context projections' biases N(0, 0.1²). Not a trained model's statistics; the shapes, and
+    /// so the time and memory, are the real ones.
     pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let recorder = shared::weights::ShapeRecorder::new();
         Self::new(cfg, recorder.var_builder(dtype, device))?;
-        let mut rng = shared::rng::SplitMix64::new(seed);
-        let mut tensors = std::collections::HashMap::new();
-        for (name, shape) in recorder.shapes() {
-            let t = rng.normal_tensor(shape.as_slice(), DType::F64, device)?;
-            let t = if shape.len() == 2 && !name.contains("pos_emb") {
-                (t * (1.0 / (shape[1] as f64).sqrt()))?
-            } else if name.ends_with("bias") {
-                (t * 0.1)?
-            } else if name.contains("pos_emb") {
-                t
-            } else {
-                ((t * 0.2)? + 1.0)?
-            };
-            tensors.insert(name, t.to_dtype(dtype)?);
-        }
-        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+        Self::new(cfg, random_weights(&recorder, seed, dtype, device)?)
     }
 
     /// Block checkpointing and tiled attention (see [`MemoryMode`]); off by default. A tile of 0
     /// is refused.
     pub fn set_memory_mode(&mut self, mode: MemoryMode) -> Result<()> {
-        if mode.attention_tile == Some(0) {
-            bail!("cosmos memory mode: the attention tile must be at least 1")
-        }
+        mode.validate()?;
         self.memory = mode;
         Ok(())
     }
@@ -745,20 +893,12 @@ impl CosmosTransformer3DModel {
     /// on every backward. For comparisons, or as a fallback on a backend where the custom op
     /// misbehaves. Weights that are Vars always use Candle's matmul.
     pub fn set_candle_matmul(&mut self, enabled: bool) {
-        let mut linears: Vec<&mut Linear> =
-            vec![&mut self.patch_embed, &mut self.time_linear_1, &mut self.time_linear_2, &mut self.proj_out];
+        let mut linears: Vec<&mut Linear> = vec![&mut self.patch_embed, &mut self.proj_out];
+        linears.extend(self.time_embed.linears_mut());
         linears.extend([&mut self.norm_out.linear_1, &mut self.norm_out.linear_2]);
-        if let Some((proj, _)) = &mut self.crossattn_proj {
-            linears.push(proj);
-        }
+        linears.extend(self.context_proj.linears_mut());
         for b in &mut self.blocks {
-            for norm in [&mut b.norm1, &mut b.norm2, &mut b.norm3] {
-                linears.extend([&mut norm.linear_1, &mut norm.linear_2]);
-            }
-            for attn in [&mut b.attn1, &mut b.attn2] {
-                linears.extend([&mut attn.to_q, &mut attn.to_k, &mut attn.to_v, &mut attn.to_out]);
-            }
-            linears.extend([&mut b.ff_in, &mut b.ff_out]);
+            linears.extend(b.linears_mut());
         }
         for l in linears {
             l.candle_matmul = enabled;
@@ -810,6 +950,31 @@ impl CosmosTransformer3DModel {
         self.forward_traced(hidden_states, timestep, encoder_hidden_states, condition_mask, padding_mask, opts, None)
     }
 
+    /// [`Self::forward_with`] with the Transfer2.5 inputs: the image context and the ControlNet's
+    /// residuals (`cosmos::controlnet::CosmosControlNetModel::forward`'s output).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_transfer(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        condition_mask: Option<&Tensor>,
+        padding_mask: Option<&Tensor>,
+        opts: &ForwardOptions,
+        transfer: &TransferInputs,
+    ) -> Result<Tensor> {
+        self.forward_full(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            condition_mask,
+            padding_mask,
+            opts,
+            transfer,
+            None,
+        )
+    }
+
     /// [`Self::forward_with`] that also records intermediate activations into `trace` (when
     /// given) in diffusers' layouts: `patch_embed` (B, T', H', W', D), `time_embed.0` (temb) and
     /// `time_embed.1` (embedded timestep) as (B·F, ·), `rope.0`/`rope.1` (cos/sin, (N, hd)),
@@ -824,8 +989,36 @@ impl CosmosTransformer3DModel {
         condition_mask: Option<&Tensor>,
         padding_mask: Option<&Tensor>,
         opts: &ForwardOptions,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        self.forward_full(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            condition_mask,
+            padding_mask,
+            opts,
+            &TransferInputs::default(),
+            trace,
+        )
+    }
+
+    /// [`Self::forward_transfer`] with a trace as [`Self::forward_traced`]'s, plus
+    /// `img_context_proj` (the projected image context, (B, Li, D)) when an image context is
+    /// given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_full(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        condition_mask: Option<&Tensor>,
+        padding_mask: Option<&Tensor>,
+        opts: &ForwardOptions,
+        transfer: &TransferInputs,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        const WHO: &str = "cosmos forward";
         let tracing = trace.is_some();
         let mut record = |name: &str, t: &dyn Fn() -> Result<Tensor>| -> Result<()> {
             if let Some(tr) = trace.as_deref_mut() {
@@ -843,10 +1036,7 @@ impl CosmosTransformer3DModel {
         // 1. Input channels.
         let mut x = hidden_states.to_dtype(dtype)?;
         if let Some(cm) = condition_mask {
-            if cm.dims() != [b, 1, t, h, w] {
-                bail!("cosmos forward: condition_mask has shape {:?}, expected {:?}", cm.dims(), [b, 1, t, h, w])
-            }
-            x = Tensor::cat(&[&x, &cm.to_dtype(dtype)?], 1)?;
+            x = Tensor::cat(&[&x, &condition_mask_channel(WHO, cm, [b, t, h, w], dtype)?], 1)?;
         }
         if x.dim(1)? != cfg.in_channels {
             bail!(
@@ -859,48 +1049,16 @@ impl CosmosTransformer3DModel {
             let Some(pm) = padding_mask else {
                 bail!("cosmos forward: the model concatenates a padding mask (concat_padding_mask) but none was given")
             };
-            if pm.rank() != 4 || pm.dim(1)? != 1 {
-                bail!("cosmos forward: padding_mask has shape {:?}, expected (B or 1, 1, H', W')", pm.dims())
-            }
-            let pm = resize_nearest(&pm.to_dtype(dtype)?, h, w)?;
-            let pb = pm.dim(0)?;
-            if pb != 1 && pb != b {
-                bail!("cosmos forward: padding_mask batch {pb}, expected 1 or {b}")
-            }
-            let pm = pm.unsqueeze(2)?.broadcast_as((b, 1, t, h, w))?;
-            x = Tensor::cat(&[&x, &pm], 1)?;
+            x = Tensor::cat(&[&x, &padding_mask_channel(WHO, pm, [b, t, h, w], dtype)?], 1)?;
         }
 
         // 2. Token grid and positional inputs.
-        if t % pt != 0 || h % ph != 0 || w % pw != 0 {
-            bail!(
-                "cosmos forward: latent (T, H, W) = ({t}, {h}, {w}) is not divisible by patch size {:?}",
-                cfg.patch_size
-            )
-        }
-        let grid = [t / pt, h / ph, w / pw];
-        // The learnable tables have max_size / patch rows per axis; diffusers' RoPE alone takes
-        // positions up to the largest of those on every axis.
-        let max = match self.learnable_pos_embed {
-            Some(_) => max_grid(cfg),
-            None => [max_grid(cfg).into_iter().max().unwrap_or(0); 3],
-        };
-        if grid.iter().zip(&max).any(|(g, m)| g > m) {
-            bail!("cosmos forward: token grid {grid:?} exceeds the model's positional range {max:?} (max_size / patch)")
-        }
-        let rope = self.rope_tables(grid, opts.fps, dtype, device)?;
-        let extra_pos_emb = match &self.learnable_pos_embed {
-            Some(p) => Some(p.forward(grid)?.to_dtype(dtype)?),
-            None => None,
-        };
+        let grid = token_grid(WHO, cfg, [t, h, w])?;
+        let (rope, extra_pos_emb) =
+            positional_inputs(WHO, cfg, self.learnable_pos_embed.as_ref(), grid, opts.fps, dtype, device)?;
 
         // 3. Patchify: (B, C, T', pt, H', ph, W', pw) → tokens (B, T'H'W', C·pt·ph·pw).
-        let ci = x.dim(1)?;
-        let tokens = x
-            .reshape(vec![b, ci, grid[0], pt, grid[1], ph, grid[2], pw])?
-            .permute([0, 2, 4, 6, 1, 3, 5, 7])?
-            .reshape((b, grid[0] * grid[1] * grid[2], ci * pt * ph * pw))?;
-        let mut x = self.patch_embed.forward(&tokens)?;
+        let mut x = self.patch_embed.forward(&patchify(&x, cfg.patch_size, grid)?)?;
         record("patch_embed", &|| x.reshape((b, grid[0], grid[1], grid[2], cfg.hidden_size())))?;
         let n = grid[0] * grid[1] * grid[2];
         record("rope.0", &|| Tensor::cat(&[&rope.0, &rope.0], 1))?;
@@ -910,34 +1068,25 @@ impl CosmosTransformer3DModel {
         }
 
         // 4. Timestep embedding, per sample (F = 1) or per latent frame (F = T').
-        let timestep = self.timestep_per_frame(timestep, b, t)?;
-        let (embedded_timestep, temb) = self.embed_timestep(&timestep, dtype)?;
+        let timestep = timestep_per_frame(WHO, cfg, timestep, b, t)?;
+        let (embedded_timestep, temb) = self.time_embed.forward(&timestep, dtype)?;
         record("time_embed.0", &|| temb.flatten_to(1))?;
         record("time_embed.1", &|| embedded_timestep.flatten_to(1))?;
 
-        // 5. Blocks.
-        let (_, l, dc) = encoder_hidden_states.dims3()?;
-        if encoder_hidden_states.dim(0)? != b || dc != cfg.context_dim() {
-            bail!(
-                "cosmos forward: encoder_hidden_states has shape {:?}, expected ({b}, L, {})",
-                encoder_hidden_states.dims(),
-                cfg.context_dim()
-            )
-        }
-        let mut context = encoder_hidden_states.to_dtype(dtype)?;
-        if let Some((proj, bias)) = &self.crossattn_proj {
-            context = ops::gelu_erf(&proj.forward(&context)?.broadcast_add(bias)?)?;
+        // 5. Contexts and the ControlNet residuals' injection points.
+        let (context, img_context) =
+            self.context_proj.forward(WHO, cfg, encoder_hidden_states, transfer.img_context.as_ref(), b, dtype)?;
+        if self.context_proj.crossattn_proj.is_some() {
             record("crossattn_proj", &|| Ok(context.clone()))?;
         }
-        let context_mask = match &opts.context_mask {
-            Some(m) => {
-                if m.dims() != [b, l] {
-                    bail!("cosmos forward: context_mask has shape {:?}, expected ({b}, {l})", m.dims())
-                }
-                Some(ops::additive_mask(&m.reshape((b, 1, 1, l))?, dtype)?)
-            }
-            None => None,
-        };
+        if let Some(img) = &img_context {
+            record("img_context_proj", &|| Ok(img.clone()))?;
+        }
+        let context_mask =
+            context_mask(WHO, opts.context_mask.as_ref(), b, context.dim(1)?, img_context.is_some(), dtype)?;
+        let residuals = self.residual_map(transfer.block_controlnet_hidden_states.as_deref(), [b, n], dtype)?;
+
+        // 6. Blocks.
         let inputs = BlockInputs {
             embedded_timestep,
             temb,
@@ -945,6 +1094,7 @@ impl CosmosTransformer3DModel {
             extra_pos_emb,
             context,
             context_mask,
+            img_context,
             attention_tile: self.memory.attention_tile,
             checkpoint_sublayers: self.memory.checkpoint_sublayers,
         };
@@ -956,7 +1106,14 @@ impl CosmosTransformer3DModel {
         let segment = if tracing { 1 } else { self.memory.segment_len(self.blocks.len()) };
         let mut first = 0;
         while first < self.blocks.len() {
-            let blocks: Vec<Block> = self.blocks[first..(first + segment).min(self.blocks.len())].to_vec();
+            let mut end = (first + segment).min(self.blocks.len());
+            // A residual is added after its block, outside any checkpoint (it carries the
+            // ControlNet's gradient, which a checkpoint's captures may not): a segment ends at an
+            // injection point.
+            if let Some(i) = (first..end).find(|i| residuals[*i].is_some()) {
+                end = i + 1;
+            }
+            let blocks: Vec<Block> = self.blocks[first..end].to_vec();
             let checkpointed = self.memory.checkpoint_blocks;
             // The closures own what the recomputation needs: the blocks (their weights are
             // shared tensors, no copy) and the common inputs.
@@ -964,24 +1121,22 @@ impl CosmosTransformer3DModel {
             let run = move |x: &Tensor| -> Result<Tensor> {
                 let mut x = x.clone();
                 for block in &blocks {
-                    x = if checkpointed {
-                        let (block, cond) = (block.clone(), cond.clone());
-                        ops::checkpoint(&x, move |x| block.forward(x, &cond))?
-                    } else {
-                        block.forward(&x, &cond)?
-                    };
+                    x = block.forward_maybe_checkpointed(&x, &cond, checkpointed)?;
                 }
                 Ok(x)
             };
-            x = if segment > 1 { ops::checkpoint(&x, run)? } else { run(&x)? };
+            x = if end - first > 1 { ops::checkpoint(&x, run)? } else { run(&x)? };
+            if let Some(r) = &residuals[end - 1] {
+                x = (x + r)?;
+            }
             if first == 0 {
                 // Traced forwards use segments of one block (see `segment`).
                 record("block0", &|| Ok(x.clone()))?;
             }
-            first += segment;
+            first = end;
         }
 
-        // 6. Final AdaLN, projection, unpatchify. diffusers lays out each token's output as
+        // 7. Final AdaLN, projection, unpatchify. diffusers lays out each token's output as
         //    (ph, pw, pt, C_out) — not the inverse of the input patch order.
         let m = self.norm_out.chunks(&inputs.embedded_timestep, &inputs.temb)?;
         let normed = modulate(&x, &m[0], &m[1])?;
@@ -993,64 +1148,311 @@ impl CosmosTransformer3DModel {
             .reshape((b, co, t, h, w))
     }
 
-    /// (B) → (B, 1); (B, T) or (B, 1, T, 1, 1) → (B, T).
-    fn timestep_per_frame(&self, timestep: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let per_frame = match timestep.dims() {
-            [tb] if *tb == b => return timestep.reshape((b, 1)),
-            [tb, tt] if *tb == b && *tt == t => timestep.clone(),
-            [tb, 1, tt, 1, 1] if *tb == b && *tt == t => timestep.reshape((b, t))?,
-            other => {
-                bail!("cosmos forward: timestep has shape {other:?}, expected ({b}), ({b}, {t}) or ({b}, 1, {t}, 1, 1)")
-            }
-        };
-        if self.cfg.patch_size[0] != 1 {
-            bail!("cosmos forward: per-frame timesteps need temporal patch size 1 (as in diffusers)")
+    /// Per block, the ControlNet residual added after it (diffusers'
+    /// `controlnet_block_index_map`): the i-th of `samples` after block i·every_n, each checked to
+    /// be (B, N, D) and cast to `dtype`.
+    fn residual_map(
+        &self,
+        samples: Option<&[Tensor]>,
+        [b, n]: [usize; 2],
+        dtype: DType,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut map = vec![None; self.blocks.len()];
+        let Some(samples) = samples else { return Ok(map) };
+        let points = self.cfg.controlnet_blocks().map_err(|e| {
+            candle_core::Error::Msg(format!("cosmos forward: ControlNet residuals were given, but {e}"))
+        })?;
+        if samples.len() < points.len() {
+            bail!(
+                "cosmos forward: {} ControlNet residuals for {} injection points (blocks {points:?}: every \
+                 controlnet_block_every_n = {} of {} blocks)",
+                samples.len(),
+                points.len(),
+                self.cfg.controlnet_block_every_n.unwrap_or(0),
+                self.blocks.len()
+            )
         }
-        Ok(per_frame)
+        let d = self.cfg.hidden_size();
+        for (i, (block, sample)) in points.into_iter().zip(samples).enumerate() {
+            if sample.dims() != [b, n, d] {
+                bail!("cosmos forward: ControlNet residual {i} has shape {:?}, expected ({b}, {n}, {d})", sample.dims())
+            }
+            map[block] = Some(sample.to_dtype(dtype)?);
+        }
+        Ok(map)
+    }
+}
+
+/// The weights a `ShapeRecorder` saw, drawn at random (see [`CosmosTransformer3DModel::random`]).
+pub(crate) fn random_weights(
+    recorder: &shared::weights::ShapeRecorder,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let mut rng = shared::rng::SplitMix64::new(seed);
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in recorder.shapes() {
+        let t = rng.normal_tensor(shape.as_slice(), DType::F64, device)?;
+        let t = if shape.len() == 2 && !name.contains("pos_emb") {
+            (t * (1.0 / (shape[1] as f64).sqrt()))?
+        } else if name.ends_with("bias") {
+            (t * 0.1)?
+        } else if name.contains("pos_emb") {
+            t
+        } else {
+            ((t * 0.2)? + 1.0)?
+        };
+        tensors.insert(name, t.to_dtype(dtype)?);
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// diffusers' `CosmosEmbedding`: sinusoid → `temb` (linear–SiLU–linear, 3·D) and
+/// `embedded_timestep` (RMSNorm of the sinusoid).
+#[derive(Clone, Debug)]
+pub(crate) struct TimeEmbed {
+    linear_1: Linear,
+    linear_2: Linear,
+    norm: Tensor,
+    hidden: usize,
+}
+
+impl TimeEmbed {
+    pub(crate) fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(hidden, hidden, vb.pp("t_embedder.linear_1"))?,
+            linear_2: Linear::new(hidden, 3 * hidden, vb.pp("t_embedder.linear_2"))?,
+            norm: vb.pp("norm").get(hidden, "weight")?,
+            hidden,
+        })
+    }
+
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.linear_1, &mut self.linear_2]
     }
 
     /// timestep (B, F) → (embedded_timestep (B, F, D), temb (B, F, 3D)).
-    fn embed_timestep(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn forward(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let (b, f) = timestep.dims2()?;
-        let d = self.cfg.hidden_size();
+        let d = self.hidden;
         let proj = timestep_sinusoid(&timestep.to_dtype(dtype)?.flatten_all()?, d)?;
-        let temb = self.time_linear_2.forward(&ops::silu(&self.time_linear_1.forward(&proj)?)?)?;
-        let embedded = ops::rms_norm(&proj, Some(&self.time_norm), NORM_EPS)?;
+        let temb = self.linear_2.forward(&ops::silu(&self.linear_1.forward(&proj)?)?)?;
+        let embedded = ops::rms_norm(&proj, Some(&self.norm), NORM_EPS)?;
         Ok((embedded.reshape((b, f, d))?, temb.reshape((b, f, 3 * d))?))
     }
+}
 
-    /// diffusers' `CosmosRotaryPosEmbed`: per-axis θ = 10⁴·scale^(d/(d−2)) (NTK), frequencies
-    /// θ^(−2i/d), temporal positions scaled by 24/fps; cos/sin (N, hd/2) laid out [t | h | w] for
-    /// half-split rotation.
-    fn rope_tables(
-        &self,
-        grid: [usize; 3],
-        fps: Option<f64>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let (dt, dh, dw) = self.cfg.rope_dims();
-        let [st, sh, sw] = self.cfg.rope_scale;
-        let ntk_theta = |scale: f64, dim: usize| ROPE_THETA * scale.powf(dim as f64 / (dim as f64 - 2.0));
-        let t_pos_scale = match fps {
-            Some(fps) if fps > 0.0 => ROPE_BASE_FPS / fps,
-            Some(fps) => bail!("cosmos forward: fps must be positive, got {fps}"),
-            None => 1.0,
+/// The context projections, each Linear(+bias)–GELU(erf): `crossattn_proj` (Predict2.5's text
+/// context, `use_crossattn_projection`) and `img_context_proj` (Transfer2.5's image context,
+/// `img_context_dim_in` > 0).
+#[derive(Clone, Debug)]
+pub(crate) struct ContextProjections {
+    crossattn_proj: Option<LinearBias>,
+    img_context_proj: Option<LinearBias>,
+}
+
+impl ContextProjections {
+    /// Weights `crossattn_proj.0.*` and `img_context_proj.0.*` under `vb`, as `cfg` asks.
+    pub(crate) fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let crossattn_proj = if cfg.use_crossattn_projection {
+            let (i, o) = (cfg.crossattn_proj_in_channels, cfg.encoder_hidden_states_channels);
+            Some(LinearBias::new(i, o, vb.pp("crossattn_proj.0"))?)
+        } else {
+            None
         };
-        let [nt, nh, nw] = grid;
-        // Angles in f64, cast once at the end.
-        let (ct, s_t) = ops::rope_tables_1d(nt, dt, ntk_theta(st, dt), t_pos_scale, DType::F64, device)?;
-        let (ch, s_h) = ops::rope_tables_1d(nh, dh, ntk_theta(sh, dh), 1.0, DType::F64, device)?;
-        let (cw, s_w) = ops::rope_tables_1d(nw, dw, ntk_theta(sw, dw), 1.0, DType::F64, device)?;
-        let expand = |tt: &Tensor, th: &Tensor, tw: &Tensor| -> Result<Tensor> {
-            let (ht, hh, hw) = (dt / 2, dh / 2, dw / 2);
-            let a = tt.reshape((nt, 1, 1, ht))?.broadcast_as((nt, nh, nw, ht))?;
-            let b = th.reshape((1, nh, 1, hh))?.broadcast_as((nt, nh, nw, hh))?;
-            let c = tw.reshape((1, 1, nw, hw))?.broadcast_as((nt, nh, nw, hw))?;
-            Tensor::cat(&[a, b, c], D::Minus1)?.reshape((nt * nh * nw, ht + hh + hw))?.to_dtype(dtype)
+        let img_context_proj = match cfg.img_context_dim_in {
+            Some(i) if i > 0 => Some(LinearBias::new(i, cfg.img_context_dim_out, vb.pp("img_context_proj.0"))?),
+            _ => None,
         };
-        Ok((expand(&ct, &ch, &cw)?, expand(&s_t, &s_h, &s_w)?))
+        Ok(Self { crossattn_proj, img_context_proj })
     }
+
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut l = Vec::new();
+        for p in [&mut self.crossattn_proj, &mut self.img_context_proj].into_iter().flatten() {
+            l.push(&mut p.linear);
+        }
+        l
+    }
+
+    /// (text context, image context), checked against `cfg`, cast to `dtype` and projected:
+    /// `text` (B, L, `cfg.context_dim()`), `img` (B, Li, `img_context_dim_in`) for a model with
+    /// an image context only.
+    pub(crate) fn forward(
+        &self,
+        who: &str,
+        cfg: &Config,
+        text: &Tensor,
+        img: Option<&Tensor>,
+        b: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if text.rank() != 3 || text.dim(0)? != b || text.dim(2)? != cfg.context_dim() {
+            bail!("{who}: encoder_hidden_states has shape {:?}, expected ({b}, L, {})", text.dims(), cfg.context_dim())
+        }
+        let mut context = text.to_dtype(dtype)?;
+        if let Some(proj) = &self.crossattn_proj {
+            context = ops::gelu_erf(&proj.forward(&context)?)?;
+        }
+        let img = match (img, &self.img_context_proj) {
+            (None, _) => None,
+            (Some(img), Some(proj)) => {
+                let din = proj.linear.weight.dim(1)?;
+                if img.rank() != 3 || img.dim(0)? != b || img.dim(2)? != din {
+                    bail!(
+                        "{who}: img_context has shape {:?}, expected ({b}, Li, {din}) (img_context_dim_in)",
+                        img.dims()
+                    )
+                }
+                Some(ops::gelu_erf(&proj.forward(&img.to_dtype(dtype)?)?)?)
+            }
+            (Some(_), None) => {
+                bail!("{who}: an image context was given, but the model has none (img_context_dim_in is unset)")
+            }
+        };
+        Ok((context, img))
+    }
+}
+
+/// The additive (B, 1, 1, L) mask of a (B, L) context mask (1: attend). With an image context,
+/// refused: diffusers' Transfer2.5 attention takes no mask tensor, so what it would mean there is
+/// undefined upstream.
+pub(crate) fn context_mask(
+    who: &str,
+    mask: Option<&Tensor>,
+    b: usize,
+    l: usize,
+    img_context: bool,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    if img_context {
+        bail!("{who}: a context_mask cannot be combined with an image context (diffusers' Transfer2.5 attention has no mask)")
+    }
+    if m.dims() != [b, l] {
+        bail!("{who}: context_mask has shape {:?}, expected ({b}, {l})", m.dims())
+    }
+    Ok(Some(ops::additive_mask(&m.reshape((b, 1, 1, l))?, dtype)?))
+}
+
+/// The condition mask (B, 1, T, H, W), checked and cast, as an input channel.
+pub(crate) fn condition_mask_channel(who: &str, cm: &Tensor, [b, t, h, w]: [usize; 4], dtype: DType) -> Result<Tensor> {
+    if cm.dims() != [b, 1, t, h, w] {
+        bail!("{who}: condition_mask has shape {:?}, expected {:?}", cm.dims(), [b, 1, t, h, w])
+    }
+    cm.to_dtype(dtype)
+}
+
+/// The padding mask (B or 1, 1, H', W') as an input channel (B, 1, T, H, W): resized (nearest)
+/// to the latent's (H, W) and repeated over the frames.
+pub(crate) fn padding_mask_channel(who: &str, pm: &Tensor, [b, t, h, w]: [usize; 4], dtype: DType) -> Result<Tensor> {
+    if pm.rank() != 4 || pm.dim(1)? != 1 {
+        bail!("{who}: padding_mask has shape {:?}, expected (B or 1, 1, H', W')", pm.dims())
+    }
+    let pm = resize_nearest(&pm.to_dtype(dtype)?, h, w)?;
+    let pb = pm.dim(0)?;
+    if pb != 1 && pb != b {
+        bail!("{who}: padding_mask batch {pb}, expected 1 or {b}")
+    }
+    pm.unsqueeze(2)?.broadcast_as((b, 1, t, h, w))?.contiguous()
+}
+
+/// The token grid (T/pt, H/ph, W/pw) of a latent (T, H, W); each must divide.
+pub(crate) fn token_grid(who: &str, cfg: &Config, [t, h, w]: [usize; 3]) -> Result<[usize; 3]> {
+    let [pt, ph, pw] = cfg.patch_size;
+    if t % pt != 0 || h % ph != 0 || w % pw != 0 {
+        bail!("{who}: latent (T, H, W) = ({t}, {h}, {w}) is not divisible by patch size {:?}", cfg.patch_size)
+    }
+    Ok([t / pt, h / ph, w / pw])
+}
+
+/// (B, C, T, H, W) → tokens (B, T'H'W', C·pt·ph·pw), t-major, each token's features (C, pt, ph, pw).
+pub(crate) fn patchify(x: &Tensor, [pt, ph, pw]: [usize; 3], grid: [usize; 3]) -> Result<Tensor> {
+    let (b, ci) = (x.dim(0)?, x.dim(1)?);
+    x.reshape(vec![b, ci, grid[0], pt, grid[1], ph, grid[2], pw])?.permute([0, 2, 4, 6, 1, 3, 5, 7])?.reshape((
+        b,
+        grid[0] * grid[1] * grid[2],
+        ci * pt * ph * pw,
+    ))
+}
+
+/// RoPE tables and the learnable positional embedding of a token grid, after checking that the
+/// grid is within the model's positional range.
+pub(crate) fn positional_inputs(
+    who: &str,
+    cfg: &Config,
+    learnable: Option<&LearnablePosEmbed>,
+    grid: [usize; 3],
+    fps: Option<f64>,
+    dtype: DType,
+    device: &Device,
+) -> Result<((Tensor, Tensor), Option<Tensor>)> {
+    // The learnable tables have max_size / patch rows per axis; diffusers' RoPE alone takes
+    // positions up to the largest of those on every axis.
+    let max = match learnable {
+        Some(_) => max_grid(cfg),
+        None => [max_grid(cfg).into_iter().max().unwrap_or(0); 3],
+    };
+    if grid.iter().zip(&max).any(|(g, m)| g > m) {
+        bail!("{who}: token grid {grid:?} exceeds the model's positional range {max:?} (max_size / patch)")
+    }
+    let rope = rope_tables(who, cfg, grid, fps, dtype, device)?;
+    let extra = match learnable {
+        Some(p) => Some(p.forward(grid)?.to_dtype(dtype)?),
+        None => None,
+    };
+    Ok((rope, extra))
+}
+
+/// (B) → (B, 1); (B, T) or (B, 1, T, 1, 1) → (B, T).
+pub(crate) fn timestep_per_frame(who: &str, cfg: &Config, timestep: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+    let per_frame = match timestep.dims() {
+        [tb] if *tb == b => return timestep.reshape((b, 1)),
+        [tb, tt] if *tb == b && *tt == t => timestep.clone(),
+        [tb, 1, tt, 1, 1] if *tb == b && *tt == t => timestep.reshape((b, t))?,
+        other => {
+            bail!("{who}: timestep has shape {other:?}, expected ({b}), ({b}, {t}) or ({b}, 1, {t}, 1, 1)")
+        }
+    };
+    if cfg.patch_size[0] != 1 {
+        bail!("{who}: per-frame timesteps need temporal patch size 1 (as in diffusers)")
+    }
+    Ok(per_frame)
+}
+
+/// diffusers' `CosmosRotaryPosEmbed`: per-axis θ = 10⁴·scale^(d/(d−2)) (NTK), frequencies
+/// θ^(−2i/d), temporal positions scaled by 24/fps; cos/sin (N, hd/2) laid out [t | h | w] for
+/// half-split rotation.
+fn rope_tables(
+    who: &str,
+    cfg: &Config,
+    grid: [usize; 3],
+    fps: Option<f64>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (dt, dh, dw) = cfg.rope_dims();
+    let [st, sh, sw] = cfg.rope_scale;
+    let ntk_theta = |scale: f64, dim: usize| ROPE_THETA * scale.powf(dim as f64 / (dim as f64 - 2.0));
+    let t_pos_scale = match fps {
+        Some(fps) if fps > 0.0 => ROPE_BASE_FPS / fps,
+        Some(fps) => bail!("{who}: fps must be positive, got {fps}"),
+        None => 1.0,
+    };
+    let [nt, nh, nw] = grid;
+    // Angles in f64, cast once at the end.
+    let (ct, s_t) = ops::rope_tables_1d(nt, dt, ntk_theta(st, dt), t_pos_scale, DType::F64, device)?;
+    let (ch, s_h) = ops::rope_tables_1d(nh, dh, ntk_theta(sh, dh), 1.0, DType::F64, device)?;
+    let (cw, s_w) = ops::rope_tables_1d(nw, dw, ntk_theta(sw, dw), 1.0, DType::F64, device)?;
+    let expand = |tt: &Tensor, th: &Tensor, tw: &Tensor| -> Result<Tensor> {
+        let (ht, hh, hw) = (dt / 2, dh / 2, dw / 2);
+        let a = tt.reshape((nt, 1, 1, ht))?.broadcast_as((nt, nh, nw, ht))?;
+        let b = th.reshape((1, nh, 1, hh))?.broadcast_as((nt, nh, nw, hh))?;
+        let c = tw.reshape((1, 1, nw, hw))?.broadcast_as((nt, nh, nw, hw))?;
+        Tensor::cat(&[a, b, c], D::Minus1)?.reshape((nt * nh * nw, ht + hh + hw))?.to_dtype(dtype)
+    };
+    Ok((expand(&ct, &ch, &cw)?, expand(&s_t, &s_h, &s_w)?))
 }
 
 /// diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: for t (M) returns
