@@ -31,7 +31,6 @@
 use std::sync::{Arc, Mutex};
 
 use super::conv::{on_cpu as cpu, on_cuda as cuda, on_metal as metal, take_precomputed};
-use super::parallel::SharedSlice;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor, D};
 
@@ -129,126 +128,8 @@ impl Activation {
             Activation::GeluErf => "gelu-erf",
             Activation::Silu => "silu",
         };
-        let x_detached = x.detach();
-        let value = match self.cpu_value(&x_detached)? {
-            Some(value) => value,
-            None => self.value(&x_detached)?,
-        };
-        with_backward(x, value, name, move |x, g| match cpu_vjp(self, x, g)? {
-            Some(grad) => Ok(grad),
-            None => g * self.derivative(x)?,
-        })
+        with_backward(x, self.value(&x.detach())?, name, move |x, g| g * self.derivative(x)?)
     }
-
-    /// The value from one parallel pass on the CPU (f32/f64): GELU only, whose composition's
-    /// steps it repeats in the same order and precision, so the value is bit for bit the
-    /// composition's (`erf` is libm's in both). SiLU's value stays composed: Candle's `exp` is
-    /// MKL's under the `mkl` feature, which a kernel here would not reproduce.
-    fn cpu_value(self, x: &Tensor) -> Result<Option<Tensor>> {
-        match self {
-            Activation::GeluErf => cpu_map(&[x], gelu_f32, gelu_f64),
-            Activation::Silu => Ok(None),
-        }
-    }
-}
-
-/// Candle's `x / c`, `+ c`, `* c` are `affine`: `v·T(m) + T(a)`, m and a rounded to T once.
-/// GELU's composition: (x·½ + 0) · (erf(x·(1/√2) + 0)·1 + 1).
-fn gelu_f32(v: &[f32]) -> f32 {
-    let x = v[0];
-    let phi = libm::erff(x * (1.0 / std::f64::consts::SQRT_2) as f32 + 0.0) * 1.0 + 1.0;
-    (x * 0.5 + 0.0) * phi
-}
-
-fn gelu_f64(v: &[f64]) -> f64 {
-    let x = v[0];
-    let phi = libm::erf(x * (1.0 / std::f64::consts::SQRT_2) + 0.0) * 1.0 + 1.0;
-    (x * 0.5 + 0.0) * phi
-}
-
-/// ȳ·d/dx act(x) in one parallel pass on the CPU (f32/f64); `None` elsewhere.
-fn cpu_vjp(act: Activation, x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-    match act {
-        Activation::GeluErf => cpu_map(&[x, g], |v| gelu_vjp(v[0] as f64, v[1] as f64) as f32, |v| gelu_vjp(v[0], v[1])),
-        Activation::Silu => cpu_map(&[x, g], |v| silu_vjp(v[0] as f64, v[1] as f64) as f32, |v| silu_vjp(v[0], v[1])),
-    }
-}
-
-/// g·(Φ(x) + x·φ(x)).
-fn gelu_vjp(x: f64, g: f64) -> f64 {
-    let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    g * (cdf + x * pdf)
-}
-
-/// g·σ(x)·(1 + x·(1 − σ(x))).
-fn silu_vjp(x: f64, g: f64) -> f64 {
-    let sigmoid = 1.0 / (1.0 + (-x).exp());
-    g * sigmoid * (1.0 + x * (1.0 - sigmoid))
-}
-
-/// Elements per task of [`cpu_map`]: large enough that handing out a task costs nothing beside
-/// it, small enough that both cores get work on the DiT's smallest maps.
-const MAP_CHUNK: usize = 1 << 14;
-
-/// out[i] = f(inputs[0][i], inputs[1][i], …) over CPU tensors of one shape and dtype (f32 or
-/// f64), in parallel on Candle's pool; `None` (the caller composes instead) on other devices and
-/// dtypes. Why: Candle runs `erf` and `exp` element by element on one thread; in the DiT's z0
-/// iteration they were 21 % of the samples while the second core waited (`perf`, issue #20).
-fn cpu_map(
-    inputs: &[&Tensor],
-    f32_fn: impl Fn(&[f32]) -> f32 + Sync,
-    f64_fn: impl Fn(&[f64]) -> f64 + Sync,
-) -> Result<Option<Tensor>> {
-    let Some(first) = inputs.first() else { return Ok(None) };
-    let applicable = inputs.iter().all(|t| {
-        t.device().is_cpu() && t.dtype() == first.dtype() && t.dims() == first.dims() && t.dtype().is_float()
-    });
-    if !applicable || !matches!(first.dtype(), DType::F32 | DType::F64) {
-        return Ok(None);
-    }
-    let contiguous: Vec<Tensor> = inputs.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices32: Vec<&[f32]> = Vec::new();
-    let mut slices64: Vec<&[f64]> = Vec::new();
-    for (storage, layout) in &guards {
-        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        match &**storage {
-            Storage::Cpu(CpuStorage::F32(d)) => slices32.push(&d[start..end]),
-            Storage::Cpu(CpuStorage::F64(d)) => slices64.push(&d[start..end]),
-            _ => return Ok(None),
-        }
-    }
-    let (shape, device) = (first.shape().clone(), first.device().clone());
-    if slices32.len() == inputs.len() {
-        Ok(Some(Tensor::from_vec(par_map(&slices32, f32_fn), shape, &device)?))
-    } else if slices64.len() == inputs.len() {
-        Ok(Some(Tensor::from_vec(par_map(&slices64, f64_fn), shape, &device)?))
-    } else {
-        Ok(None)
-    }
-}
-
-fn par_map<T: Copy + Default + Send + Sync>(inputs: &[&[T]], f: impl Fn(&[T]) -> T + Sync) -> Vec<T> {
-    let len = inputs[0].len();
-    let mut out = vec![T::default(); len];
-    let dst = SharedSlice::new(&mut out);
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(MAP_CHUNK), |chunks| {
-        let mut args = vec![T::default(); inputs.len()];
-        for chunk in chunks {
-            let start = chunk * MAP_CHUNK;
-            let n = MAP_CHUNK.min(len - start);
-            // SAFETY: chunks are disjoint ranges of `out`, each handed out once.
-            let out = unsafe { dst.range(start, n) };
-            for (i, o) in out.iter_mut().enumerate() {
-                for (a, input) in args.iter_mut().zip(inputs) {
-                    *a = input[start + i];
-                }
-                *o = f(&args);
-            }
-        }
-    });
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
