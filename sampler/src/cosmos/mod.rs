@@ -9,6 +9,7 @@
 //! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
 //! * [`memory_plan`]: the memory one z0 optimisation iteration needs, predicted before loading.
 //! * [`pipeline`]: diffusers pipeline repositories (local or from the Hub) and their denoising loops.
+//! * [`transfer`]: Cosmos-Transfer2.5's chunked, ControlNet-steered loop.
 //! * [`inputs`], [`h264`], [`params_file`], [`policy`]: the `sampler cosmos` command line's
 //!   input files, MP4 video, Cosmos-Predict2.5 inference JSON and policy objective.
 
@@ -21,5 +22,6 @@ pub mod params_file;
 pub mod pipeline;
 pub mod policy;
 pub mod text_encoder;
+pub mod transfer;
 pub mod transformer;
 pub mod vae;

@@ -36,7 +36,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::transformer::{Config as TransformerConfig, CosmosTransformer3DModel, ForwardOptions};
+use super::controlnet::{self, ConditioningScale, CosmosControlNetModel};
+use super::transformer::{Config as TransformerConfig, CosmosTransformer3DModel, ForwardOptions, TransferInputs};
 use super::vae::AutoencoderKLWan;
 use crate::denoiser::{per_frame, ClassifierFreeGuidance, Conditioning, Denoiser};
 use crate::noise::Churn;
@@ -112,15 +113,20 @@ pub enum PipelineKind {
     Predict2VideoToWorld,
     /// `Cosmos2_5_PredictBasePipeline` (Cosmos-Predict2.5: image, video or text to world).
     Predict25,
+    /// `Cosmos2_5_TransferPipeline` (Cosmos-Transfer2.5: control videos to world, through a
+    /// ControlNet; chunked autoregressive generation, [`super::transfer`]).
+    Transfer25,
 }
 
 impl PipelineKind {
-    pub const SUPPORTED: &'static [&'static str] = &["Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"];
 
     pub fn from_class_name(name: &str) -> anyhow::Result<Self> {
         match name {
             "Cosmos2VideoToWorldPipeline" => Ok(Self::Predict2VideoToWorld),
             "Cosmos2_5_PredictBasePipeline" => Ok(Self::Predict25),
+            "Cosmos2_5_TransferPipeline" => Ok(Self::Transfer25),
             other => bail!("pipeline class '{other}' is not supported; supported: {}", Self::SUPPORTED.join(", ")),
         }
     }
@@ -129,6 +135,7 @@ impl PipelineKind {
         match self {
             Self::Predict2VideoToWorld => "Cosmos2VideoToWorldPipeline",
             Self::Predict25 => "Cosmos2_5_PredictBasePipeline",
+            Self::Transfer25 => "Cosmos2_5_TransferPipeline",
         }
     }
 
@@ -137,17 +144,22 @@ impl PipelineKind {
     pub fn solver_state_per_step(self) -> usize {
         match self {
             Self::Predict2VideoToWorld => 0,
-            Self::Predict25 => 3,
+            Self::Predict25 | Self::Transfer25 => 3,
         }
     }
 
     /// diffusers' default `num_inference_steps` (Predict2.5's 36 levels are the original's 35
-    /// steps plus the step to 0).
+    /// steps plus the step to 0; Transfer2.5 has the same).
     pub fn default_steps(self) -> usize {
         match self {
             Self::Predict2VideoToWorld => 35,
-            Self::Predict25 => 36,
+            Self::Predict25 | Self::Transfer25 => 36,
         }
+    }
+
+    /// Whether the pipeline is steered by control videos through a ControlNet.
+    pub fn uses_controls(self) -> bool {
+        self == Self::Transfer25
     }
 }
 
@@ -218,7 +230,8 @@ impl SchedulerSetup {
                     solver: SolverKind::Euler,
                 })
             }
-            PipelineKind::Predict25 => {
+            // The conversion script gives Transfer2.5 Predict2.5's scheduler.
+            PipelineKind::Predict25 | PipelineKind::Transfer25 => {
                 anyhow::ensure!(
                     class == "UniPCMultistepScheduler",
                     "{}: scheduler '{class}'; {} runs UniPCMultistepScheduler",
@@ -274,6 +287,8 @@ pub struct CosmosPipeline {
     pub transformer: CosmosTransformer3DModel,
     pub vae: AutoencoderKLWan,
     pub scheduler: SchedulerSetup,
+    /// Transfer2.5's `controlnet/` (absent for the Predict pipelines).
+    pub controlnet: Option<CosmosControlNetModel>,
 }
 
 /// Reads a JSON file, naming it in every error.
@@ -282,20 +297,82 @@ fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// The transformer's weight files: one safetensors file, or the shards its index names.
-fn transformer_weight_files(repo: &Repository) -> anyhow::Result<Vec<PathBuf>> {
-    if let Ok(single) = repo.file("transformer/diffusion_pytorch_model.safetensors") {
+/// A model folder's weight files (`transformer/`, `controlnet/`): one safetensors file, or the
+/// shards its index names.
+fn model_weight_files(repo: &Repository, folder: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if let Ok(single) = repo.file(&format!("{folder}/diffusion_pytorch_model.safetensors")) {
         return Ok(vec![single]);
     }
     let index_path = repo
-        .file("transformer/diffusion_pytorch_model.safetensors.index.json")
-        .context("the transformer has neither diffusion_pytorch_model.safetensors nor its sharded index")?;
+        .file(&format!("{folder}/diffusion_pytorch_model.safetensors.index.json"))
+        .with_context(|| format!("{folder}/ has neither diffusion_pytorch_model.safetensors nor its sharded index"))?;
     let index = read_json(&index_path)?;
     let map = index["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index_path.display()))?;
     let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
     shards.sort();
     shards.dedup();
-    shards.iter().map(|s| repo.file(&format!("transformer/{s}"))).collect()
+    shards.iter().map(|s| repo.file(&format!("{folder}/{s}"))).collect()
+}
+
+/// A repository folder's `CosmosControlNetModel` (`controlnet/` in a Transfer2.5 pipeline), every
+/// weight checked as the transformer's, and checked to fit the transformer and the VAE
+/// ([`check_controlnet_fits`]).
+pub fn load_controlnet(
+    repo: &Repository,
+    folder: &str,
+    transformer: &TransformerConfig,
+    z_dim: usize,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<CosmosControlNetModel> {
+    let cfg_path = repo.file(&format!("{folder}/config.json"))?;
+    let cfg = controlnet::Config::from_json_file(&cfg_path)?;
+    check_controlnet_fits(&cfg, transformer, z_dim).with_context(|| format!("{}", cfg_path.display()))?;
+    let recorder = shared::weights::ShapeRecorder::new();
+    CosmosControlNetModel::new(&cfg, recorder.var_builder(dtype, device))?;
+    let files = model_weight_files(repo, folder)?;
+    let vb = shared::weights::varbuilder_for_model_files(&files, &recorder.shapes(), dtype, device)
+        .with_context(|| format!("loading the ControlNet ({folder}/)"))?;
+    Ok(CosmosControlNetModel::new(&cfg, vb)?)
+}
+
+/// Whether a ControlNet can steer a transformer whose latents have `z_dim` channels: the same
+/// width, image context and text context, a control block for every injection point, and room
+/// for the VAE's latents in its control and base inputs.
+pub fn check_controlnet_fits(cfg: &controlnet::Config, t: &TransformerConfig, z_dim: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.hidden_size() == t.hidden_size(),
+        "the ControlNet is {} wide, the transformer {}",
+        cfg.hidden_size(),
+        t.hidden_size()
+    );
+    let points = t.controlnet_blocks()?.len();
+    anyhow::ensure!(
+        cfg.n_controlnet_blocks >= points,
+        "the ControlNet has {} control blocks, the transformer injects residuals at {points} blocks (every \
+         controlnet_block_every_n-th of {})",
+        cfg.n_controlnet_blocks,
+        t.num_layers
+    );
+    anyhow::ensure!(
+        cfg.control_channels() >= z_dim,
+        "the ControlNet reads {} control channels, the VAE's latents have {z_dim}",
+        cfg.control_channels()
+    );
+    anyhow::ensure!(
+        cfg.latent_channels == z_dim + 2,
+        "the ControlNet's latent_channels is {}, expected the VAE's {z_dim} + condition mask + padding mask",
+        cfg.latent_channels
+    );
+    anyhow::ensure!(
+        cfg.img_context_dim_in == t.img_context_dim_in && cfg.context_dim() == t.context_dim(),
+        "the ControlNet's text/image contexts ({}, {:?}) differ from the transformer's ({}, {:?})",
+        cfg.context_dim(),
+        cfg.img_context_dim_in,
+        t.context_dim(),
+        t.img_context_dim_in
+    );
+    Ok(())
 }
 
 impl CosmosPipeline {
@@ -328,7 +405,7 @@ impl CosmosPipeline {
         let transformer_cfg = TransformerConfig::from_json_file(&repo.file("transformer/config.json")?)?;
         let recorder = shared::weights::ShapeRecorder::new();
         CosmosTransformer3DModel::new(&transformer_cfg, recorder.var_builder(dtype, device))?;
-        let files = transformer_weight_files(&repo)?;
+        let files = model_weight_files(&repo, "transformer")?;
         let vb = shared::weights::varbuilder_for_model_files(&files, &recorder.shapes(), dtype, device)
             .context("loading the transformer")?;
         let transformer = CosmosTransformer3DModel::new(&transformer_cfg, vb)?;
@@ -344,7 +421,12 @@ impl CosmosPipeline {
             transformer_cfg.out_channels,
             vae.config().z_dim
         );
-        Ok(Self { kind, repository: repo.describe(), transformer, vae, scheduler })
+        let controlnet = if kind.uses_controls() {
+            Some(load_controlnet(&repo, "controlnet", &transformer_cfg, vae.config().z_dim, dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Self { kind, repository: repo.describe(), transformer, vae, scheduler, controlnet })
     }
 
     pub fn dtype(&self) -> DType {
@@ -441,6 +523,11 @@ impl Denoiser for Predict2Denoiser<'_> {
 /// x0 = x_flow − t·v. On conditioning frames x0 is therefore not c itself: it carries
 /// (1 − t_0)·(z0 − c) from the first step on (diffusers leaves it so; the final latents' first
 /// frame differs from c by that much), and it depends on z0 directly, which the gradient follows.
+///
+/// Transfer2.5 ([`super::transfer`]) is the same velocity with the ControlNet branches: before
+/// each transformer call every [`ControlBranch`] runs its ControlNet on the same inputs (and the
+/// same — conditional or unconditional — text context), and the sum of their scaled samples is
+/// added after every `controlnet_block_every_n`-th block; both see the image context.
 pub struct Predict25Denoiser<'a> {
     pub model: &'a CosmosTransformer3DModel,
     /// Normalised conditioning latents (B, C, T, h, w); frames past the conditioning ones unused.
@@ -449,17 +536,36 @@ pub struct Predict25Denoiser<'a> {
     pub indicator: Tensor,
     /// The conditioning frames' timestep, a flow time (diffusers' `conditional_frame_timestep`).
     pub conditional_frame_timestep: f64,
+    /// Transfer2.5's ControlNets (none for Predict2.5).
+    pub controls: Vec<ControlBranch<'a>>,
+    /// Transfer2.5's image context (B, Li, img_context_dim_in) (zeros in diffusers' pipeline).
+    pub img_context: Option<Tensor>,
+}
+
+/// One control of a Transfer2.5 denoiser: a ControlNet, the normalised latents of its control
+/// video (B, C, T, h, w) and its conditioning scale.
+pub struct ControlBranch<'a> {
+    pub controlnet: &'a CosmosControlNetModel,
+    pub latents: Tensor,
+    pub scale: ConditioningScale,
 }
 
 impl<'a> Predict25Denoiser<'a> {
     pub fn new(model: &'a CosmosTransformer3DModel, conditioning: Tensor, cond_latent_frames: usize) -> Result<Self> {
         let indicator = frame_indicator(conditioning.dim(2)?, cond_latent_frames, &conditioning)?;
-        Ok(Self { model, conditioning, indicator, conditional_frame_timestep: PREDICT25_CONDITIONAL_FRAME_TIMESTEP })
+        Ok(Self {
+            model,
+            conditioning,
+            indicator,
+            conditional_frame_timestep: PREDICT25_CONDITIONAL_FRAME_TIMESTEP,
+            controls: Vec::new(),
+            img_context: None,
+        })
     }
 }
 
 /// (1, 1, T, 1, 1) with 1 on the first `k` latent frames, in `like`'s dtype and device.
-fn frame_indicator(t: usize, k: usize, like: &Tensor) -> Result<Tensor> {
+pub(crate) fn frame_indicator(t: usize, k: usize, like: &Tensor) -> Result<Tensor> {
     let values: Vec<f32> = (0..t).map(|i| if i < k { 1.0 } else { 0.0 }).collect();
     Tensor::from_vec(values, (1, 1, t, 1, 1), like.device())?.to_dtype(like.dtype())
 }
@@ -483,13 +589,40 @@ impl Denoiser for Predict25Denoiser<'_> {
         let mask = m.broadcast_as((b, 1, t, h, w))?.contiguous()?;
         let padding = Tensor::zeros((1, 1, h, w), dtype, x.device())?;
         let opts = ForwardOptions { fps: None, context_mask: None };
-        let f = self.model.forward_with(&net_in, &timestep, context, Some(&mask), Some(&padding), &opts)?;
+        // The ControlNets' residuals, summed over the controls (each already scaled).
+        let mut residuals: Option<Vec<Tensor>> = None;
+        for branch in &self.controls {
+            let samples = branch.controlnet.forward(
+                &branch.latents,
+                &net_in,
+                &timestep,
+                context,
+                self.img_context.as_ref(),
+                Some(&mask),
+                &branch.scale,
+                &padding,
+                &opts,
+            )?;
+            residuals = Some(match residuals {
+                None => samples,
+                Some(sum) => sum.iter().zip(&samples).map(|(a, b)| a + b).collect::<Result<_>>()?,
+            });
+        }
+        let transfer =
+            TransferInputs { img_context: self.img_context.clone(), block_controlnet_hidden_states: residuals };
+        let f =
+            self.model.forward_transfer(&net_in, &timestep, context, Some(&mask), Some(&padding), &opts, &transfer)?;
         let velocity = ((z0.to_dtype(dtype)? - &gt)?.broadcast_mul(&m)? + f.to_dtype(dtype)?.broadcast_mul(&keep)?)?;
         x_flow - velocity.broadcast_mul(&t_flow)?
     }
 
     fn describe(&self) -> String {
-        "Cosmos-Predict2.5 velocity (conditioning frames' velocity fixed to z0 − c) as x0 prediction".into()
+        let base = "velocity (conditioning frames' velocity fixed to z0 − c) as x0 prediction";
+        if self.controls.is_empty() {
+            format!("Cosmos-Predict2.5 {base}")
+        } else {
+            format!("Cosmos-Transfer2.5 {base}, {} ControlNet branch(es)", self.controls.len())
+        }
     }
 }
 
@@ -558,6 +691,11 @@ impl CosmosPipeline {
 
     /// Builds the denoiser, conditioning and schedule of a request.
     pub fn prepare(&self, req: &GenerateRequest) -> anyhow::Result<Prepared<'_>> {
+        anyhow::ensure!(
+            !self.kind.uses_controls(),
+            "{} generates from control videos, not from a conditioning video: see cosmos::transfer",
+            self.kind.class_name()
+        );
         let (b, c, _f, h, w) = req.video.dims5()?;
         anyhow::ensure!(c == 3, "the conditioning video has {c} channels, expected 3");
         anyhow::ensure!(h % 16 == 0 && w % 16 == 0, "height and width must be multiples of 16, got {h}×{w}");
@@ -597,6 +735,7 @@ impl CosmosPipeline {
                 );
                 self.conditioning_latents(&video, needed)?
             }
+            PipelineKind::Transfer25 => unreachable!("refused above"),
         };
         // The conditioning covers k latent frames; pad to the full length (masked frames unused).
         let t = expected[2];
@@ -620,6 +759,7 @@ impl CosmosPipeline {
                 Box::new(Predict2Denoiser::new(&self.transformer, conditioning, k, req.fps)?)
             }
             PipelineKind::Predict25 => Box::new(Predict25Denoiser::new(&self.transformer, conditioning, k)?),
+            PipelineKind::Transfer25 => unreachable!("refused above"),
         };
         // CFG is applied to x0 = x_flow − t·v, affine in the prediction (v for Predict2.5), so
         // cond + g·(cond − uncond) on x0 is the same as diffusers' on v (the x_flow terms cancel).
