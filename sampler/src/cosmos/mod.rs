@@ -5,6 +5,7 @@
 //! * [`transformer`]: `CosmosTransformer3DModel`, the Cosmos DiT (Predict2 / Predict2.5 /
 //!   Transfer2.5).
 //! * [`controlnet`]: `CosmosControlNetModel`, the Cosmos-Transfer2.5 ControlNet.
+//! * [`controls`]: the edge (Canny) and blur control videos Transfer2.5 computes from the input.
 //! * [`vae`]: `AutoencoderKLWan`, the Wan2.1 video VAE every Cosmos model since Predict2 works in.
 //! * [`text_encoder`]: the T5 prompt encoder of Cosmos-Predict2 (`T5EncoderModel` + tokenizer).
 //! * [`memory_plan`]: the memory one z0 optimisation iteration needs, predicted before loading.
@@ -15,6 +16,7 @@
 
 pub mod app;
 pub mod controlnet;
+pub mod controls;
 pub mod h264;
 pub mod inputs;
 pub mod memory_plan;
