@@ -128,7 +128,8 @@ pub fn export(lapo: &Lapo, norm: &Normalization, path: &Path) -> Result<()> {
     })
 }
 
-/// A policy loaded from an exported file.
+/// A policy loaded from an exported file (cloning shares the weights' storage).
+#[derive(Clone)]
 pub struct ExportedPolicy {
     pub header: PolicyHeader,
     pub norm: Normalization,

@@ -42,6 +42,26 @@ impl<T: Objective + ?Sized> Objective for Box<T> {
     }
 }
 
+/// The inner objective on the first `frames` frames of the video (B, C, T, H, W): a
+/// Transfer2.5 chunk padded past the end of the video is judged on its real frames only.
+pub struct FirstFrames<O> {
+    pub frames: usize,
+    pub inner: O,
+}
+
+impl<O: Objective> Objective for FirstFrames<O> {
+    fn loss(&self, frames: &Tensor) -> Result<Tensor> {
+        if self.frames > frames.dim(2)? {
+            candle_core::bail!("the objective reads {} frames, the video has {}", self.frames, frames.dim(2)?)
+        }
+        self.inner.loss(&frames.narrow(2, 0, self.frames)?)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (first {} frames)", self.inner.describe(), self.frames)
+    }
+}
+
 /// mean((frames − target)²), the target broadcast to the frames' shape.
 pub struct TargetMse {
     pub target: Tensor,

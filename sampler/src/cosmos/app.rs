@@ -63,9 +63,10 @@ pub struct CosmosArgs {
     /// Predict2, 36 for Predict2.5).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale; applied when > 1, as diffusers.
-    #[arg(long, default_value_t = 7.0)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale; applied when > 1, as diffusers (default the pipeline's
+    /// own: 7 for Predict2 and Predict2.5, 3 for Transfer2.5).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Frames per second passed to the transformer (temporal RoPE). Not passed unless given: the
     /// released checkpoints were trained without fps modulation (diffusers#14768).
     #[arg(long)]
@@ -157,6 +158,30 @@ pub struct CosmosArgs {
     /// with --iterations > 0 is refused up front otherwise).
     #[arg(long)]
     pub ignore_memory_plan: bool,
+    /// Transfer2.5: a control video steering generation through the ControlNet,
+    /// `KIND[=PATH][:WEIGHT]` (repeatable, one per kind): KIND is edge, blur (or vis), depth or
+    /// seg; PATH a video (frame folder, GIF, H.264 MP4) resized to --height × --width; without
+    /// PATH, edge and blur are computed from --video as upstream does (Canny 100/200; bilateral
+    /// blur, the "medium" presets). WEIGHT is the ControlNet's conditioning scale (default 1;
+    /// several weights summing over 1 are divided by their sum, as upstream's multicontrol).
+    #[arg(long = "control")]
+    pub controls: Vec<String>,
+    /// Transfer2.5: the ControlNet of one control kind, `KIND=REF` — a pipeline repository (local
+    /// or `org/name[@revision]`) whose controlnet/ is loaded. Needed for every control beyond the
+    /// first, which uses the --model repository's own controlnet/.
+    #[arg(long = "controlnet")]
+    pub controlnets: Vec<String>,
+    /// Transfer2.5: frames per autoregressive chunk (diffusers' num_frames_per_chunk); longer
+    /// videos are generated chunk by chunk, each conditioned on the previous chunk's last frame.
+    #[arg(long, default_value_t = super::transfer::TRANSFER25_DEFAULT_CHUNK_FRAMES)]
+    pub chunk_frames: usize,
+    /// Transfer2.5: Canny thresholds of computed edge controls (very_low, low, medium, high,
+    /// very_high: upstream's preset_edge_threshold).
+    #[arg(long, default_value = "medium")]
+    pub edge_threshold: String,
+    /// Transfer2.5: strength of computed blur controls (upstream's preset_blur_strength).
+    #[arg(long, default_value = "medium")]
+    pub blur_strength: String,
     /// Arguments the command line gave (clap ids), filled by the binary: these win over a params
     /// file's values.
     #[arg(skip)]
@@ -173,7 +198,7 @@ pub struct CosmosSummary {
     pub files: Vec<String>,
 }
 
-fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
+pub(super) fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
     Ok(match arg {
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
@@ -194,8 +219,9 @@ fn out_dir(args: &CosmosArgs) -> anyhow::Result<shared::outputs::OutputDir> {
     shared::outputs::OutputDir::check(args.out.as_deref(), Path::new(DEFAULT_OUT), args.overwrite)
 }
 
-/// Every argument checked before anything is loaded or written.
-fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
+/// Every argument checked before anything is loaded or written (`kind`: the pipeline
+/// `model_index.json` names).
+fn validate(args: &CosmosArgs, kind: PipelineKind) -> anyhow::Result<()> {
     match (&args.prompt, &args.prompt_embeds) {
         (Some(_), Some(_)) => bail!("give --prompt TEXT or --prompt-embeds FILE, not both"),
         (None, None) if !args.dry_run => bail!("give --prompt TEXT (Predict2) or --prompt-embeds FILE"),
@@ -207,10 +233,20 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.prompt {
         anyhow::ensure!(!p.trim().is_empty(), "--prompt is empty");
     }
-    anyhow::ensure!(
-        args.dry_run || args.image.is_some() || args.video.is_some(),
-        "give a conditioning --image or --video"
-    );
+    if kind.uses_controls() {
+        super::transfer_cli::validate(args)?;
+    } else {
+        anyhow::ensure!(
+            args.controls.is_empty() && args.controlnets.is_empty(),
+            "--control/--controlnet steer a Cosmos-Transfer2.5 pipeline; {} is {}",
+            args.model,
+            kind.class_name()
+        );
+        anyhow::ensure!(
+            args.dry_run || args.image.is_some() || args.video.is_some(),
+            "give a conditioning --image or --video"
+        );
+    }
     anyhow::ensure!(
         args.height > 0 && args.width > 0 && args.height.is_multiple_of(16) && args.width.is_multiple_of(16),
         "--height and --width must be positive multiples of 16, got {}×{}",
@@ -230,7 +266,7 @@ fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
         args.condition_latent_frames.is_none_or(|n| n == 1 || n == 2),
         "--condition-latent-frames must be 1 or 2"
     );
-    anyhow::ensure!(args.guidance.is_finite() && args.guidance >= 0.0, "--guidance must be finite and ≥ 0");
+    anyhow::ensure!(args.guidance.is_none_or(|g| g.is_finite() && g >= 0.0), "--guidance must be finite and ≥ 0");
     anyhow::ensure!(args.fps.is_none_or(|f| f.is_finite() && f > 0.0), "--fps must be positive");
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive and finite");
     anyhow::ensure!(args.grad_clip.is_finite() && args.grad_clip >= 0.0, "--grad-clip must be ≥ 0");
@@ -302,18 +338,26 @@ fn encode_prompt(
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// The memory plan of one optimisation iteration for the arguments, from the repository's
-/// `model_index.json`, `transformer/config.json` and `vae/config.json` alone.
+/// `model_index.json`, `transformer/config.json` and `vae/config.json` alone (Transfer2.5: also
+/// `controlnet/config.json`; one chunk of `--chunk-frames`, one ControlNet per `--control`).
 fn memory_plan(args: &CosmosArgs, dtype: DType) -> anyhow::Result<MemoryPlan> {
     let repo = pipeline::Repository::parse(&args.model)?;
     let kind = CosmosPipeline::kind_of(&args.model)?;
     let transformer = super::transformer::Config::from_json_file(&repo.file("transformer/config.json")?)?;
     let vae = super::vae::Config::from_json_file(&repo.file("vae/config.json")?)?;
+    let (frames, controlnets) = if kind.uses_controls() {
+        let cfg = super::controlnet::Config::from_json_file(&repo.file("controlnet/config.json")?)?;
+        (args.chunk_frames, Some((cfg, args.controls.len().max(1))))
+    } else {
+        (args.num_frames, None)
+    };
     let request = PlanRequest {
         steps: args.steps.unwrap_or(kind.default_steps()),
-        guidance: args.guidance > 1.0,
+        guidance: guidance(args, kind) > 1.0,
         dtype,
         solver_state_per_step: kind.solver_state_per_step(),
-        ..PlanRequest::new(args.height, args.width, args.num_frames)
+        controlnets,
+        ..PlanRequest::new(args.height, args.width, frames)
     };
     MemoryPlan::new(&transformer, &vae, &request)
 }
@@ -346,7 +390,9 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
             list_or_none(&a.ignored)
         ));
     }
-    validate(args)?;
+    // Which pipeline, from model_index.json alone: the checks depend on it.
+    let kind = CosmosPipeline::kind_of(&args.model)?;
+    validate(args, kind)?;
     let noise_mode = validate_noise_and_objective(args)?;
     let direction = match args.direction.as_str() {
         "ascent" => Direction::Ascent,
@@ -386,6 +432,10 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     }
     // Refused before any work when not empty (unless --overwrite); claimed below, before the first write.
     let out_dir = out_dir(args)?;
+    if kind.uses_controls() {
+        let run = super::transfer_cli::Run { args, out_dir, device, dtype, noise_mode, direction, params_applied };
+        return super::transfer_cli::run(run, log);
+    }
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
     let objective_input = load_objective_input(args, &device)?;
@@ -393,18 +443,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         Some(path) => Some(pipeline::read_prompt_embeds(path, &device)?),
         None => None,
     };
-    if args.prompt.is_some() {
-        // Before the transformer and VAE load: which pipeline, from model_index.json alone.
-        let kind = CosmosPipeline::kind_of(&args.model)?;
-        anyhow::ensure!(
-            kind == PipelineKind::Predict2VideoToWorld,
-            "--prompt: {} encodes text with Qwen2.5-VL-7B, which is not ported; compute its embeddings with \
-             scripts/cosmos_prompt_embeds.py --model {} --prompt \"...\" -o prompt.safetensors and pass \
-             --prompt-embeds prompt.safetensors",
-            kind.class_name(),
-            args.model
-        );
-    }
+    check_prompt_encoder(args, kind)?;
 
     let started = Instant::now();
     log(&format!("loading {} ({dtype:?} on {})", args.model, shared::device::describe(&device)));
@@ -433,7 +472,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         negative_prompt_embeds: negative,
         num_frames: args.num_frames,
         steps,
-        guidance: args.guidance,
+        guidance: guidance(args, kind),
         fps: args.fps,
         latents,
         condition_latent_frames: args.condition_latent_frames,
@@ -465,7 +504,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let mut gradient_check = None;
     let started = Instant::now();
     let (final_latents, initial_loss, final_loss, history) = if args.iterations == 0 {
-        log(&format!("sampling: {steps} steps, guidance {}", args.guidance));
+        log(&format!("sampling: {steps} steps, guidance {}", guidance(args, kind)));
         let noise = noise_state(args.seed, &z0, &traj.plan, noise_mode, false)?;
         let latents = traj.sample_state(&noise)?;
         // An objective given without optimisation is measured on the sample.
@@ -553,7 +592,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         "dtype": format!("{dtype:?}"),
         "device": shared::device::describe(&device),
         "height": args.height, "width": args.width, "num_frames": args.num_frames,
-        "steps": steps, "guidance": args.guidance, "fps": args.fps,
+        "steps": steps, "guidance": guidance(args, kind), "fps": args.fps,
         "scheduler": pipe.scheduler,
         "seed": args.seed, "latents": args.latents, "prompt_embeds": args.prompt_embeds,
         "iterations": args.iterations, "lr": args.lr, "direction": args.direction,
@@ -575,11 +614,30 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
 // ---------------------------------------------------------------------------------------------
 // Params file, noise modes, objectives, gradient check, MP4 output
 
+/// `--guidance`, or the pipeline's default.
+pub(super) fn guidance(args: &CosmosArgs, kind: PipelineKind) -> f64 {
+    args.guidance.unwrap_or(kind.default_guidance())
+}
+
+/// `--prompt` needs the pipeline's text encoder ported (Predict2's T5); the others take
+/// `--prompt-embeds`. Checked before the models load.
+pub(super) fn check_prompt_encoder(args: &CosmosArgs, kind: PipelineKind) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.prompt.is_none() || kind == PipelineKind::Predict2VideoToWorld,
+        "--prompt: {} encodes text with Qwen2.5-VL-7B, which is not ported; compute its embeddings with \
+         scripts/cosmos_prompt_embeds.py --model {} --prompt \"...\" -o prompt.safetensors and pass \
+         --prompt-embeds prompt.safetensors",
+        kind.class_name(),
+        args.model
+    );
+    Ok(())
+}
+
 /// Frame rate written into `video.mp4` when `--fps` is not given: 16, the rate diffusers'
 /// Cosmos pipelines export at.
 pub const DEFAULT_MP4_FPS: f64 = 16.0;
 
-fn list_or_none(items: &[String]) -> String {
+pub(super) fn list_or_none(items: &[String]) -> String {
     if items.is_empty() {
         "nothing".into()
     } else {
@@ -659,7 +717,7 @@ fn validate_noise_and_objective(args: &CosmosArgs) -> anyhow::Result<NoiseMode> 
 /// S_churn (default: η at Cosmos' cap on every step). With diffusers' flow-match Karras
 /// schedule the last step goes from σ_min to σ_min: churned, it becomes a short denoising step
 /// from (1 + η)σ_min.
-fn churn_plan(args: &CosmosArgs, mode: NoiseMode, schedule: &Schedule) -> ChurnPlan {
+pub(super) fn churn_plan(args: &CosmosArgs, mode: NoiseMode, schedule: &Schedule) -> ChurnPlan {
     let n = schedule.num_steps() as f64;
     let s_churn = args.s_churn.unwrap_or((n + 1.0) * crate::noise::COSMOS_ETA_CAP);
     Churn { s_churn, ..Churn::default() }.plan(&schedule.sigmas, mode.injects())
@@ -667,7 +725,13 @@ fn churn_plan(args: &CosmosArgs, mode: NoiseMode, schedule: &Schedule) -> ChurnP
 
 /// z0 (the run's initial latents) and the step noises of `mode` (drawn from `seed` as the
 /// analytic sampler draws them), z0 learnable when `learn`.
-fn noise_state(seed: u64, z0: &Tensor, plan: &ChurnPlan, mode: NoiseMode, learn: bool) -> anyhow::Result<NoiseState> {
+pub(super) fn noise_state(
+    seed: u64,
+    z0: &Tensor,
+    plan: &ChurnPlan,
+    mode: NoiseMode,
+    learn: bool,
+) -> anyhow::Result<NoiseState> {
     let mut state = NoiseState::draw(seed, z0.dims(), plan, mode, learn, z0.dtype(), z0.device())?;
     state.z0 = if learn { NoiseTensor::Learnable(Var::from_tensor(z0)?) } else { NoiseTensor::Fixed(z0.clone()) };
     Ok(state)
@@ -683,12 +747,12 @@ fn load_conditioning_input(args: &CosmosArgs, device: &Device) -> anyhow::Result
 }
 
 /// An objective's inputs, read and checked before the model loads.
-enum ObjectiveInput {
+pub(super) enum ObjectiveInput {
     Target { video: Tensor, label: String },
     Policy { policy: Box<rl::policy::ExportedPolicy>, states: Tensor, actions: Tensor, height: usize, device: Device },
 }
 
-fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Option<ObjectiveInput>> {
+pub(super) fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Option<ObjectiveInput>> {
     if let Some(path) = &args.target_video {
         let video = shared::weights::read_safetensors(path, device)
             .with_context(|| format!("--target-video {}", path.display()))?
@@ -744,7 +808,7 @@ fn build_objective<'a>(
 /// `--verify-grad`: the gradient the optimiser's first iteration uses (the recomputing backward
 /// through every step and the VAE decode) against central finite differences along random
 /// directions of each learned tensor and of all together.
-fn check_first_gradient(
+pub(super) fn check_first_gradient(
     traj: &Trajectory,
     noise: &NoiseState,
     objective: &dyn Objective,
@@ -761,10 +825,14 @@ fn check_first_gradient(
 }
 
 /// `video.mp4`: the frames (sample 0 of a (B, 3, F, H, W) tensor in [−1, 1]) as H.264 at `fps`.
-fn write_mp4(dir: &Path, video: &Tensor, fps: f64) -> anyhow::Result<String> {
+pub(super) fn write_mp4(dir: &Path, video: &Tensor, fps: f64) -> anyhow::Result<String> {
+    write_mp4_named(dir, "video.mp4", video, fps)
+}
+
+/// [`write_mp4`] to another file name.
+pub(super) fn write_mp4_named(dir: &Path, name: &str, video: &Tensor, fps: f64) -> anyhow::Result<String> {
     let frames = crate::report::frames_to_images(video, 0, 1)?;
     let bytes = super::h264::encode_mp4(&frames, fps)?;
-    let name = "video.mp4".to_string();
-    shared::io::write_atomic(&dir.join(&name), &bytes)?;
-    Ok(name)
+    shared::io::write_atomic(&dir.join(name), &bytes)?;
+    Ok(name.to_string())
 }

@@ -60,6 +60,9 @@ pub struct PlanRequest {
     pub context_tokens: usize,
     /// Latent-sized solver-state tensors stored per step (Euler 0; UniPC 3, Predict2.5).
     pub solver_state_per_step: usize,
+    /// Transfer2.5: the ControlNet's config and how many run before each DiT call (one per
+    /// control). `num_frames` is then one chunk's.
+    pub controlnets: Option<(super::controlnet::Config, usize)>,
 }
 
 impl PlanRequest {
@@ -79,6 +82,7 @@ impl PlanRequest {
             vae_tape_segment: None,
             context_tokens: 512,
             solver_state_per_step: 0,
+            controlnets: None,
         }
     }
 }
@@ -105,6 +109,8 @@ pub struct MemoryPlan {
     pub tokens: usize,
     pub dit_weights: f64,
     pub vae_weights: f64,
+    /// Transfer2.5's ControlNets (0 without).
+    pub controlnet_weights: f64,
     /// x_0 … x_N and the latent-sized working tensors.
     pub trajectory: f64,
     /// One step's VJP (above the weights and the trajectory), by part.
@@ -210,7 +216,16 @@ impl MemoryPlan {
         // conditioning latents and the target.
         let trajectory = ((r.steps + 1) + r.steps * r.solver_state_per_step) as f64 * latent_bytes + 5.0 * latent_bytes;
 
-        let step_vjp = dit_step_terms(transformer, r, tokens, latent_bytes, sizes);
+        let mut step_vjp = dit_step_terms(transformer, r, tokens, latent_bytes, sizes);
+        let (controlnet_weights, control_latents) = match &r.controlnets {
+            Some((cfg, count)) => {
+                ensure!(*count >= 1, "a Transfer2.5 plan needs at least one ControlNet");
+                step_vjp.extend(controlnet_step_terms(transformer, cfg, *count, r, tokens, sizes));
+                (parameter_count_controlnet(cfg)? as f64 * sizes.model * *count as f64, *count as f64 * latent_bytes)
+            }
+            None => (0.0, 0.0),
+        };
+        let trajectory = trajectory + control_latents;
         let decode_vjp = if r.decode { decode_terms(vae, r, latent, sizes) } else { Vec::new() };
         Ok(Self {
             request: r.clone(),
@@ -221,6 +236,7 @@ impl MemoryPlan {
             tokens,
             dit_weights,
             vae_weights,
+            controlnet_weights,
             trajectory,
             step_vjp,
             decode_vjp,
@@ -242,7 +258,7 @@ impl MemoryPlan {
 
     /// The whole predicted peak.
     pub fn peak_bytes(&self) -> f64 {
-        self.dit_weights + self.vae_weights + self.working_bytes()
+        self.dit_weights + self.vae_weights + self.controlnet_weights + self.working_bytes()
     }
 
     /// The most frames (1 + 4k, as the VAE takes them) whose plan fits in `free_bytes` at this
@@ -363,6 +379,66 @@ fn parameter_count_dit(cfg: &TransformerConfig) -> anyhow::Result<usize> {
     let recorder = shared::weights::ShapeRecorder::new();
     CosmosTransformer3DModel::new(cfg, recorder.var_builder(DType::F32, &candle_core::Device::Cpu))?;
     Ok(recorder.parameter_count())
+}
+
+fn parameter_count_controlnet(cfg: &super::controlnet::Config) -> anyhow::Result<usize> {
+    let recorder = shared::weights::ShapeRecorder::new();
+    super::controlnet::CosmosControlNetModel::new(cfg, recorder.var_builder(DType::F32, &candle_core::Device::Cpu))?;
+    Ok(recorder.parameter_count())
+}
+
+/// Transfer2.5's additions to one step's VJP, per DiT call (two with CFG) and ControlNet: its
+/// patchified control and base inputs, its block inputs (checkpointed blocks; the ControlNet does
+/// not segment them) or whole graphs, and its residual samples (`after_proj` and the scaled
+/// copy, kept until the DiT adds them); and the DiT's image context — its projection per call,
+/// and k, v and k's norm of the image tokens in the one block graph rebuilt at a time. The
+/// rebuilt ControlNet block is no larger than the DiT's, already counted.
+fn controlnet_step_terms(
+    dit: &TransformerConfig,
+    cfg: &super::controlnet::Config,
+    count: usize,
+    r: &PlanRequest,
+    tokens: usize,
+    s: Sizes,
+) -> Vec<Term> {
+    let n = tokens as f64;
+    let d = cfg.hidden_size() as f64;
+    let nd = n * d * s.model;
+    let calls = if r.guidance { 2.0 } else { 1.0 } * count as f64;
+    let blocks = cfg.n_controlnet_blocks as f64;
+    let patch: usize = cfg.patch_size.iter().product();
+    let inputs = 2.0 * n * ((cfg.in_channels + cfg.latent_channels) * patch) as f64 * s.model;
+    let graphs = if r.dit.checkpoint_blocks {
+        (blocks + 1.0) * nd
+    } else {
+        let tiled = r.dit.attention_tile.is_some();
+        let block_graph: f64 = branch_graphs(dit, tiled).iter().sum::<f64>() - 2.0;
+        let l = r.context_tokens as f64;
+        let attention = if tiled { 0.0 } else { block_attention_matrices(dit, n, l, s) };
+        blocks * plain_block(block_graph, nd, 3.0 * l * d * s.model, attention)
+    };
+    let mut terms = vec![term(
+        "ControlNet calls",
+        calls * (inputs + graphs + 2.0 * blocks * nd),
+        format!(
+            "{calls} ControlNet call(s) per step ({count} control(s)): control/base inputs, {} block inputs, {} residuals",
+            cfg.n_controlnet_blocks + 1,
+            cfg.n_controlnet_blocks
+        ),
+    )];
+    if let Some(dim_in) = dit.img_context_dim_in.filter(|d| *d > 0) {
+        let li = dit.img_context_num_tokens as f64;
+        let dit_calls = if r.guidance { 2.0 } else { 1.0 };
+        terms.push(term(
+            "image context",
+            dit_calls * li * (dim_in as f64 + d) * s.model + 3.0 * li * d * s.model,
+            format!(
+                "{} image-context tokens: projection per call, k/v in the rebuilt block",
+                dit.img_context_num_tokens
+            ),
+        ));
+    }
+    terms
 }
 
 fn parameter_count_vae(cfg: &VaeConfig) -> anyhow::Result<usize> {
@@ -753,6 +829,15 @@ impl fmt::Display for MemoryPlan {
             self.dit_weights / Sizes::of(r.dtype).model / 1e9
         )?;
         writeln!(f, "  {:<34} {}  encoder + decoder", "weights: VAE", gib(self.vae_weights))?;
+        if let Some((_, count)) = &r.controlnets {
+            writeln!(
+                f,
+                "  {:<34} {}  {count} × {:.3}·10⁹ parameters",
+                "weights: ControlNet",
+                gib(self.controlnet_weights),
+                self.controlnet_weights / *count as f64 / Sizes::of(r.dtype).model / 1e9
+            )?;
+        }
         writeln!(
             f,
             "  {:<34} {}  x_0 … x_{} and latent-sized working tensors",

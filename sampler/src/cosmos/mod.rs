@@ -25,5 +25,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod text_encoder;
 pub mod transfer;
+pub mod transfer_cli;
 pub mod transformer;
 pub mod vae;

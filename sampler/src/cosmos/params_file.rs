@@ -262,7 +262,7 @@ pub fn apply(path: &Path, p: &InferenceParams, args: &mut CosmosArgs, given: &dy
         put("seed", "--seed", given("seed"), &mut || args.seed = v);
     }
     if let Some(v) = p.guidance {
-        put("guidance", "--guidance", given("guidance"), &mut || args.guidance = v);
+        put("guidance", "--guidance", given("guidance"), &mut || args.guidance = Some(v));
     }
     if let Some(Ok(Some((h, w)))) = p.resolution.as_deref().map(parse_resolution) {
         put("resolution (height)", "--height", given("height"), &mut || args.height = h);

@@ -157,6 +157,14 @@ impl PipelineKind {
         }
     }
 
+    /// diffusers' default `guidance_scale`.
+    pub fn default_guidance(self) -> f64 {
+        match self {
+            Self::Predict2VideoToWorld | Self::Predict25 => 7.0,
+            Self::Transfer25 => 3.0,
+        }
+    }
+
     /// Whether the pipeline is steered by control videos through a ControlNet.
     pub fn uses_controls(self) -> bool {
         self == Self::Transfer25

@@ -299,21 +299,12 @@ impl<'a> TransferRun<'a> {
     pub fn outputs(&self) -> anyhow::Result<(Tensor, Tensor)> {
         anyhow::ensure!(self.next_chunk().is_none(), "not every chunk is finished");
         let cfg = self.pipe.vae.config();
-        let join = |chunks: &[Tensor], skip: usize, keep: usize| -> anyhow::Result<Tensor> {
-            let parts: Vec<Tensor> = chunks
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let s = if i == 0 { 0 } else { skip };
-                    c.narrow(2, s, c.dim(2)? - s)
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let all = Tensor::cat(&parts, 2)?;
-            Ok(all.narrow(2, 0, keep.min(all.dim(2)?))?)
-        };
-        let latents =
-            join(&self.chunk_latents, self.plan.conditional_latent_frames, cfg.latent_frames(self.plan.num_frames))?;
-        let video = join(&self.chunk_videos, self.plan.conditional_frames, self.plan.num_frames)?;
+        let latents = join_chunks(
+            &self.chunk_latents,
+            self.plan.conditional_latent_frames,
+            cfg.latent_frames(self.plan.num_frames),
+        )?;
+        let video = join_chunks(&self.chunk_videos, self.plan.conditional_frames, self.plan.num_frames)?;
         Ok((latents, video.affine(0.5, 0.5)?.clamp(0.0, 1.0)?))
     }
 
@@ -329,6 +320,21 @@ impl<'a> TransferRun<'a> {
         }
         self.outputs()
     }
+}
+
+/// Chunks (B, C, T, H, W) joined along T as diffusers joins them: every chunk after the first
+/// without its first `skip` frames (they repeat the previous chunk's), then the first `keep`.
+pub fn join_chunks(chunks: &[Tensor], skip: usize, keep: usize) -> candle_core::Result<Tensor> {
+    let parts: Vec<Tensor> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let s = if i == 0 { 0 } else { skip };
+            c.narrow(2, s, c.dim(2)? - s)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let all = Tensor::cat(&parts, 2)?;
+    all.narrow(2, 0, keep.min(all.dim(2)?))
 }
 
 /// A video (B, C, F, H, W) padded to `frames` frames by repeating its last frame, or trimmed to
