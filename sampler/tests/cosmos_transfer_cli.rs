@@ -281,3 +281,91 @@ fn bad_control_arguments_are_refused_before_loading() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Cosmos-Transfer2.5 pipeline"));
     Ok(())
 }
+
+/// `-i` with Cosmos-Transfer2.5's inference JSON (the format of its `assets/*_spec.json`):
+/// `video_path` (relative to the file), an `edge` control computed at the `low` preset with a
+/// weight, `num_video_frames_per_chunk`, `max_frames`; the report records what each field set.
+/// Fields that need parts not ported are refused naming the field.
+#[test]
+fn transfer_params_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let spec_dir = tmp.path().join("spec");
+    std::fs::create_dir_all(&spec_dir)?;
+    let video = spec_dir.join("input_frames");
+    std::fs::create_dir_all(&video)?;
+    for entry in std::fs::read_dir(fixtures().join("cosmos_condition_video"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), video.join(entry.file_name()))?;
+    }
+    let write = |name: &str, json: serde_json::Value| -> Result<PathBuf> {
+        let path = spec_dir.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        Ok(path)
+    };
+    let spec = write(
+        "robot_edge_spec.json",
+        serde_json::json!({
+            "name": "robot_edge",
+            "prompt": "a robot arm",
+            "video_path": "input_frames",
+            "guidance": 3,
+            "seed": 7,
+            "max_frames": 6,
+            "num_video_frames_per_chunk": 5,
+            "num_conditional_frames": 1,
+            "edge": {"control_weight": 0.6, "preset_edge_threshold": "low"},
+            "show_control_condition": true
+        }),
+    )?;
+    let dir = tmp.path().join("run");
+    let mut a = args(&dir, &["--steps", "2", "-i", &spec.display().to_string()]);
+    for flag in ["--latents", "--num-frames", "--chunk-frames"] {
+        let at = a.iter().position(|x| x == flag).context("flag")?;
+        a.drain(at..at + 2);
+    }
+    let out = sampler(&a)?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("edge control (low preset)"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json"))?)?;
+    assert_eq!(report["num_frames"], 6);
+    assert_eq!(report["chunks"]["chunks"], serde_json::json!([[0, 5], [4, 6]]));
+    assert_eq!(report["controls"][0]["kind"], "edge");
+    assert_eq!(report["controls"][0]["conditioning_scale"], 0.6);
+    assert_eq!(report["edge_threshold"], "low");
+    assert_eq!(report["seed"], 7);
+    let set = report["params_file"]["set"].to_string();
+    for field in ["video_path", "max_frames", "num_video_frames_per_chunk", "edge → --control"] {
+        assert!(set.contains(field), "{field} not in {set}");
+    }
+    assert!(report["params_file"]["ignored"].to_string().contains("show_control_condition"));
+
+    for (name, json, field) in [
+        ("mask.json", serde_json::json!({"video_path": "input_frames", "edge": {"mask_prompt": "car"}}), "edge"),
+        ("depth.json", serde_json::json!({"video_path": "input_frames", "depth": {}}), "depth.control_path"),
+        (
+            "context.json",
+            serde_json::json!({"video_path": "input_frames", "context_frame_index": 3}),
+            "context_frame_index",
+        ),
+        (
+            "weight.json",
+            serde_json::json!({"video_path": "input_frames", "vis": {"control_weight": 1.5}}),
+            "vis.control_weight",
+        ),
+        (
+            "preset.json",
+            serde_json::json!({"video_path": "input_frames", "vis": {"preset_edge_threshold": "low"}}),
+            "vis.preset_edge_threshold",
+        ),
+    ] {
+        let path = write(name, json)?;
+        let dir = tmp.path().join(format!("run-{name}"));
+        let out = sampler(&args(&dir, &["-i", &path.display().to_string()]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("field `{field}`")), "{name}: {stderr}");
+        assert!(!dir.exists());
+    }
+    Ok(())
+}

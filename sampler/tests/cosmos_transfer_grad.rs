@@ -50,6 +50,7 @@ fn request(pipe: &CosmosPipeline, scale: f64) -> Result<TransferRequest> {
         negative_prompt_embeds: Some(negative.expect("negative embeddings").to_dtype(DType::F64)?),
         num_frames: 17,
         chunk_frames: 9,
+        conditional_frames: 1,
         steps: 3,
         guidance: 3.0,
         latents,

@@ -67,6 +67,7 @@ fn load(scale: f64) -> Result<(CosmosPipeline, TransferRequest)> {
         negative_prompt_embeds: negative,
         num_frames: number("num_frames"),
         chunk_frames: chunk,
+        conditional_frames: 1,
         steps: number("num_inference_steps"),
         guidance: case["guidance_scale"].as_f64().unwrap_or(0.0),
         latents,

@@ -57,8 +57,10 @@ pub struct CosmosArgs {
     pub height: usize,
     #[arg(long, default_value_t = 1280)]
     pub width: usize,
-    #[arg(long, default_value_t = 93)]
-    pub num_frames: usize,
+    /// Frames to generate (default 93). Transfer2.5: the most frames to output (diffusers'
+    /// num_frames; default all the control videos' frames), in chunks of --chunk-frames.
+    #[arg(long)]
+    pub num_frames: Option<usize>,
     /// Denoising steps (diffusers' num_inference_steps; default the pipeline's own: 35 for
     /// Predict2, 36 for Predict2.5).
     #[arg(long)]
@@ -175,6 +177,10 @@ pub struct CosmosArgs {
     /// videos are generated chunk by chunk, each conditioned on the previous chunk's last frame.
     #[arg(long, default_value_t = super::transfer::TRANSFER25_DEFAULT_CHUNK_FRAMES)]
     pub chunk_frames: usize,
+    /// Transfer2.5: frames of the previous chunk that condition the next (0, 1 or 2; diffusers'
+    /// num_ar_conditional_frames, upstream's num_conditional_frames).
+    #[arg(long, default_value_t = super::transfer::TRANSFER25_AR_CONDITIONAL_FRAMES)]
+    pub conditional_frames: usize,
     /// Transfer2.5: Canny thresholds of computed edge controls (very_low, low, medium, high,
     /// very_high: upstream's preset_edge_threshold).
     #[arg(long, default_value = "medium")]
@@ -186,6 +192,16 @@ pub struct CosmosArgs {
     /// file's values.
     #[arg(skip)]
     pub command_line: Vec<String>,
+}
+
+/// `--num-frames`' default (Predict; Transfer2.5 defaults to the controls' length).
+pub const DEFAULT_NUM_FRAMES: usize = 93;
+
+impl CosmosArgs {
+    /// `--num-frames`, or its default.
+    pub fn frames(&self) -> usize {
+        self.num_frames.unwrap_or(DEFAULT_NUM_FRAMES)
+    }
 }
 
 /// What the run measured (all zero for `--dry-run`).
@@ -260,7 +276,7 @@ fn validate(args: &CosmosArgs, kind: PipelineKind) -> anyhow::Result<()> {
         args.height,
         args.width
     );
-    anyhow::ensure!((1..=10_000).contains(&args.num_frames), "--num-frames must be in 1..=10000");
+    anyhow::ensure!(args.num_frames.is_none_or(|n| (1..=10_000).contains(&n)), "--num-frames must be in 1..=10000");
     anyhow::ensure!(args.steps.is_none_or(|s| (2..=10_000).contains(&s)), "--steps must be in 2..=10000");
     anyhow::ensure!(
         args.condition_latent_frames.is_none_or(|n| n == 1 || n == 2),
@@ -349,7 +365,7 @@ fn memory_plan(args: &CosmosArgs, dtype: DType) -> anyhow::Result<MemoryPlan> {
         let cfg = super::controlnet::Config::from_json_file(&repo.file("controlnet/config.json")?)?;
         (args.chunk_frames, Some((cfg, args.controls.len().max(1))))
     } else {
-        (args.num_frames, None)
+        (args.frames(), None)
     };
     let request = PlanRequest {
         steps: args.steps.unwrap_or(kind.default_steps()),
@@ -438,7 +454,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     }
     // Every input file is read and checked before the model is loaded.
     let video = load_conditioning_input(args, &device)?;
-    let objective_input = load_objective_input(args, &device)?;
+    let objective_input = load_objective_input(args, args.frames(), &device)?;
     let prompt_embeds = match &args.prompt_embeds {
         Some(path) => Some(pipeline::read_prompt_embeds(path, &device)?),
         None => None,
@@ -455,13 +471,13 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     }
     let seconds_load = started.elapsed().as_secs_f64();
     let steps = args.steps.unwrap_or(pipe.kind.default_steps());
-    pipe.check_size(args.num_frames, args.height, args.width)?;
+    pipe.check_size(args.frames(), args.height, args.width)?;
     let (prompt, negative) = match (&args.prompt, &prompt_embeds) {
         (_, Some(embeds)) => embeds.clone(),
         (Some(text), None) => encode_prompt(args, &pipe, text, dtype, &device, &mut log)?,
         (None, None) => bail!("give --prompt TEXT or --prompt-embeds FILE"),
     };
-    let shape = pipe.latent_shape(1, args.num_frames, args.height, args.width);
+    let shape = pipe.latent_shape(1, args.frames(), args.height, args.width);
     let latents = match &args.latents {
         Some(path) => pipeline::read_latents(path, &shape, &device)?,
         None => shared::rng::SplitMix64::new(args.seed).normal_tensor(&shape[..], DType::F32, &device)?,
@@ -470,7 +486,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         video,
         prompt_embeds: prompt,
         negative_prompt_embeds: negative,
-        num_frames: args.num_frames,
+        num_frames: args.frames(),
         steps,
         guidance: guidance(args, kind),
         fps: args.fps,
@@ -591,7 +607,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         "pipeline": pipe.kind,
         "dtype": format!("{dtype:?}"),
         "device": shared::device::describe(&device),
-        "height": args.height, "width": args.width, "num_frames": args.num_frames,
+        "height": args.height, "width": args.width, "num_frames": args.frames(),
         "steps": steps, "guidance": guidance(args, kind), "fps": args.fps,
         "scheduler": pipe.scheduler,
         "seed": args.seed, "latents": args.latents, "prompt_embeds": args.prompt_embeds,
@@ -704,10 +720,10 @@ fn validate_noise_and_objective(args: &CosmosArgs) -> anyhow::Result<NoiseMode> 
         (Some(_), None) => bail!(
             "--policy needs --policy-reference FILE: safetensors with `states` (1, {f}, S) and `actions` (1, {f}, A), \
              the joint states the policy reads and the actions its outputs are compared with",
-            f = args.num_frames
+            f = args.frames()
         ),
         (None, Some(_)) => bail!("--policy-reference is the reference of --policy; give --policy FILE too"),
-        (Some(_), Some(_)) => super::policy::check_video_size(args.num_frames, args.height, args.width)?,
+        (Some(_), Some(_)) => super::policy::check_video_size(args.frames(), args.height, args.width)?,
         (None, None) => {}
     }
     Ok(mode)
@@ -752,13 +768,18 @@ pub(super) enum ObjectiveInput {
     Policy { policy: Box<rl::policy::ExportedPolicy>, states: Tensor, actions: Tensor, height: usize, device: Device },
 }
 
-pub(super) fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow::Result<Option<ObjectiveInput>> {
+/// The objective's files, checked for a video of `frames` frames.
+pub(super) fn load_objective_input(
+    args: &CosmosArgs,
+    frames: usize,
+    device: &Device,
+) -> anyhow::Result<Option<ObjectiveInput>> {
     if let Some(path) = &args.target_video {
         let video = shared::weights::read_safetensors(path, device)
             .with_context(|| format!("--target-video {}", path.display()))?
             .remove("video")
             .with_context(|| format!("--target-video {}: no tensor 'video'", path.display()))?;
-        let expected = [1, 3, args.num_frames, args.height, args.width];
+        let expected = [1, 3, frames, args.height, args.width];
         anyhow::ensure!(
             video.dims() == expected,
             "--target-video {}: 'video' is {:?}, the run makes {:?}",
@@ -779,7 +800,7 @@ pub(super) fn load_objective_input(args: &CosmosArgs, device: &Device) -> anyhow
         policy_path.display()
     );
     let (s, a) = (policy.header.state_dim, policy.header.action_dim);
-    let (states, actions) = super::inputs::read_policy_reference(reference, args.num_frames, s, a, device)?;
+    let (states, actions) = super::inputs::read_policy_reference(reference, frames, s, a, device)?;
     Ok(Some(ObjectiveInput::Policy {
         policy: Box::new(policy),
         states,

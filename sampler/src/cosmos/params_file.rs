@@ -51,7 +51,41 @@ pub const FIELDS: &[&str] = &[
     "noise_steps",
     "noise_lr",
     "learnable_step_noise",
+    // Cosmos-Transfer2.5's (cosmos_transfer2/config.py, InferenceArguments).
+    "video_path",
+    "max_frames",
+    "num_video_frames_per_chunk",
+    "num_conditional_frames",
+    "edge",
+    "vis",
+    "depth",
+    "seg",
+    "context_frame_index",
+    "image_context_path",
+    "sigma_max",
+    "show_control_condition",
+    "show_input",
+    "keep_input_resolution",
 ];
+
+/// One control of a Cosmos-Transfer2.5 params file (`edge`, `vis`, `depth`, `seg`: its
+/// `ControlConfig` and subclasses).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlParams {
+    /// A precomputed control video (None: computed from `video_path`, edge and vis only here).
+    pub control_path: Option<PathBuf>,
+    /// 0..=1, default 1.
+    pub control_weight: Option<f64>,
+    /// edge only: very_low | low | medium | high | very_high.
+    pub preset_edge_threshold: Option<String>,
+    /// vis only: the same levels.
+    pub preset_blur_strength: Option<String>,
+    /// Not ported (spatiotemporal masks; SAM2 segmentation on the fly).
+    pub mask_path: Option<PathBuf>,
+    pub mask_prompt: Option<String>,
+    pub control_prompt: Option<String>,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +121,30 @@ pub struct InferenceParams {
     pub noise_steps: Option<u64>,
     pub noise_lr: Option<f64>,
     pub learnable_step_noise: Option<bool>,
+    pub video_path: Option<PathBuf>,
+    pub max_frames: Option<u64>,
+    pub num_video_frames_per_chunk: Option<u64>,
+    pub num_conditional_frames: Option<u64>,
+    pub edge: Option<ControlParams>,
+    pub vis: Option<ControlParams>,
+    pub depth: Option<ControlParams>,
+    pub seg: Option<ControlParams>,
+    pub context_frame_index: Option<u64>,
+    pub image_context_path: Option<PathBuf>,
+    pub sigma_max: Option<serde_json::Value>,
+    pub show_control_condition: Option<bool>,
+    pub show_input: Option<bool>,
+    pub keep_input_resolution: Option<bool>,
+}
+
+impl InferenceParams {
+    /// The Transfer2.5 controls the file gives, in upstream's order (edge, vis, depth, seg).
+    pub fn controls(&self) -> Vec<(&'static str, &ControlParams)> {
+        [("edge", &self.edge), ("vis", &self.vis), ("depth", &self.depth), ("seg", &self.seg)]
+            .into_iter()
+            .filter_map(|(k, c)| c.as_ref().map(|c| (k, c)))
+            .collect()
+    }
 }
 
 /// `"H,W"` (spaces allowed) → (H, W); `"none"` → None.
@@ -147,6 +205,81 @@ pub fn read(path: &Path) -> anyhow::Result<InferenceParams> {
             .map_err(|e| field("prompt_path", format!("{}: {e}", resolved.display())))?;
         p.prompt = Some(text.trim().to_string());
         p.prompt_path = Some(resolved);
+    }
+    if let Some(video) = &p.video_path {
+        let resolved = resolve(video);
+        if !resolved.exists() {
+            return Err(field("video_path", format!("{}: no such file or folder", resolved.display())));
+        }
+        p.video_path = Some(resolved);
+    }
+    for (kind, slot) in [("edge", &mut p.edge), ("vis", &mut p.vis), ("depth", &mut p.depth), ("seg", &mut p.seg)] {
+        let Some(c) = slot.as_mut() else { continue };
+        if let Some(path) = &c.control_path {
+            let resolved = resolve(path);
+            if !resolved.exists() {
+                return Err(field(
+                    &format!("{kind}.control_path"),
+                    format!("{}: no such file or folder", resolved.display()),
+                ));
+            }
+            c.control_path = Some(resolved);
+        }
+        if let Some(w) = c.control_weight {
+            if !(w.is_finite() && (0.0..=1.0).contains(&w)) {
+                return Err(field(
+                    &format!("{kind}.control_weight"),
+                    format!("must be in 0..=1 (as upstream), got {w}"),
+                ));
+            }
+        }
+        let presets = [
+            ("preset_edge_threshold", &c.preset_edge_threshold, "edge"),
+            ("preset_blur_strength", &c.preset_blur_strength, "vis"),
+        ];
+        for (name, value, owner) in presets {
+            if let Some(v) = value {
+                if kind != owner {
+                    return Err(field(&format!("{kind}.{name}"), format!("only `{owner}` has it")));
+                }
+                super::controls::Preset::parse(v).map_err(|e| field(&format!("{kind}.{name}"), e.to_string()))?;
+            }
+        }
+        if c.mask_path.is_some() || c.mask_prompt.is_some() || c.control_prompt.is_some() {
+            return Err(field(
+                kind,
+                "mask_path / mask_prompt / control_prompt are not supported: spatiotemporal masks and on-the-fly \
+                 segmentation (GroundingDINO + SAM2) are not ported; give a precomputed control_path"
+                    .into(),
+            ));
+        }
+        if c.control_path.is_none() && (kind == "depth" || kind == "seg") {
+            return Err(field(
+                &format!("{kind}.control_path"),
+                format!("required: upstream computes {kind} with an external model, which is not ported"),
+            ));
+        }
+    }
+    if p.context_frame_index.is_some() || p.image_context_path.is_some() {
+        return Err(field(
+            if p.context_frame_index.is_some() { "context_frame_index" } else { "image_context_path" },
+            "the image context (a style reference encoded by an image encoder) is not ported; diffusers' pipeline \
+             passes zeros, as this one does"
+                .into(),
+        ));
+    }
+    if p.sigma_max.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(field("sigma_max", "partial noising of the input video is not supported (omit it or null)".into()));
+    }
+    if let Some(n) = p.num_conditional_frames {
+        if n > 2 {
+            return Err(field("num_conditional_frames", format!("must be 0, 1 or 2 (as upstream), got {n}")));
+        }
+    }
+    for (f, v) in [("max_frames", p.max_frames), ("num_video_frames_per_chunk", p.num_video_frames_per_chunk)] {
+        if v == Some(0) {
+            return Err(field(f, "must be a positive integer, got 0".into()));
+        }
     }
     if p.input_path.is_some() && p.inference_type.is_none() {
         return Err(field(
@@ -269,7 +402,7 @@ pub fn apply(path: &Path, p: &InferenceParams, args: &mut CosmosArgs, given: &dy
         put("resolution (width)", "--width", given("width"), &mut || args.width = w);
     }
     if let Some(v) = p.num_output_frames {
-        put("num_output_frames", "--num-frames", given("num_frames"), &mut || args.num_frames = v as usize);
+        put("num_output_frames", "--num-frames", given("num_frames"), &mut || args.num_frames = Some(v as usize));
     }
     if let Some(v) = p.num_steps {
         put("num_steps", "--steps", given("steps"), &mut || args.steps = Some(v as usize));
@@ -299,6 +432,56 @@ pub fn apply(path: &Path, p: &InferenceParams, args: &mut CosmosArgs, given: &dy
     for (f, v) in [("chunk_size", p.chunk_size), ("chunk_overlap", p.chunk_overlap)] {
         if v.is_some() {
             out.ignored.push(format!("{f} (only used by enable_autoregressive)"));
+        }
+    }
+    // Cosmos-Transfer2.5.
+    if let Some(video) = &p.video_path {
+        put("video_path", "--video", given("video") || args.image.is_some(), &mut || args.video = Some(video.clone()));
+    }
+    if let Some(v) = p.max_frames {
+        put("max_frames", "--num-frames", given("num_frames"), &mut || args.num_frames = Some(v as usize));
+    }
+    if let Some(v) = p.num_video_frames_per_chunk {
+        put("num_video_frames_per_chunk", "--chunk-frames", given("chunk_frames"), &mut || {
+            args.chunk_frames = v as usize
+        });
+    }
+    if let Some(v) = p.num_conditional_frames {
+        put("num_conditional_frames", "--conditional-frames", given("conditional_frames"), &mut || {
+            args.conditional_frames = v as usize
+        });
+    }
+    let controls = p.controls();
+    if !controls.is_empty() {
+        let specs: Vec<String> = controls
+            .iter()
+            .map(|(kind, c)| {
+                let kind = if *kind == "vis" { "blur" } else { kind };
+                let path = c.control_path.as_ref().map(|p| format!("={}", p.display())).unwrap_or_default();
+                format!("{kind}{path}:{}", c.control_weight.unwrap_or(1.0))
+            })
+            .collect();
+        let names: Vec<&str> = controls.iter().map(|(k, _)| *k).collect();
+        put(&names.join(", "), "--control", given("controls"), &mut || args.controls = specs.clone());
+    }
+    if let Some(v) = p.edge.as_ref().and_then(|c| c.preset_edge_threshold.clone()) {
+        put("edge.preset_edge_threshold", "--edge-threshold", given("edge_threshold"), &mut || {
+            args.edge_threshold = v.clone()
+        });
+    }
+    if let Some(v) = p.vis.as_ref().and_then(|c| c.preset_blur_strength.clone()) {
+        put("vis.preset_blur_strength", "--blur-strength", given("blur_strength"), &mut || {
+            args.blur_strength = v.clone()
+        });
+    }
+    for (f, v) in [
+        ("show_control_condition", p.show_control_condition),
+        ("show_input", p.show_input),
+        ("keep_input_resolution", p.keep_input_resolution),
+    ] {
+        if v.is_some() {
+            out.ignored
+                .push(format!("{f} (the control videos are written separately; the output is --height × --width)"));
         }
     }
     out

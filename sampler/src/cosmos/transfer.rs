@@ -10,7 +10,8 @@
 //! * every chunk denoises the **same** initial noise (diffusers' `latents` argument) of one
 //!   chunk's size;
 //! * chunk 0 has no conditioning frame; chunk k > 0 conditions its first latent frame on the last
-//!   decoded frame of chunk k − 1 (`num_ar_conditional_frames` = 1), VAE-encoded, at
+//!   decoded frame of chunk k − 1 (`num_ar_conditional_frames` = 1 by default; with n frames, on
+//!   the first of the last n, its (n − 1)/4 + 1 latent frames), VAE-encoded, at
 //!   `conditional_frame_timestep` 0.1;
 //! * each step is Predict2.5's ([`Predict25Denoiser`], UniPC on the same schedule), with the
 //!   ControlNet run before each transformer call — with the negative prompt too under CFG — and
@@ -117,6 +118,9 @@ pub struct TransferRequest {
     /// The most frames to output (diffusers' `num_frames`); the controls' length caps it.
     pub num_frames: usize,
     pub chunk_frames: usize,
+    /// Frames of the previous chunk that condition the next (diffusers'
+    /// `num_ar_conditional_frames`, default [`TRANSFER25_AR_CONDITIONAL_FRAMES`]).
+    pub conditional_frames: usize,
     pub steps: usize,
     pub guidance: f64,
     /// Unit-variance initial noise of one chunk (B, C, (chunk_frames − 1)/4 + 1, H/8, W/8),
@@ -183,7 +187,7 @@ impl<'a> TransferRun<'a> {
             frames = frames.min(f);
         }
         let cfg = pipe.vae.config();
-        let plan = ChunkPlan::new(frames, req.chunk_frames, TRANSFER25_AR_CONDITIONAL_FRAMES, cfg.temporal_factor())?;
+        let plan = ChunkPlan::new(frames, req.chunk_frames, req.conditional_frames, cfg.temporal_factor())?;
         pipe.check_size(req.chunk_frames, h, w)?;
         let expected = pipe.latent_shape(b, req.chunk_frames, h, w);
         anyhow::ensure!(
@@ -229,14 +233,14 @@ impl<'a> TransferRun<'a> {
         let dtype = pipe.dtype();
         let shape = self.req.latents.dims().to_vec();
         let (conditioning, cond_latent_frames) = match self.chunk_videos.last() {
-            None => (Tensor::zeros(shape.as_slice(), dtype, self.req.latents.device())?, 0),
-            Some(previous) => {
+            Some(previous) if self.plan.conditional_frames > 0 => {
                 // The last frames of the previous chunk (diffusers re-encodes them at the head of
                 // a black clip; by the VAE's causality only they reach the conditioning frames).
                 let (c, n) = pipe.conditioning_latents(previous, self.plan.conditional_frames)?;
                 let pad = Tensor::zeros((shape[0], shape[1], shape[2] - n, shape[3], shape[4]), dtype, c.device())?;
                 (Tensor::cat(&[&c, &pad], 2)?, n)
             }
+            _ => (Tensor::zeros(shape.as_slice(), dtype, self.req.latents.device())?, 0),
         };
         let mut controls = Vec::with_capacity(self.req.controls.len());
         for c in &self.req.controls {

@@ -94,6 +94,11 @@ pub fn validate(args: &CosmosArgs) -> anyhow::Result<()> {
         "--chunk-frames must be in 5..=10000 (a chunk needs 2 latent frames), got {}",
         args.chunk_frames
     );
+    anyhow::ensure!(
+        args.conditional_frames <= 2 && args.conditional_frames < args.chunk_frames,
+        "--conditional-frames must be 0, 1 or 2 (and fewer than --chunk-frames), got {}",
+        args.conditional_frames
+    );
     Preset::parse(&args.edge_threshold).context("--edge-threshold")?;
     Preset::parse(&args.blur_strength).context("--blur-strength")?;
     let specs = args.controls.iter().map(|s| ControlSpec::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -208,15 +213,10 @@ pub fn run(r: Run, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
     }
     let control_videos = load_controls(args, &specs, &device, &mut log)?;
     let control_frames = control_videos.iter().map(|v| v.dim(2)).collect::<candle_core::Result<Vec<_>>>()?;
-    let num_frames = control_frames.iter().copied().fold(args.num_frames, usize::min);
-    let objective_input = app::load_objective_input(args, &device)?;
-    anyhow::ensure!(
-        objective_input.is_none() || num_frames == args.num_frames,
-        "the controls have {} frames, so the video has {num_frames}, but the objective's files have --num-frames {}: \
-         lower --num-frames to {num_frames}",
-        control_frames.iter().min().unwrap_or(&0),
-        args.num_frames
-    );
+    // diffusers: the controls' length, capped by num_frames when given.
+    let num_frames = control_frames.iter().copied().fold(args.num_frames.unwrap_or(usize::MAX), usize::min);
+    let objective_input = app::load_objective_input(args, num_frames, &device)
+        .with_context(|| format!("the video has {num_frames} frames (the controls' length, capped by --num-frames)"))?;
     let (prompt, negative) = match &args.prompt_embeds {
         Some(path) => pipeline::read_prompt_embeds(path, &device)?,
         None => bail!("give --prompt-embeds FILE (Transfer2.5's Qwen2.5-VL text encoder is not ported)"),
@@ -281,6 +281,7 @@ pub fn run(r: Run, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
         negative_prompt_embeds: negative,
         num_frames,
         chunk_frames: args.chunk_frames,
+        conditional_frames: args.conditional_frames,
         steps,
         guidance,
         latents,
