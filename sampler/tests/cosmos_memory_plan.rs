@@ -83,6 +83,81 @@ fn measure_iteration(cfg: &Config, vae: &VaeConfig, req: &PlanRequest) -> Result
     Ok(peak)
 }
 
+/// A small Transfer2.5 pair: the DiT of [`small_dit`] with residuals after every second block
+/// and a 16-wide image context of 8 tokens, and a ControlNet of `blocks` control blocks of the
+/// same width (128 + 2 input channels, as the real one).
+fn small_transfer(layers: usize, heads: usize, blocks: usize) -> (Config, sampler::cosmos::controlnet::Config) {
+    let dit = Config {
+        controlnet_block_every_n: Some(2),
+        img_context_dim_in: Some(16),
+        img_context_num_tokens: 8,
+        img_context_dim_out: heads * 32,
+        ..small_dit(layers, heads)
+    };
+    let controlnet = sampler::cosmos::controlnet::Config {
+        n_controlnet_blocks: blocks,
+        in_channels: 130,
+        latent_channels: 18,
+        model_channels: heads * 32,
+        num_attention_heads: heads,
+        attention_head_dim: 32,
+        text_embed_dim: 32,
+        adaln_lora_dim: 8,
+        rope_scale: dit.rope_scale,
+        img_context_dim_in: Some(16),
+        img_context_dim_out: heads * 32,
+        ..Default::default()
+    };
+    (dit, controlnet)
+}
+
+/// One iteration of the Transfer2.5 loop (Predict2.5's velocity with one ControlNet branch and
+/// the image context, UniPC, CFG), measured as [`measure_iteration`].
+fn measure_transfer_iteration(
+    cfg: &Config,
+    control_cfg: &sampler::cosmos::controlnet::Config,
+    vae: &VaeConfig,
+    req: &PlanRequest,
+) -> Result<usize> {
+    use sampler::cosmos::controlnet::{ConditioningScale, CosmosControlNetModel};
+    use sampler::cosmos::pipeline::{ControlBranch, Predict25Denoiser};
+    let dev = Device::Cpu;
+    let mut model = CosmosTransformer3DModel::random(cfg, 1, req.dtype, &dev)?;
+    model.set_memory_mode(req.dit)?;
+    let mut controlnet = CosmosControlNetModel::random(control_cfg, 4, req.dtype, &dev)?;
+    controlnet.set_memory_mode(req.dit)?;
+    let s = vae.spatial_factor();
+    let shape = [1, vae.z_dim, vae.latent_frames(req.num_frames), req.height / s, req.width / s];
+    let mut rng = SplitMix64::new(2);
+    let conditioning = rng.normal_tensor(&shape[..], req.dtype, &dev)?;
+    let controls = rng.normal_tensor(&shape[..], req.dtype, &dev)?;
+    let prompt = rng.normal_tensor((1, req.context_tokens, cfg.text_embed_dim), req.dtype, &dev)?;
+    let negative = rng.normal_tensor((1, req.context_tokens, cfg.text_embed_dim), req.dtype, &dev)?;
+    let target = rng.normal_tensor(&shape[..], DType::F32, &dev)?;
+    let z0 = rng.normal_tensor(&shape[..], DType::F32, &dev)?;
+    let mut inner = Predict25Denoiser::new(&model, conditioning, 1)?;
+    inner.controls =
+        vec![ControlBranch { controlnet: &controlnet, latents: controls, scale: ConditioningScale::All(1.0) }];
+    inner.img_context = Some(candle_core::Tensor::zeros((1, cfg.img_context_num_tokens, 16), req.dtype, &dev)?);
+    let (z0, target) = (z0.to_dtype(req.dtype)?, target.to_dtype(req.dtype)?);
+    let denoiser: Box<dyn Denoiser> =
+        Box::new(ClassifierFreeGuidance { inner, scale: 3.0, uncond_context: Some(negative) });
+    let schedule = Schedule::karras_flow_sigmas(req.steps, 0.01, 200.0, 7.0)?;
+    let plan = Churn::default().plan(&schedule.sigmas, false);
+    let solver = SolverKind::Unipc.build();
+    let cond = Conditioning { frames: None, mask: None, context: Some(prompt), initial_noise: None };
+    let traj = Trajectory { denoiser: denoiser.as_ref(), solver: solver.as_ref(), cond: &cond, schedule, plan };
+    let objective = TargetMse { target, label: "random target".into() };
+    let noises = vec![None; traj.num_steps()];
+    traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
+    let base = shared::memory::reset_peak();
+    let vg = traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
+    let peak = shared::memory::peak_bytes().saturating_sub(base);
+    let norm = vg.grad_z0.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    anyhow::ensure!(norm > 0.0 && norm.is_finite(), "degenerate gradient (norm² {norm})");
+    Ok(peak)
+}
+
 /// The measured heap peak of the decode VJP (`decode_taped` + `DecodeTape::vjp`) of
 /// `latent_frames` × h × w latents, above the baseline with the model, the latents and the video's
 /// gradient built.
@@ -145,6 +220,28 @@ fn plan_matches_measured_peaks() -> Result<()> {
         let measured = measure_iteration(&cfg, &vae, &req)?;
         let what = format!("DiT {layers}×{}, {} tokens, CFG {guidance}, {dtype:?}, {mode:?}", heads * 32, plan.tokens);
         check(&what, plan.working_bytes(), measured, TOLERANCE);
+    }
+    // Transfer2.5: the ControlNet's calls and the image context on top of the DiT's (UniPC keeps
+    // 3 latent-sized tensors per step).
+    for (layers, blocks) in [(4, 2), (4, 4)] {
+        let (cfg, control_cfg) = small_transfer(layers, 8, blocks);
+        let req = PlanRequest {
+            steps: 3,
+            guidance: true,
+            dtype: DType::F32,
+            dit: low,
+            decode: false,
+            context_tokens: 8,
+            solver_state_per_step: 3,
+            controlnets: Some((control_cfg.clone(), 1)),
+            ..PlanRequest::new(128, 128, 5)
+        };
+        let plan = MemoryPlan::new(&cfg, &vae, &req)?;
+        let measured = measure_transfer_iteration(&cfg, &control_cfg, &vae, &req)?;
+        let controlnet: f64 = plan.step_vjp.iter().filter(|t| t.name.starts_with("ControlNet")).map(|t| t.bytes).sum();
+        let what = format!("Transfer DiT {layers}×256 + ControlNet {blocks} blocks, {} tokens, CFG", plan.tokens);
+        check(&what, plan.working_bytes(), measured, TOLERANCE);
+        println!("  of which the ControlNet calls: {:.2} MB", controlnet / MB);
     }
     // The decode VJP of a narrow VAE with the real layout (base width 8 instead of 96), with and
     // without checkpointing inside the chunks. The measurement holds the video (the probe, its
