@@ -168,6 +168,7 @@ pub fn run_on(
         grad_clip: (params.grad_clip > 0.0).then_some(params.grad_clip),
         chi_reg: params.chi_reg,
         grad_mode: params.grad_mode,
+        constraint: Default::default(),
     };
     let mut metrics = shared::metrics::JsonlWriter::create(&out_dir.join("metrics.jsonl"))?;
     let total = params.noise_steps;

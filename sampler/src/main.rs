@@ -79,9 +79,36 @@ struct Cli {
     /// A directory holding world_model.json + world_model.safetensors (default: weights/).
     #[arg(long)]
     world_model: Option<PathBuf>,
-    /// Stress-test seeds, comma-separated (default 0,1,2).
-    #[arg(long, value_delimiter = ',')]
+    /// Stress test: one scenario per environment seed, comma-separated (instead of the default
+    /// held-out episodes).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["scenarios", "num_scenarios"])]
     seeds: Option<Vec<u64>>,
+    /// Stress test: a scenario file (JSON Lines: `id`, `episode_seed`, optional `start_frame`,
+    /// `noise_seed`, `direction`, `actions`; see sampler/README.md).
+    #[arg(long, conflicts_with = "num_scenarios")]
+    scenarios: Option<PathBuf>,
+    /// Stress test: how many held-out episodes (seeds 9000, 9001, …) make the scenarios
+    /// (default 20).
+    #[arg(long)]
+    num_scenarios: Option<usize>,
+    /// Stress test: run shard INDEX/COUNT of the scenarios (0-based; scenario k when k mod COUNT
+    /// = INDEX) into -o DIR/shard-INDEX-of-COUNT; merge with `sampler stress-report DIR`.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Stress test: continue the run in -o DIR, skipping the scenarios whose results are there.
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// Stress test: keep z0 within ‖z0 − z0_init‖ ≤ R·√d of its initial value (R: the RMS
+    /// displacement per element).
+    #[arg(long)]
+    trust_region: Option<f64>,
+    /// Stress test: renormalise z0 to its initial norm after every update (DOODL; the default)
+    /// — `--renorm false` turns it off.
+    #[arg(long)]
+    renorm: Option<bool>,
+    /// Stress test: scenarios in the report's gallery (default 8).
+    #[arg(long)]
+    top: Option<usize>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -89,6 +116,21 @@ enum Command {
     /// Sample a Cosmos pipeline from a diffusers repository (local or on the Hugging Face Hub),
     /// optionally optimising z0 through every denoising step and the VAE decode.
     Cosmos(sampler::cosmos::app::CosmosArgs),
+    /// Merge a policy stress test's results — a run directory, or the -o directory of its
+    /// shards — into DIR/report/: summary.md, summary.json, gallery.png, gallery.gif.
+    StressReport(StressReportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StressReportArgs {
+    /// The run's -o directory (holding scenarios/ or shard-*/scenarios/).
+    dir: PathBuf,
+    /// Scenarios in the gallery (the worst failures first).
+    #[arg(long, default_value_t = 8)]
+    top: usize,
+    /// Replace an existing DIR/report/.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Where `sampler` writes without `-o`: a new numbered directory under it per run.
@@ -139,9 +181,33 @@ impl Cli {
 /// The stress test's settings: defaults, overridden by the flags that apply to it, every range
 /// checked (`StressSettings::checks`, naming the flags).
 fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings> {
+    use sampler::stress::ScenarioSource;
     let mut s = sampler::stress::StressSettings::default();
     if let Some(seeds) = &cli.seeds {
-        s.seeds = seeds.clone();
+        s.scenarios = ScenarioSource::Seeds(seeds.clone());
+    }
+    if let Some(path) = &cli.scenarios {
+        s.scenarios = ScenarioSource::File(path.clone());
+    }
+    if let Some(n) = cli.num_scenarios {
+        anyhow::ensure!((1..=1_000_000).contains(&n), "--num-scenarios must be in 1..=1000000, got {n}");
+        s.scenarios = ScenarioSource::HeldOut { count: n };
+    }
+    if let Some(shard) = &cli.shard {
+        s.shard = Some(sampler::stress::Shard::parse(shard)?);
+    }
+    if let Some(r) = cli.trust_region {
+        anyhow::ensure!(r.is_finite() && r > 0.0, "--trust-region must be positive and finite, got {r}");
+        s.constraint.trust_region = Some(r);
+    }
+    if let Some(on) = cli.renorm {
+        s.constraint.renormalise = on;
+    }
+    if let Some(c) = cli.chi_reg {
+        s.chi_reg = c;
+    }
+    if let Some(k) = cli.top {
+        s.top = k;
     }
     if let Some(n) = cli.iterations {
         s.iterations = usize::try_from(n).context("--iterations")?;
@@ -173,7 +239,6 @@ fn demo_only_flags(cli: &Cli) -> Vec<&'static str> {
         ("--objective", cli.objective.is_some()),
         ("--grad-mode", cli.grad_mode.is_some()),
         ("--grad-clip", cli.grad_clip.is_some()),
-        ("--chi-reg", cli.chi_reg.is_some()),
         ("--s-churn", cli.s_churn.is_some()),
         ("--verify-grad", cli.verify_grad),
         ("--no-verify-grad", cli.no_verify_grad),
@@ -185,7 +250,18 @@ fn demo_only_flags(cli: &Cli) -> Vec<&'static str> {
 
 /// Flags that only the stress test reads; the analytic demo must not silently ignore them.
 fn stress_only_flags(cli: &Cli) -> Vec<&'static str> {
-    [("--policy", cli.policy.is_some()), ("--world-model", cli.world_model.is_some()), ("--seeds", cli.seeds.is_some())]
+    [
+        ("--policy", cli.policy.is_some()),
+        ("--world-model", cli.world_model.is_some()),
+        ("--seeds", cli.seeds.is_some()),
+        ("--scenarios", cli.scenarios.is_some()),
+        ("--num-scenarios", cli.num_scenarios.is_some()),
+        ("--shard", cli.shard.is_some()),
+        ("--resume", cli.resume),
+        ("--trust-region", cli.trust_region.is_some()),
+        ("--renorm", cli.renorm.is_some()),
+        ("--top", cli.top.is_some()),
+    ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
         .collect()
@@ -241,6 +317,54 @@ fn stress_inputs(cli: &Cli) -> anyhow::Result<Result<(PathBuf, PathBuf), String>
     Ok(Ok((weights, policy)))
 }
 
+/// Where the stress test writes: a numbered or given directory as every command, or with
+/// `--resume` / `--shard` a given one (a shard's is `DIR/shard-i-of-n`).
+enum StressOut {
+    Plain(shared::outputs::OutputDir),
+    Dir(PathBuf, shared::outputs::Existing),
+}
+
+fn stress_out_dir(cli: &Cli, settings: &sampler::stress::StressSettings) -> anyhow::Result<StressOut> {
+    use shared::outputs::{check_dir, Existing};
+    let mode = Existing::from_flags(cli.overwrite, cli.resume)?;
+    match (&settings.shard, &cli.out) {
+        (Some(shard), Some(dir)) => {
+            let dir = dir.join(shard.dir_name());
+            check_dir(&dir, "-o", mode)?;
+            Ok(StressOut::Dir(dir, mode))
+        }
+        (Some(_), None) => anyhow::bail!(
+            "--shard needs -o DIR: the run directory every shard writes into (as DIR/shard-i-of-n)"
+        ),
+        (None, Some(dir)) if cli.resume => {
+            check_dir(dir, "-o", mode)?;
+            Ok(StressOut::Dir(dir.clone(), mode))
+        }
+        (None, None) if cli.resume => anyhow::bail!("--resume needs -o DIR: the run to continue"),
+        (None, _) => Ok(StressOut::Plain(shared::outputs::OutputDir::check(
+            cli.out.as_deref(),
+            Path::new(DEFAULT_OUT),
+            cli.overwrite,
+        )?)),
+    }
+}
+
+/// `sampler stress-report DIR`: the merged report of a run's (or its shards') results.
+fn stress_report(args: &StressReportArgs) -> anyhow::Result<()> {
+    use sampler::stress::report;
+    anyhow::ensure!(args.dir.is_dir(), "{}: not a directory (give a stress test's -o DIR)", args.dir.display());
+    anyhow::ensure!(args.top >= 1, "--top must be at least 1");
+    let results = report::collect(&args.dir)?;
+    let out = args.dir.join(report::REPORT_DIR);
+    let mode = shared::outputs::Existing::from_flags(args.overwrite, false)?;
+    let claimed = shared::outputs::claim_dir(&out, "report", mode)?;
+    let files = report::write_report(&results, claimed.path(), args.top)?;
+    let plain: Vec<_> = results.into_iter().map(|(r, _)| r).collect();
+    println!("{}", report::markdown(&report::summary(&plain)));
+    println!("wrote {} to {}", files.join(", "), claimed.path().display());
+    Ok(())
+}
+
 /// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
 fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
     let (weights, policy) = match stress_inputs(cli)? {
@@ -263,14 +387,19 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
     // Arguments and the output directory before anything is loaded; then the inputs, each
     // checked; the directory is claimed only once they all are.
     let settings = stress_settings(cli)?;
-    let out = shared::outputs::OutputDir::check(cli.out.as_deref(), Path::new(DEFAULT_OUT), cli.overwrite)?;
+    let out = stress_out_dir(cli, &settings)?;
     let device_spec = cli.device.as_deref().unwrap_or("cpu");
     let device = shared::device::parse_device(device_spec).with_context(|| format!("--device {device_spec}"))?;
     let model = sampler::world_model::WorldModel::load_dir(&weights, candle_core::DType::F32, &device)
         .with_context(|| format!("--world-model {}", weights.display()))?;
     settings.check(&model.cfg, &device)?;
     sampler::stress::load_policy(&policy, &device).with_context(|| format!("--policy {}", policy.display()))?;
-    let claimed = out.claim()?;
+    // The scenarios are read and checked before the directory is claimed.
+    settings.scenarios.scenarios(settings.start_frame)?;
+    let claimed = match &out {
+        StressOut::Plain(out) => out.claim()?,
+        StressOut::Dir(dir, mode) => shared::outputs::claim_dir(dir, "-o", *mode)?,
+    };
     println!(
         "no -i params file: running the policy stress test (world model {}, policy {}) → {}",
         weights.display(),
@@ -295,6 +424,9 @@ fn main() -> anyhow::Result<()> {
         }
         sampler::cosmos::app::run(&args, |line| println!("{line}"))?;
         return Ok(());
+    }
+    if let Some(Command::StressReport(args)) = &cli.command {
+        return stress_report(args);
     }
     if cli.input.is_none() && !cli.demo && try_stress(&cli)? {
         return Ok(());

@@ -41,10 +41,65 @@ pub struct OptimizeSettings {
     /// (ReNO); 0 disables it.
     pub chi_reg: f64,
     pub grad_mode: GradMode,
+    /// Where the learned tensors may go (projections after every update).
+    #[serde(default)]
+    pub constraint: NoiseConstraint,
+}
+
+/// Keeps learned noise where the model's training distribution is, by projecting every learned
+/// tensor after each update:
+/// * `trust_region` r: onto the ball ‖v − v₀‖ ≤ r·√d around its initial value v₀ (r is the RMS
+///   displacement per element);
+/// * `renormalise`: back to its initial norm ‖v₀‖ (DOODL): a standard normal's norm
+///   concentrates at √d, so this keeps v in the Gaussian typical set whatever direction it
+///   moves in.
+///
+/// The trust region is applied first, the renormalisation last (so the norm is exact; the
+/// distance may then exceed r·√d slightly — by at most the norm change the region allowed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NoiseConstraint {
+    pub renormalise: bool,
+    pub trust_region: Option<f64>,
+}
+
+impl NoiseConstraint {
+    pub fn is_none(&self) -> bool {
+        !self.renormalise && self.trust_region.is_none()
+    }
+
+    /// `v` projected for its initial value `v0` (both the same shape).
+    pub fn project(&self, v: &Tensor, v0: &Tensor) -> Result<Tensor> {
+        let norm = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
+        let mut v = v.clone();
+        if let Some(r) = self.trust_region {
+            let delta = (&v - v0)?;
+            let (dist, bound) = (norm(&delta)?, r * (v.elem_count() as f64).sqrt());
+            if dist > bound {
+                v = (v0 + (delta * (bound / dist))?)?;
+            }
+        }
+        if self.renormalise {
+            let (now, initial) = (norm(&v)?, norm(v0)?);
+            if now > 0.0 {
+                v = (v * (initial / now))?;
+            }
+        }
+        Ok(v)
+    }
+
+    /// One line for logs and reports.
+    pub fn describe(&self) -> String {
+        match (self.renormalise, self.trust_region) {
+            (false, None) => "none".into(),
+            (true, None) => "renormalise to the initial norm".into(),
+            (false, Some(r)) => format!("trust region ‖z − z_init‖ ≤ {r}·√d"),
+            (true, Some(r)) => format!("trust region ‖z − z_init‖ ≤ {r}·√d, then renormalise"),
+        }
+    }
 }
 
 /// |∇| statistics of one tensor.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GradStats {
     pub mean_abs: f64,
     pub max_abs: f64,
@@ -69,7 +124,7 @@ impl GradStats {
 }
 
 /// One iteration's measured figures (at the parameters before its update).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IterationRecord {
     pub iteration: usize,
     pub loss: f64,
@@ -146,6 +201,13 @@ pub fn optimize(
     )?;
     let mut records = Vec::with_capacity(settings.iterations);
     let mut initial = None;
+    // The learned tensors' initial values, for the constraint's projections.
+    let starts: Vec<(Var, Tensor)> = if settings.constraint.is_none() {
+        Vec::new()
+    } else {
+        // Copies: `Var::set` writes the storage a detached view would share.
+        learnable.iter().map(|(_, v)| Ok((v.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?
+    };
     for iteration in 0..settings.iterations {
         let started = Instant::now();
         let vg = traj.value_and_grad_state(noise, objective, settings.grad_mode)?;
@@ -183,6 +245,9 @@ pub fn optimize(
         let scaled: Vec<(candle_core::TensorId, Tensor)> =
             total.iter().map(|(var, g)| Ok((var.as_tensor().id(), (g * factor)?))).collect::<Result<_>>()?;
         opt.step_with(|var| scaled.iter().find(|(id, _)| *id == var.as_tensor().id()).map(|(_, g)| g.clone()))?;
+        for (var, start) in &starts {
+            var.set(&settings.constraint.project(var.as_tensor(), start)?)?;
+        }
         let record = IterationRecord {
             iteration,
             loss: vg.loss,

@@ -315,6 +315,7 @@ fn optimising_z0_moves_every_step_noise_with_it() {
         grad_clip: None,
         chi_reg: 0.0,
         grad_mode: GradMode::Recompute,
+        constraint: Default::default(),
     };
     let noise = NoiseState::draw(4, &SHAPE, &plan, NoiseMode::SdeFromZ0, true, DType::F64, &dev).unwrap();
     let names: Vec<String> = noise.learnable().into_iter().map(|(n, _)| n).collect();

@@ -296,6 +296,7 @@ fn run_mode(mode: NoiseMode, iterations: usize) -> (Tensor, Tensor, Vec<Option<T
         grad_clip: None,
         chi_reg: 0.0,
         grad_mode: GradMode::Recompute,
+        constraint: Default::default(),
     };
     let out = optimize(&traj, &noise, &obj, &settings, |_| {}).unwrap();
     (out.initial_output, out.final_output, before_noise, noise.tensors().1)
@@ -367,6 +368,7 @@ fn optimisation_moves_the_loss_in_the_asked_direction_and_chi_reg_is_exact() {
             grad_clip: Some(1.0),
             chi_reg: chi,
             grad_mode: GradMode::Recompute,
+            constraint: Default::default(),
         };
         let out = optimize(&traj, &noise, &obj, &settings, |_| {}).unwrap();
         println!("{direction:?}: loss {:.4} → {:.4}", out.initial_loss, out.final_loss);

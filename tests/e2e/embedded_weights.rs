@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use sampler::stress::{run, StressSettings};
+use sampler::stress::{run, ScenarioSource, StressSettings};
 use sampler::world_model::WorldModel;
 use sha2::Digest;
 
@@ -40,7 +40,8 @@ fn default_stress_test_runs_on_the_embedded_weights() -> Result<()> {
 
     let model = WorldModel::load_dir(&weights(), DType::F32, &Device::Cpu)?;
     let out = tempfile::tempdir()?;
-    let settings = StressSettings { seeds: vec![0], iterations: 4, ..StressSettings::default() };
+    let settings =
+        StressSettings { scenarios: ScenarioSource::Seeds(vec![0]), iterations: 4, ..StressSettings::default() };
     let summary = run(&model, &policy_path, &settings, out.path(), |_| {})?;
     let r = &summary.results[0];
     assert!(r.error_on_real_frames.is_finite() && r.error_before.is_finite());

@@ -19,7 +19,8 @@ use rl::encoders::EncoderKind;
 use sampler::denoiser::Denoiser;
 use sampler::optimize::Direction;
 use sampler::solver::SolverKind;
-use sampler::stress::{run, StressSettings};
+use sampler::optimize::NoiseConstraint;
+use sampler::stress::{run, ScenarioSource, StressSettings};
 use sampler::world_model::{
     batch_indices, collect_clips, edm_loss, predict, trainable_vars, DataSpec, TrainSettings, WorldModel,
     WorldModelConfig,
@@ -97,7 +98,7 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
 
     let out = dir.path().join("stress");
     let settings = StressSettings {
-        seeds: vec![0, 1],
+        scenarios: ScenarioSource::Seeds(vec![0, 1]),
         start_frame: 2,
         iterations: 3,
         lr: 0.3,
@@ -106,6 +107,11 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
         num_steps: 3,
         sigma_min: 0.002,
         sigma_max: 80.0,
+        // Unconstrained: the test is about the gradient reaching z0 through the trained model.
+        constraint: NoiseConstraint::default(),
+        chi_reg: 0.0,
+        shard: None,
+        top: 2,
     };
     let mut lines = Vec::new();
     let summary = run(&frozen, &policy_path, &settings, &out, |l| lines.push(l.to_string()))?;
@@ -113,26 +119,33 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     assert_eq!(summary.results.len(), 2);
     for r in &summary.results {
         assert!(r.error_before.is_finite() && r.error_after.is_finite() && r.error_on_real_frames.is_finite());
-        assert!(r.grad_z0_norm_initial > 0.0, "seed {}: no gradient reached z0", r.seed);
+        assert!(r.grad_z0_norm_initial > 0.0, "{}: no gradient reached z0", r.scenario.id);
+        assert!(r.realism_real.is_finite() && r.realism_before.is_finite() && r.realism_after.is_finite());
         assert!(
             r.error_after > r.error_before,
-            "seed {}: ascent did not increase the policy error ({} → {})",
-            r.seed,
+            "{}: ascent did not increase the policy error ({} → {})",
+            r.scenario.id,
             r.error_before,
             r.error_after
         );
     }
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json"))?)?;
-    assert_eq!(report["denoiser_is_analytic"], false);
-    assert_eq!(report["results"].as_array().map(Vec::len), Some(2));
-    for f in ["seed0_before_after.png", "seed0_before.gif", "seed1_after.gif", "metrics.jsonl"] {
+    assert_eq!(report["scenario_ids"].as_array().map(Vec::len), Some(2));
+    for f in [
+        "scenarios/ep0-f2.json",
+        "scenarios/ep1-f2.safetensors",
+        "report/summary.md",
+        "report/gallery.png",
+        "report/gallery.gif",
+        "metrics.jsonl",
+    ] {
         assert!(out.join(f).metadata()?.len() > 0, "{f} missing or empty");
     }
 
     // A state-only policy cannot be stressed through images: a clear error, not a zero gradient.
     let state_only = dir.path().join("state_only.safetensors");
     policies::export_untrained(&state_only, EncoderKind::None, (32, 32))?;
-    let err = match run(&frozen, &state_only, &StressSettings { seeds: vec![0], ..settings }, &out, |_| {}) {
+    let err = match run(&frozen, &state_only, &StressSettings { scenarios: ScenarioSource::Seeds(vec![0]), ..settings }, &out, |_| {}) {
         Ok(_) => anyhow::bail!("a state-only policy was accepted"),
         Err(e) => format!("{e:#}"),
     };

@@ -542,6 +542,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
             grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
             chi_reg: args.chi_reg,
             grad_mode: GradMode::Recompute,
+            constraint: Default::default(),
         };
         if args.verify_grad {
             let check = check_first_gradient(&traj, &noise, objective.as_ref(), dtype, args.seed)?;

@@ -332,6 +332,7 @@ pub fn run(r: Run, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
                 grad_clip: (args.grad_clip > 0.0).then_some(args.grad_clip),
                 chi_reg: args.chi_reg,
                 grad_mode: GradMode::Recompute,
+                constraint: Default::default(),
             };
             let mut history = Vec::new();
             let outcome = optimize(&traj, &noise, &objective, &settings, |r| {

@@ -1,0 +1,132 @@
+//! The policy stress test at scale, through the `sampler` binary on the embedded weights:
+//! `--shard 0/2` + `--shard 1/2` + `sampler stress-report` equals one unsharded run; a run whose
+//! scenarios did not all finish resumes without redoing the finished ones; scenario files; and
+//! the refusals of bad scale-out arguments before anything is written.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+fn sampler(args: &[&str]) -> Result<(bool, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sampler")).args(args).env("RUST_BACKTRACE", "0").output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+/// Three held-out scenarios, two iterations each: small and fast, the same code path.
+const SMALL: [&str; 4] = ["--num-scenarios", "3", "--iterations", "2"];
+
+fn run(dir: &Path, extra: &[&str]) -> Result<String> {
+    let d = dir.display().to_string();
+    let mut args: Vec<&str> = vec!["-o", &d];
+    args.extend(SMALL);
+    args.extend(extra);
+    let (ok, text) = sampler(&args)?;
+    anyhow::ensure!(ok, "sampler {args:?} failed:\n{text}");
+    Ok(text)
+}
+
+fn summary(dir: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("report/summary.json")).context("report/summary.json")?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[test]
+fn two_shards_and_the_report_equal_one_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let whole = tmp.path().join("whole");
+    run(&whole, &[])?;
+    let sharded = tmp.path().join("sharded");
+    let first = run(&sharded, &["--shard", "0/2"])?;
+    assert!(first.contains("shard 0/2 of 3"), "{first}");
+    run(&sharded, &["--shard", "1/2"])?;
+    assert!(sharded.join("shard-0-of-2/scenarios/ep9000-f4.json").exists());
+    assert!(sharded.join("shard-1-of-2/scenarios/ep9001-f4.json").exists());
+    assert!(!sharded.join("report").exists(), "a shard wrote the merged report");
+    let (ok, text) = sampler(&["stress-report", &sharded.display().to_string()])?;
+    assert!(ok, "{text}");
+    let (a, b) = (summary(&whole)?, summary(&sharded)?);
+    assert_eq!(a["scenarios"], 3);
+    for key in ["rows", "mean", "ranked", "settings", "error_increased"] {
+        assert_eq!(a[key], b[key], "{key} differs between the unsharded run and the merged shards");
+    }
+    for f in ["summary.md", "gallery.png", "gallery.gif"] {
+        assert!(sharded.join("report").join(f).metadata()?.len() > 0, "{f}");
+    }
+    // The report is not overwritten silently.
+    let (ok, text) = sampler(&["stress-report", &sharded.display().to_string()])?;
+    assert!(!ok && text.contains("--overwrite"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn an_unfinished_run_resumes_without_redoing_finished_scenarios() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let whole = tmp.path().join("whole");
+    run(&whole, &[])?;
+    // A run stopped after its first two scenarios: each result is written when its scenario
+    // finishes, so the directory holds exactly those (the third never started).
+    let partial = tmp.path().join("partial");
+    run(&partial, &["--num-scenarios", "2"])?;
+    let finished = std::fs::read(partial.join("scenarios/ep9000-f4.json"))?;
+    // Without --resume the directory is refused.
+    let d = partial.display().to_string();
+    let (ok, text) = sampler(&["-o", &d, "--num-scenarios", "3", "--iterations", "2"])?;
+    assert!(!ok && text.contains("not empty"), "{text}");
+    let text = run(&partial, &["--resume"])?;
+    assert!(text.contains("2 already finished (skipped)"), "{text}");
+    let computed: Vec<&str> = text.lines().filter(|l| l.starts_with("scenario ")).collect();
+    assert_eq!(computed.len(), 1, "{text}");
+    assert!(computed[0].starts_with("scenario ep9002-f4:"), "{text}");
+    assert_eq!(std::fs::read(partial.join("scenarios/ep9000-f4.json"))?, finished, "a finished result was redone");
+    let (a, b) = (summary(&whole)?, summary(&partial)?);
+    assert_eq!(a["rows"], b["rows"]);
+    // Resuming with other settings is refused, naming the result that differs.
+    let (ok, text) = sampler(&["-o", &d, "--num-scenarios", "3", "--iterations", "3", "--resume"])?;
+    assert!(!ok && text.contains("other settings"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn scenario_files_and_bad_scale_out_arguments() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("scenarios.jsonl");
+    std::fs::write(
+        &file,
+        "{\"id\": \"late-descent\", \"episode_seed\": 9100, \"start_frame\": 6, \"direction\": \"descent\", \"noise_seed\": 3}\n\
+         {\"id\": \"other-actions\", \"episode_seed\": 9101, \"actions\": [[0,0,0,0,0,0,0,0],[0.5,0,0,0,0,0,0,0]]}\n",
+    )?;
+    let dir = tmp.path().join("run");
+    let f = file.display().to_string();
+    let (ok, text) = sampler(&["-o", &dir.display().to_string(), "--scenarios", &f, "--iterations", "2"])?;
+    assert!(ok, "{text}");
+    let s = summary(&dir)?;
+    assert_eq!(s["scenarios"], 2);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scenarios/late-descent.json"))?)?;
+    assert_eq!(r["scenario"]["start_frame"], 6);
+    let losses: Vec<f64> = r["iterations"].as_array().context("iterations")?.iter().filter_map(|i| i["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 2);
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"x\", \"episode_seed\": 1, \"actions\": [[1,2]]}\n")?;
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--shard".into(), "2/2".into(), "-o".into(), tmp.path().join("a").display().to_string()], "below COUNT"),
+        (vec!["--shard".into(), "0/2".into()], "--shard needs -o"),
+        (vec!["--resume".into()], "--resume needs -o"),
+        (vec!["--resume".into(), "-o".into(), tmp.path().join("absent").display().to_string()], "--resume"),
+        (vec!["--num-scenarios".into(), "0".into()], "--num-scenarios"),
+        (vec!["--trust-region".into(), "-1".into()], "--trust-region"),
+        (vec!["--scenarios".into(), tmp.path().join("none.jsonl").display().to_string()], "cannot read"),
+        (vec!["--scenarios".into(), bad.display().to_string(), "-o".into(), tmp.path().join("b").display().to_string()], "actions must be"),
+        (vec!["--demo".into(), "--shard".into(), "0/2".into()], "apply to the policy stress test"),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, text) = sampler(&args)?;
+        assert!(!ok, "{args:?} was accepted:\n{text}");
+        assert!(text.contains(expected), "{args:?}: expected '{expected}' in:\n{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+    Ok(())
+}
