@@ -5,6 +5,10 @@
 //! `docs/world-model-predictions.png`. Checkpoints and `metrics.jsonl` go to `--run-dir`.
 //! Every argument and output is checked before anything runs: existing outputs are refused
 //! unless `--overwrite` (the run directory is then replaced whole).
+//!
+//! This file parses and checks the flags and writes the manifest; the data collection, the
+//! training loop and the held-out evaluation are library calls in [`sampler::world_model`]
+//! (`collect_clips`, `train`, `evaluate`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,12 +18,11 @@ use candle_core::DType;
 use clap::Parser;
 use sampler::solver::SolverKind;
 use sampler::world_model::{
-    batch_indices, collect_clips, copy_first_frame, edm_loss, learning_rate, predict, psnr, trainable_vars, Clips,
-    DataSpec, TrainSettings, WorldModel, WorldModelConfig,
+    collect_clips, evaluate, train, write_predictions_figure, DataSpec, EvalSettings, HeldOutEval, RunDir,
+    TrainSettings, WorldModel, WorldModelConfig,
 };
 use serde_json::json;
 use sha2::Digest;
-use shared::params::{GroupOptimizer, OptimizerConfig, Partitions};
 
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(about = "Train the embedded pixel-space Cosmos-DiT world model of the environment")]
@@ -218,49 +221,43 @@ fn main() -> anyhow::Result<()> {
         clip_spacing: cfg.frames,
     };
     let t_data = Instant::now();
-    let train = collect_clips(&cfg, &train_spec, &device)?;
-    let eval_all = collect_clips(&cfg, &eval_spec, &device)?;
-    let eval_idx: Vec<usize> = (0..args.eval_clips.min(eval_all.len()))
-        .map(|i| i * eval_all.len() / args.eval_clips.min(eval_all.len()))
-        .collect();
-    let eval = eval_all.select(&eval_idx)?;
+    let train_clips = collect_clips(&cfg, &train_spec, &device)?;
+    let eval_clips = collect_clips(&cfg, &eval_spec, &device)?.spread(args.eval_clips)?;
     println!(
         "data: {} training clips from {} episodes, {} held-out clips from {} episodes ({:.1} s); clip {:?}",
-        train.len(),
+        train_clips.len(),
         args.episodes,
-        eval.len(),
+        eval_clips.len(),
         args.eval_episodes,
         t_data.elapsed().as_secs_f64(),
         cfg.clip_shape()
     );
+    let eval_settings = EvalSettings {
+        solver: eval_solver,
+        solver_steps: args.eval_solver_steps,
+        sigma_min: args.eval_sigma_min,
+        sigma_max: args.eval_sigma_max,
+        seed: args.seed,
+    };
+    let manifest_path = args.out_dir.join("world_model_manifest.json");
 
     if let Some(frozen) = existing {
-        let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) =
-            evaluate(&frozen, &eval, &args, eval_solver)?;
-        write_figure(&args.figure, &eval, &pred)?;
+        let eval = evaluate(&frozen, &eval_clips, &eval_settings, |line| println!("{line}"))?;
+        write_predictions_figure(&args.figure, &eval_clips, &eval.predictions)?;
         // Re-measured figures replace the manifest's evaluation (the training record stays).
-        let manifest_path = args.out_dir.join("world_model_manifest.json");
         if manifest_path.exists() {
             let text = std::fs::read_to_string(&manifest_path)
                 .with_context(|| format!("reading {}", manifest_path.display()))?;
             let mut manifest: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
-            manifest["eval"] = eval_record(&args, psnr_model, &psnr_model_frames, psnr_copy, &psnr_copy_frames);
-            manifest["eval"]["command"] = json!(format!(
-                "cargo run -p sampler --release --bin train-world-model -- {}",
-                std::env::args().skip(1).collect::<Vec<_>>().join(" ")
-            ));
+            manifest["eval"] = eval_record(&args, &eval);
+            manifest["eval"]["command"] = json!(command_line());
             shared::io::write_json_atomic(&manifest_path, &manifest)?;
             println!("updated the evaluation in {} and {}", manifest_path.display(), args.figure.display());
         }
         return Ok(());
     }
 
-    let varmap = candle_nn::VarMap::new();
-    let model = WorldModel::new_trainable(&cfg, &varmap, args.seed, &device)?;
-    let vars = trainable_vars(&varmap)?;
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    println!("model: {} — {n_params} parameters ({:.2} MB f32)", model.describe(), n_params as f64 * 4.0 / 1e6);
     let settings = TrainSettings {
         steps: args.steps,
         batch_size: args.batch_size,
@@ -268,167 +265,70 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         ..TrainSettings::default()
     };
-    let mut opt = GroupOptimizer::new("world_model", vars, OptimizerConfig::adam(args.lr))?;
-    let mut rng = shared::rng::SplitMix64::new(args.seed ^ 0x77AA);
-    // The run directory is claimed (its old contents removed with --overwrite) just before the
-    // first write; the lock keeps a second trainer out of it.
-    let run_dir = shared::outputs::claim_dir(&args.run_dir, "--run-dir", run_mode)?;
-    let mut metrics = shared::metrics::JsonlWriter::create(&run_dir.join("metrics.jsonl"))?;
-    let bar = shared::metrics::progress_bar(args.steps as u64, "train");
-    let (mut ema, mut final_loss) = (None::<f64>, f64::NAN);
-    let t_train = Instant::now();
-    for step in 0..args.steps {
-        let batch = train.select(&batch_indices(&mut rng, train.len(), args.batch_size))?;
-        let loss = edm_loss(&model, &batch, &mut rng, &settings)?;
-        let grads = loss.backward()?;
-        if step == 0 {
-            // Every weight (DiT and action embedding) must receive a gradient: the DiT's
-            // frozen-weight matmul shortcut is only taken for weights that are not Vars.
-            let partitions = Partitions::new(&varmap).optimised("world_model", &["dit.", "action_embed."])?;
-            let audit = shared::gradflow::audit(
-                &grads,
-                &partitions,
-                &shared::gradflow::Expectation::new("edm").reaches(&["world_model"]),
-            )?;
-            println!("gradient audit at step 0:\n{}", audit.table());
-            anyhow::ensure!(audit.ok(), "gradient audit failed: {:?}", audit.violations);
-        }
-        opt.config.lr = learning_rate(&settings, step);
-        opt.step(&grads)?;
-        let value = shared::gradcheck::scalar_f64(&loss)?;
-        anyhow::ensure!(value.is_finite(), "step {step}: loss is not finite");
-        ema = Some(ema.map_or(value, |e| 0.98 * e + 0.02 * value));
-        final_loss = ema.unwrap_or(value);
-        metrics.write(&json!({"step": step, "loss": value, "loss_ema": final_loss, "lr": opt.config.lr,
-            "seconds": t_train.elapsed().as_secs_f64()}))?;
-        bar.set_message(format!("loss {value:.4} (ema {final_loss:.4})"));
-        bar.inc(1);
-        if (step + 1) % args.checkpoint_every == 0 || step + 1 == args.steps {
-            shared::weights::save_varmap_atomic(
-                &varmap,
-                &run_dir.join(format!("checkpoint_{:06}.safetensors", step + 1)),
-            )?;
-        }
-    }
-    bar.finish();
-    let train_seconds = t_train.elapsed().as_secs_f64();
-    println!("trained {} steps in {train_seconds:.1} s; final loss (EMA 0.98) {final_loss:.5}", args.steps);
+    let run =
+        RunDir { path: &args.run_dir, flag: "--run-dir", existing: run_mode, checkpoint_every: args.checkpoint_every };
+    let trained = train(&cfg, &settings, &train_clips, &run, |line| println!("{line}"))?;
 
     // Save the frozen model and re-load it, so the evaluation sees exactly what ships.
-    let weights_path = args.out_dir.join("world_model.safetensors");
-    let config_path = args.out_dir.join("world_model.json");
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("--out-dir {}: creating it", args.out_dir.display()))?;
-    shared::weights::save_varmap_atomic(&varmap, &weights_path)?;
-    shared::io::write_json_atomic(&config_path, &cfg)?;
+    let (weights_path, config_path) = trained.save(&args.out_dir)?;
     let frozen = WorldModel::load_dir(&args.out_dir, DType::F32, &device)?;
 
-    let (psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred) =
-        evaluate(&frozen, &eval, &args, eval_solver)?;
-    write_figure(&args.figure, &eval, &pred)?;
+    let eval = evaluate(&frozen, &eval_clips, &eval_settings, |line| println!("{line}"))?;
+    write_predictions_figure(&args.figure, &eval_clips, &eval.predictions)?;
 
     let bytes = std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
     let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
     let manifest = json!({
-        "file": "world_model.safetensors",
-        "config": "world_model.json",
+        "file": sampler::world_model::WEIGHTS_FILE,
+        "config": sampler::world_model::CONFIG_FILE,
         "bytes": bytes.len(),
         "sha256": sha256,
-        "parameters": n_params,
-        "command": format!("cargo run -p sampler --release --bin train-world-model -- {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
+        "parameters": trained.parameters,
+        "command": command_line(),
         "args": args,
         "data": {
-            "train": train_spec, "train_clips": train.len(),
-            "eval": eval_spec, "eval_clips": eval.len(),
+            "train": train_spec, "train_clips": train_clips.len(),
+            "eval": eval_spec, "eval_clips": eval_clips.len(),
             "policies": "expert, medium (noisy expert), random, cycled over episodes",
             "frames": "three 32×32 camera renders box-downsampled to 16×16 and tiled (16×48 RGB in [-1, 1])",
         },
         "steps": args.steps,
-        "final_loss_ema": final_loss,
-        "train_seconds": train_seconds,
-        "eval": eval_record(&args, psnr_model, &psnr_model_frames, psnr_copy, &psnr_copy_frames),
+        "final_loss_ema": trained.final_loss_ema,
+        "train_seconds": trained.seconds,
+        "eval": eval_record(&args, &eval),
         "device": shared::device::describe(&device),
         "seconds_total": started.elapsed().as_secs_f64(),
     });
-    shared::io::write_json_atomic(&args.out_dir.join("world_model_manifest.json"), &manifest)?;
+    shared::io::write_json_atomic(&manifest_path, &manifest)?;
     println!(
         "wrote {} ({} bytes, sha256 {sha256}), {}, {}, {}",
         weights_path.display(),
         bytes.len(),
         config_path.display(),
-        args.out_dir.join("world_model_manifest.json").display(),
+        manifest_path.display(),
         args.figure.display()
     );
     Ok(())
 }
 
-/// Held-out figures: one-shot denoising PSNR per σ, then sampled predictions (RES) against the
-/// real frames and the copy-the-first-frame baseline.
-#[allow(clippy::type_complexity)]
-fn evaluate(
-    frozen: &WorldModel,
-    eval: &Clips,
-    args: &Args,
-    solver: SolverKind,
-) -> anyhow::Result<(f64, Vec<f64>, f64, Vec<f64>, candle_core::Tensor)> {
-    let cfg = &frozen.cfg;
-    let probe = [0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0];
-    let table = sampler::world_model::denoising_psnr(frozen, eval, &probe, args.seed ^ 0xD1A6)?;
-    println!(
-        "one-shot denoising PSNR D(x0+σε) vs x0 (dB): {}",
-        table.iter().map(|(s, p)| format!("σ={s}: {p:.2}")).collect::<Vec<_>>().join(", ")
-    );
-    let t_eval = Instant::now();
-    let pred = predict(
-        frozen,
-        eval,
-        solver,
-        args.eval_solver_steps,
-        args.eval_sigma_min,
-        args.eval_sigma_max,
-        args.seed ^ 0xE7A1,
-    )?;
-    let (psnr_model, psnr_model_frames) = psnr(&pred, &eval.frames)?;
-    let (psnr_copy, psnr_copy_frames) = psnr(&copy_first_frame(&eval.frames)?, &eval.frames)?;
-    println!(
-        "held-out PSNR over {} clips (frames 1..{}): world model {psnr_model:.2} dB {psnr_model_frames:.2?} vs copy-first-frame {psnr_copy:.2} dB {psnr_copy_frames:.2?} ({:.1} s, {} {} steps)",
-        eval.len(),
-        cfg.frames - 1,
-        t_eval.elapsed().as_secs_f64(),
-        args.eval_solver,
-        args.eval_solver_steps
-    );
-    Ok((psnr_model, psnr_model_frames, psnr_copy, psnr_copy_frames, pred))
+/// This run's command, as the manifest records it.
+fn command_line() -> String {
+    format!(
+        "cargo run -p sampler --release --bin train-world-model -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    )
 }
 
-fn eval_record(
-    args: &Args,
-    psnr_model: f64,
-    model_frames: &[f64],
-    psnr_copy: f64,
-    copy_frames: &[f64],
-) -> serde_json::Value {
+/// The manifest's `eval` record: the held-out settings as requested and the figures.
+fn eval_record(args: &Args, eval: &HeldOutEval) -> serde_json::Value {
     json!({
         "held_out_episodes": args.eval_episodes, "clips": args.eval_clips,
         "solver": args.eval_solver, "solver_steps": args.eval_solver_steps,
         "sigma_min": args.eval_sigma_min, "sigma_max": args.eval_sigma_max,
-        "psnr_db": psnr_model, "psnr_db_per_frame": model_frames,
-        "copy_first_frame_psnr_db": psnr_copy, "copy_first_frame_psnr_db_per_frame": copy_frames,
+        "psnr_db": eval.psnr_db, "psnr_db_per_frame": eval.psnr_db_per_frame,
+        "copy_first_frame_psnr_db": eval.copy_first_frame_psnr_db,
+        "copy_first_frame_psnr_db_per_frame": eval.copy_first_frame_psnr_db_per_frame,
     })
-}
-
-/// Rows: for each of up to 4 held-out clips, the real frames then the predicted ones (frame 0
-/// is the given condition in both).
-fn write_figure(path: &std::path::Path, eval: &Clips, pred: &candle_core::Tensor) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    let n = eval.len();
-    for k in 0..n.min(4) {
-        let i = k * n / n.min(4);
-        rows.push(sampler::report::frames_to_images(&eval.frames, i, 4)?);
-        rows.push(sampler::report::frames_to_images(pred, i, 4)?);
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    shared::io::write_atomic(path, &sampler::report::png_bytes(&sampler::report::grid(&rows))?)
 }

@@ -24,17 +24,37 @@
 //! As a sampler [`Denoiser`], the model is `FrameReplace(ResidualToFirstFrame(Preconditioned(EDM, net)))`; its
 //! `Conditioning` carries the clip's frames (only frame 0 is read), the mask, and the raw
 //! actions (B, frames − 1, 8) as `context`.
+//!
+//! The module by concern (every public item is re-exported here, at `world_model::`):
+//! * this file: the model — [`WorldModelConfig`], [`WorldModel`], its denoiser stack
+//!   ([`ResidualToFirstFrame`], [`WorldModelNet`]) and the file names of a world-model
+//!   directory ([`CONFIG_FILE`], [`WEIGHTS_FILE`]);
+//! * [`data`]: clips collected from the environment ([`Clips`], [`collect_clips`]);
+//! * [`mod@train`]: the EDM loss, its settings and the training loop ([`train()`]);
+//! * [`eval`]: sampled predictions, PSNR against the real frames and the copy-the-first-frame
+//!   baseline, denoising PSNR, and the held-out evaluation ([`evaluate`]).
+
+pub mod data;
+pub mod eval;
+pub mod train;
 
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rl::env::{Env, EnvConfig, Observation, ACTION_DIM, STATE_DIM};
+use rl::env::ACTION_DIM;
 
 use crate::cosmos::transformer::{Config as DitConfig, CosmosTransformer3DModel};
 use crate::denoiser::{Conditioning, Denoiser, FrameReplace, Network, Preconditioned};
 use crate::param::Parameterization;
+
+pub use data::{collect_clips, observation_frame, Clips, DataSpec, COLLECTION_POLICIES};
+pub use eval::{
+    copy_first_frame, denoising_psnr, evaluate, predict, psnr, write_predictions_figure, EvalSettings, HeldOutEval,
+    DENOISING_PROBE_SIGMAS,
+};
+pub use train::{batch_indices, edm_loss, learning_rate, train, trainable_vars, RunDir, TrainOutcome, TrainSettings};
 
 /// Everything that defines the model's shapes and preconditioning (saved next to the weights).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -392,288 +412,6 @@ fn init_weights(varmap: &VarMap, seed: u64) -> anyhow::Result<()> {
         var.set(&value)?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Data from the environment.
-
-/// Which scripted policies collect the episodes (cycled over episodes).
-pub const COLLECTION_POLICIES: [rl::env::policy::PolicyKind; 3] =
-    [rl::env::policy::PolicyKind::Expert, rl::env::policy::PolicyKind::Medium, rl::env::policy::PolicyKind::Random];
-
-/// Clips as tensors: frames (N, 3, T, H, W) in [−1, 1], actions (N, T, A) — the action chosen
-/// at each frame (the first T−1 condition the model; the last is a policy's reference) — and
-/// joint states (N, T, 16) at each frame.
-#[derive(Clone, Debug)]
-pub struct Clips {
-    pub frames: Tensor,
-    pub actions: Tensor,
-    pub states: Tensor,
-    /// Per clip: (episode seed, first frame index, policy name).
-    pub origin: Vec<(u64, usize, String)>,
-}
-
-impl Clips {
-    pub fn len(&self) -> usize {
-        self.origin.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.origin.is_empty()
-    }
-
-    /// The clips at `idx`, in that order.
-    pub fn select(&self, idx: &[usize]) -> Result<Self> {
-        let dev = self.frames.device();
-        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), dev)?;
-        Ok(Self {
-            frames: self.frames.index_select(&ids, 0)?,
-            actions: self.actions.index_select(&ids, 0)?,
-            states: self.states.index_select(&ids, 0)?,
-            origin: idx.iter().map(|&i| self.origin[i].clone()).collect(),
-        })
-    }
-}
-
-/// One tiled multi-view frame, (3, H, 3H) CHW floats in [−1, 1], box-downsampled from the
-/// rendered cameras.
-pub fn observation_frame(obs: &Observation, view_size: usize) -> anyhow::Result<Vec<f32>> {
-    let (rh, rw) = (obs.height, obs.width);
-    anyhow::ensure!(
-        rh == rw && rh.is_multiple_of(view_size) && obs.images.iter().all(|i| i.len() == rh * rw * 3),
-        "observation images {rh}×{rw} cannot be downsampled to {view_size}×{view_size} (rendering on?)"
-    );
-    let f = rh / view_size;
-    let (h, w) = (view_size, 3 * view_size);
-    let mut out = vec![0f32; 3 * h * w];
-    let norm = 1.0 / (f * f) as f32;
-    for (cam, img) in obs.images.iter().enumerate() {
-        for y in 0..h {
-            for x in 0..view_size {
-                for ch in 0..3 {
-                    let mut sum = 0u32;
-                    for dy in 0..f {
-                        for dx in 0..f {
-                            sum += img[((y * f + dy) * rw + x * f + dx) * 3 + ch] as u32;
-                        }
-                    }
-                    let v = sum as f32 * norm / 127.5 - 1.0;
-                    out[(ch * h + y) * w + cam * view_size + x] = v;
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// What to collect.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DataSpec {
-    pub episodes: usize,
-    pub first_seed: u64,
-    /// Frames recorded per episode at most (the episode may end sooner).
-    pub frames_per_episode: usize,
-    /// Window start spacing in frames (1 = every overlapping window).
-    pub clip_spacing: usize,
-}
-
-/// Rolls out the collection policies (episode `e` uses seed `first_seed + e` and policy
-/// `COLLECTION_POLICIES[e % 3]`), records a frame, the joint state and the chosen action at
-/// every `frame_stride`-th control step (the action held in between), and cuts clips.
-pub fn collect_clips(cfg: &WorldModelConfig, spec: &DataSpec, device: &Device) -> anyhow::Result<Clips> {
-    let env_cfg = EnvConfig { render: true, ..EnvConfig::default().with_image_size(cfg.render_size, cfg.render_size) };
-    let mut env = Env::new(env_cfg).context("creating the environment")?;
-    let t = cfg.frames;
-    let frame_len = 3 * cfg.view_size * 3 * cfg.view_size;
-    let (mut frames, mut actions, mut states, mut origin) =
-        (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new(), Vec::new());
-    for e in 0..spec.episodes {
-        let seed = spec.first_seed + e as u64;
-        let kind = COLLECTION_POLICIES[e % COLLECTION_POLICIES.len()];
-        let mut policy = kind.build(seed);
-        let mut obs = env.reset(seed);
-        let (mut ep_frames, mut ep_actions, mut ep_states) = (Vec::new(), Vec::new(), Vec::new());
-        'episode: for _ in 0..spec.frames_per_episode {
-            ep_frames.push(observation_frame(&obs, cfg.view_size)?);
-            ep_states.push(obs.state.clone());
-            let action = policy.act(&env);
-            ep_actions.push(action.to_vec());
-            for _ in 0..cfg.frame_stride {
-                let step = env.step(&action);
-                obs = step.obs;
-                if step.done {
-                    break 'episode;
-                }
-            }
-        }
-        let n = ep_frames.len();
-        let mut start = 0;
-        while start + t <= n {
-            // (C, T, H, W): channel-major across the clip's frames.
-            let mut clip = vec![0f32; frame_len * t];
-            let plane = frame_len / 3;
-            for (ti, fr) in ep_frames[start..start + t].iter().enumerate() {
-                for ch in 0..3 {
-                    clip[(ch * t + ti) * plane..(ch * t + ti + 1) * plane]
-                        .copy_from_slice(&fr[ch * plane..(ch + 1) * plane]);
-                }
-            }
-            frames.extend(clip);
-            actions.extend(ep_actions[start..start + t].iter().flatten());
-            states.extend(ep_states[start..start + t].iter().flatten());
-            origin.push((seed, start, kind.name().to_string()));
-            start += spec.clip_spacing.max(1);
-        }
-    }
-    let n = origin.len();
-    anyhow::ensure!(n > 0, "no clips collected (episodes too short for {t} frames?)");
-    let [c, tt, h, w] = cfg.clip_shape();
-    Ok(Clips {
-        frames: Tensor::from_vec(frames, (n, c, tt, h, w), device)?,
-        actions: Tensor::from_vec(actions, (n, t, ACTION_DIM), device)?,
-        states: Tensor::from_vec(states, (n, t, STATE_DIM), device)?,
-        origin,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Training.
-
-/// EDM training hyper-parameters (Karras et al. 2022: ln σ ~ N(P_mean, P_std²)).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TrainSettings {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub warmup_steps: usize,
-    pub p_mean: f64,
-    pub p_std: f64,
-    pub seed: u64,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self { steps: 1500, batch_size: 8, lr: 1e-3, warmup_steps: 50, p_mean: -1.0, p_std: 1.4, seed: 0 }
-    }
-}
-
-/// The learning rate at `step`: linear warm-up, then cosine decay to 10 %.
-pub fn learning_rate(s: &TrainSettings, step: usize) -> f64 {
-    if step < s.warmup_steps {
-        return s.lr * (step + 1) as f64 / s.warmup_steps as f64;
-    }
-    let p = (step - s.warmup_steps) as f64 / (s.steps.saturating_sub(s.warmup_steps)).max(1) as f64;
-    s.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos()))
-}
-
-/// The EDM loss on a batch: λ(σ)·‖D(x0 + σε) − x0‖² averaged over the predicted frames
-/// (frame 0 is the condition and reproduced exactly), λ = (σ² + σ_d²)/(σ·σ_d)², one σ per clip.
-pub fn edm_loss(
-    model: &WorldModel,
-    batch: &Clips,
-    rng: &mut shared::rng::SplitMix64,
-    s: &TrainSettings,
-) -> Result<Tensor> {
-    let x0 = &batch.frames;
-    let (b, _c, t, _h, _w) = x0.dims5()?;
-    let (dtype, dev) = (x0.dtype(), x0.device());
-    let sigmas: Vec<f64> = (0..b).map(|_| (s.p_mean + s.p_std * rng.normal()).exp()).collect();
-    let sd = model.cfg.sigma_data;
-    let weights: Vec<f64> = sigmas.iter().map(|sg| (sg * sg + sd * sd) / (sg * sd).powi(2)).collect();
-    let sigma_bt = Tensor::from_vec(sigmas, (b, 1), dev)?.to_dtype(dtype)?.broadcast_as((b, t))?.contiguous()?;
-    let weight = Tensor::from_vec(weights, (b, 1, 1, 1, 1), dev)?.to_dtype(dtype)?;
-    let eps = rng.normal_tensor(x0.shape(), dtype, dev)?;
-    let x = (x0 + eps.broadcast_mul(&crate::denoiser::per_frame(&sigma_bt)?)?)?;
-    let cond = model.conditioning(x0, &batch.actions)?;
-    let d = model.denoiser().denoise(&x, &sigma_bt, &cond)?;
-    let err = (d - x0)?.sqr()?.broadcast_mul(&weight)?;
-    err.narrow(2, 1, t - 1)?.mean_all()
-}
-
-/// All trainable vars of a model's varmap, sorted by name.
-pub fn trainable_vars(varmap: &VarMap) -> anyhow::Result<Vec<(String, Var)>> {
-    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(vars)
-}
-
-/// Uniform batch indices without replacement within a batch.
-pub fn batch_indices(rng: &mut shared::rng::SplitMix64, n: usize, batch: usize) -> Vec<usize> {
-    let mut idx = Vec::with_capacity(batch);
-    while idx.len() < batch.min(n) {
-        let i = (rng.next_u64() % n as u64) as usize;
-        if !idx.contains(&i) {
-            idx.push(i);
-        }
-    }
-    idx
-}
-
-// ---------------------------------------------------------------------------------------------
-// Evaluation.
-
-/// Predicted clips for held-out first frames and actions, sampled with a solver from seeded z0.
-pub fn predict(
-    model: &WorldModel,
-    clips: &Clips,
-    solver: crate::solver::SolverKind,
-    num_steps: usize,
-    sigma_min: f64,
-    sigma_max: f64,
-    seed: u64,
-) -> anyhow::Result<Tensor> {
-    let cond = model.conditioning(&clips.frames, &clips.actions)?;
-    let denoiser = model.denoiser();
-    let solver = solver.build();
-    let schedule = crate::schedule::Schedule::karras(num_steps, sigma_min, sigma_max, 7.0)?;
-    let plan = crate::noise::Churn::default().plan(&schedule.sigmas, false);
-    let traj =
-        crate::trajectory::Trajectory { denoiser: &denoiser, solver: solver.as_ref(), cond: &cond, schedule, plan };
-    let z0 = shared::rng::SplitMix64::new(seed).normal_tensor(
-        clips.frames.shape(),
-        clips.frames.dtype(),
-        clips.frames.device(),
-    )?;
-    let noises = vec![None; traj.num_steps()];
-    Ok(traj.sample(&z0, &noises)?)
-}
-
-/// PSNR (dB, pixels in [0, 1]) of frames 1.. of `pred` against `real`, both (B, 3, T, H, W) in
-/// [−1, 1]; also per future frame.
-pub fn psnr(pred: &Tensor, real: &Tensor) -> anyhow::Result<(f64, Vec<f64>)> {
-    let t = real.dim(2)?;
-    let to_db = |mse: f64| 10.0 * (1.0 / mse.max(1e-12)).log10();
-    let diff = ((pred.clamp(-1.0, 1.0)? - real)? * 0.5)?.sqr()?;
-    let per_frame: Vec<f64> = (1..t)
-        .map(|i| Ok(to_db(diff.narrow(2, i, 1)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)))
-        .collect::<anyhow::Result<_>>()?;
-    let all = to_db(diff.narrow(2, 1, t - 1)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
-    Ok((all, per_frame))
-}
-
-/// The copy-the-first-frame baseline: every future frame predicted as frame 0.
-pub fn copy_first_frame(real: &Tensor) -> Result<Tensor> {
-    let t = real.dim(2)?;
-    real.narrow(2, 0, 1)?.repeat((1, 1, t, 1, 1))
-}
-
-/// One-shot denoising error per noise level: for each σ, the PSNR of D(x0 + σε) against x0
-/// on the predicted frames (what the model learned, independent of any solver).
-pub fn denoising_psnr(model: &WorldModel, clips: &Clips, sigmas: &[f64], seed: u64) -> anyhow::Result<Vec<(f64, f64)>> {
-    let x0 = &clips.frames;
-    let cond = model.conditioning(x0, &clips.actions)?;
-    let denoiser = model.denoiser();
-    let mut rng = shared::rng::SplitMix64::new(seed);
-    sigmas
-        .iter()
-        .map(|&sigma| {
-            let eps = rng.normal_tensor(x0.shape(), x0.dtype(), x0.device())?;
-            let x = (x0 + (eps * sigma)?)?;
-            let d = denoiser.denoise(&x, &crate::denoiser::uniform_sigma(&x, sigma)?, &cond)?;
-            Ok((sigma, psnr(&d, x0)?.0))
-        })
-        .collect()
 }
 
 #[cfg(test)]
