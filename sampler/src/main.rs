@@ -100,7 +100,7 @@ struct Cli {
     resume: bool,
     /// Stress test: keep z0 within ‖z0 − z0_init‖ ≤ R·√d of its initial value (R: the RMS
     /// displacement per element).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     trust_region: Option<f64>,
     /// Stress test: renormalise z0 to its initial norm after every update (DOODL; the default)
     /// — `--renorm false` turns it off.

@@ -13,13 +13,10 @@ fn sampler(args: &[&str]) -> Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
-/// Three held-out scenarios, two iterations each: small and fast, the same code path.
-const SMALL: [&str; 4] = ["--num-scenarios", "3", "--iterations", "2"];
-
-fn run(dir: &Path, extra: &[&str]) -> Result<String> {
-    let d = dir.display().to_string();
-    let mut args: Vec<&str> = vec!["-o", &d];
-    args.extend(SMALL);
+/// `scenarios` held-out scenarios, two iterations each: small and fast, the same code path.
+fn run(dir: &Path, scenarios: usize, extra: &[&str]) -> Result<String> {
+    let (d, n) = (dir.display().to_string(), scenarios.to_string());
+    let mut args: Vec<&str> = vec!["-o", &d, "--num-scenarios", &n, "--iterations", "2"];
     args.extend(extra);
     let (ok, text) = sampler(&args)?;
     anyhow::ensure!(ok, "sampler {args:?} failed:\n{text}");
@@ -35,11 +32,11 @@ fn summary(dir: &Path) -> Result<serde_json::Value> {
 fn two_shards_and_the_report_equal_one_run() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let whole = tmp.path().join("whole");
-    run(&whole, &[])?;
+    run(&whole, 3, &[])?;
     let sharded = tmp.path().join("sharded");
-    let first = run(&sharded, &["--shard", "0/2"])?;
+    let first = run(&sharded, 3, &["--shard", "0/2"])?;
     assert!(first.contains("shard 0/2 of 3"), "{first}");
-    run(&sharded, &["--shard", "1/2"])?;
+    run(&sharded, 3, &["--shard", "1/2"])?;
     assert!(sharded.join("shard-0-of-2/scenarios/ep9000-f4.json").exists());
     assert!(sharded.join("shard-1-of-2/scenarios/ep9001-f4.json").exists());
     assert!(!sharded.join("report").exists(), "a shard wrote the merged report");
@@ -63,17 +60,17 @@ fn two_shards_and_the_report_equal_one_run() -> Result<()> {
 fn an_unfinished_run_resumes_without_redoing_finished_scenarios() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let whole = tmp.path().join("whole");
-    run(&whole, &[])?;
+    run(&whole, 3, &[])?;
     // A run stopped after its first two scenarios: each result is written when its scenario
     // finishes, so the directory holds exactly those (the third never started).
     let partial = tmp.path().join("partial");
-    run(&partial, &["--num-scenarios", "2"])?;
+    run(&partial, 2, &[])?;
     let finished = std::fs::read(partial.join("scenarios/ep9000-f4.json"))?;
     // Without --resume the directory is refused.
     let d = partial.display().to_string();
     let (ok, text) = sampler(&["-o", &d, "--num-scenarios", "3", "--iterations", "2"])?;
     assert!(!ok && text.contains("not empty"), "{text}");
-    let text = run(&partial, &["--resume"])?;
+    let text = run(&partial, 3, &["--resume"])?;
     assert!(text.contains("2 already finished (skipped)"), "{text}");
     let computed: Vec<&str> = text.lines().filter(|l| l.starts_with("scenario ")).collect();
     assert_eq!(computed.len(), 1, "{text}");
