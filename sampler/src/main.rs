@@ -262,9 +262,9 @@ fn stress_only_flags(cli: &Cli) -> Vec<&'static str> {
         ("--renorm", cli.renorm.is_some()),
         ("--top", cli.top.is_some()),
     ]
-        .into_iter()
-        .filter_map(|(name, given)| given.then_some(name))
-        .collect()
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect()
 }
 
 /// The stress test's inputs, or `None` (with the reason) when the defaults are absent and none
@@ -333,9 +333,9 @@ fn stress_out_dir(cli: &Cli, settings: &sampler::stress::StressSettings) -> anyh
             check_dir(&dir, "-o", mode)?;
             Ok(StressOut::Dir(dir, mode))
         }
-        (Some(_), None) => anyhow::bail!(
-            "--shard needs -o DIR: the run directory every shard writes into (as DIR/shard-i-of-n)"
-        ),
+        (Some(_), None) => {
+            anyhow::bail!("--shard needs -o DIR: the run directory every shard writes into (as DIR/shard-i-of-n)")
+        }
         (None, Some(dir)) if cli.resume => {
             check_dir(dir, "-o", mode)?;
             Ok(StressOut::Dir(dir.clone(), mode))
@@ -406,7 +406,8 @@ fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
         policy.display(),
         claimed.path().display()
     );
-    sampler::stress::run_on(&model, &policy, &settings, &device, claimed.path(), |line| println!("{line}"))?;
+    let world = sampler::stress::EmbeddedWorld::new(&model, &device)?;
+    sampler::stress::run_on(&world, &policy, &settings, &device, claimed.path(), |line| println!("{line}"))?;
     Ok(true)
 }
 

@@ -69,7 +69,8 @@ impl NoiseConstraint {
 
     /// `v` projected for its initial value `v0` (both the same shape).
     pub fn project(&self, v: &Tensor, v0: &Tensor) -> Result<Tensor> {
-        let norm = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
+        let norm =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
         let mut v = v.clone();
         if let Some(r) = self.trust_region {
             let delta = (&v - v0)?;
@@ -246,7 +247,8 @@ pub fn optimize(
             total.iter().map(|(var, g)| Ok((var.as_tensor().id(), (g * factor)?))).collect::<Result<_>>()?;
         opt.step_with(|var| scaled.iter().find(|(id, _)| *id == var.as_tensor().id()).map(|(_, g)| g.clone()))?;
         for (var, start) in &starts {
-            var.set(&settings.constraint.project(var.as_tensor(), start)?)?;
+            // A copy: the projection may be the variable's own storage (inside the bounds).
+            var.set(&settings.constraint.project(var.as_tensor(), start)?.copy()?)?;
         }
         let record = IterationRecord {
             iteration,
@@ -303,5 +305,40 @@ pub fn gradcheck_eps(dtype: DType) -> f64 {
     match dtype {
         DType::F64 => 1e-6,
         _ => 1e-2,
+    }
+}
+
+#[cfg(test)]
+mod constraint_tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn norm(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).and_then(|t| t.sqr()?.sum_all()?.to_scalar::<f64>()).map(f64::sqrt).unwrap_or(f64::NAN)
+    }
+
+    /// The projections against their definitions, computed here by hand on explicit vectors.
+    #[test]
+    fn projections_are_the_trust_ball_and_the_initial_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let v0 = Tensor::new(&[1.0f64, 0.0, 0.0, 0.0], &dev)?;
+        let far = Tensor::new(&[1.0f64, 2.0, 0.0, 0.0], &dev)?; // ‖v − v0‖ = 2
+                                                                // Trust region r = 0.5: radius 0.5·√4 = 1 → v0 + (0, 1, 0, 0).
+        let t = NoiseConstraint { renormalise: false, trust_region: Some(0.5) };
+        assert_eq!(t.project(&far, &v0)?.to_vec1::<f64>()?, vec![1.0, 1.0, 0.0, 0.0]);
+        let near = Tensor::new(&[1.0f64, 0.5, 0.0, 0.0], &dev)?;
+        assert_eq!(t.project(&near, &v0)?.to_vec1::<f64>()?, near.to_vec1::<f64>()?);
+        // Renormalise: (1, 2, 0, 0) to norm 1 → (1, 2)/√5.
+        let r = NoiseConstraint { renormalise: true, trust_region: None };
+        let p = r.project(&far, &v0)?.to_vec1::<f64>()?;
+        let s5 = 5f64.sqrt();
+        assert!((p[0] - 1.0 / s5).abs() < 1e-15 && (p[1] - 2.0 / s5).abs() < 1e-15, "{p:?}");
+        // Both: the ball first, (1, 1)/√2 after.
+        let both = NoiseConstraint { renormalise: true, trust_region: Some(0.5) };
+        let p = both.project(&far, &v0)?;
+        assert!((norm(&p) - 1.0).abs() < 1e-15);
+        assert!((p.to_vec1::<f64>()?[1] - 0.5f64.sqrt()).abs() < 1e-15);
+        assert!(NoiseConstraint::default().is_none());
+        Ok(())
     }
 }

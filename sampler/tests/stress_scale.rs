@@ -8,7 +8,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 fn sampler(args: &[&str]) -> Result<(bool, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sampler")).args(args).env("RUST_BACKTRACE", "0").output()?;
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_sampler")).args(args).env("RUST_BACKTRACE", "0").output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text))
 }
@@ -102,8 +103,34 @@ fn scenario_files_and_bad_scale_out_arguments() -> Result<()> {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("scenarios/late-descent.json"))?)?;
     assert_eq!(r["scenario"]["start_frame"], 6);
-    let losses: Vec<f64> = r["iterations"].as_array().context("iterations")?.iter().filter_map(|i| i["loss"].as_f64()).collect();
+    let losses: Vec<f64> =
+        r["iterations"].as_array().context("iterations")?.iter().filter_map(|i| i["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 2);
+
+    // The trust region holds in the search: z0 moves at most R·√d (and to its edge: the ascent
+    // pushes past it at lr 0.05); renormalisation keeps ‖z0‖ where it started.
+    for (flags, check) in
+        [(["--trust-region", "0.02", "--renorm", "false"], "moved"), (["--renorm", "true", "--top", "1"], "norm")]
+    {
+        let dir = tmp.path().join(format!("constraint-{check}"));
+        let mut args = vec!["-o", dir.to_str().context("path")?, "--seeds", "9000", "--iterations", "3"];
+        args.extend(flags);
+        let (ok, text) = sampler(&args)?;
+        assert!(ok, "{text}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("scenarios/ep9000-f4.json"))?)?;
+        let (moved, before, after) = (
+            r["z0_moved"].as_f64().context("moved")?,
+            r["z0_rms_before"].as_f64().context("rms")?,
+            r["z0_rms_after"].as_f64().context("rms")?,
+        );
+        println!("{check}: moved {moved}, ‖z0‖/√d {before} → {after}");
+        match check {
+            "moved" => assert!(moved <= 0.02 * (1.0 + 1e-5) && moved > 0.019, "moved {moved}"),
+            _ => assert!((after - before).abs() <= 1e-5 * before && moved > 0.0, "{before} → {after}"),
+        }
+        assert!(r["nearest_real_after"].as_f64().is_some_and(f64::is_finite), "{r}");
+    }
 
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\": \"x\", \"episode_seed\": 1, \"actions\": [[1,2]]}\n")?;
@@ -115,7 +142,15 @@ fn scenario_files_and_bad_scale_out_arguments() -> Result<()> {
         (vec!["--num-scenarios".into(), "0".into()], "--num-scenarios"),
         (vec!["--trust-region".into(), "-1".into()], "--trust-region"),
         (vec!["--scenarios".into(), tmp.path().join("none.jsonl").display().to_string()], "cannot read"),
-        (vec!["--scenarios".into(), bad.display().to_string(), "-o".into(), tmp.path().join("b").display().to_string()], "actions must be"),
+        (
+            vec![
+                "--scenarios".into(),
+                bad.display().to_string(),
+                "-o".into(),
+                tmp.path().join("b").display().to_string(),
+            ],
+            "actions must be",
+        ),
         (vec!["--demo".into(), "--shard".into(), "0/2".into()], "apply to the policy stress test"),
     ];
     for (args, expected) in cases {

@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rl::encoders::EncoderKind;
 use sampler::denoiser::Denoiser;
 use sampler::optimize::Direction;
-use sampler::solver::SolverKind;
 use sampler::optimize::NoiseConstraint;
+use sampler::solver::SolverKind;
 use sampler::stress::{run, ScenarioSource, StressSettings};
 use sampler::world_model::{
     batch_indices, collect_clips, edm_loss, predict, trainable_vars, DataSpec, TrainSettings, WorldModel,
@@ -145,7 +145,13 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     // A state-only policy cannot be stressed through images: a clear error, not a zero gradient.
     let state_only = dir.path().join("state_only.safetensors");
     policies::export_untrained(&state_only, EncoderKind::None, (32, 32))?;
-    let err = match run(&frozen, &state_only, &StressSettings { scenarios: ScenarioSource::Seeds(vec![0]), ..settings }, &out, |_| {}) {
+    let err = match run(
+        &frozen,
+        &state_only,
+        &StressSettings { scenarios: ScenarioSource::Seeds(vec![0]), ..settings },
+        &out,
+        |_| {},
+    ) {
         Ok(_) => anyhow::bail!("a state-only policy was accepted"),
         Err(e) => format!("{e:#}"),
     };

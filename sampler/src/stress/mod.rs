@@ -112,7 +112,9 @@ impl StressSettings {
         if let Some(r) = self.constraint.trust_region {
             c.positive("--trust-region", r);
         }
-        c.require(self.chi_reg.is_finite() && self.chi_reg >= 0.0, || format!("--chi-reg must be ≥ 0, got {}", self.chi_reg));
+        c.require(self.chi_reg.is_finite() && self.chi_reg >= 0.0, || {
+            format!("--chi-reg must be ≥ 0, got {}", self.chi_reg)
+        });
         c.require(self.sigma_min < self.sigma_max, || {
             format!("sigma_min ({}) must be below sigma_max ({})", self.sigma_min, self.sigma_max)
         });
@@ -184,10 +186,97 @@ pub trait StressWorld {
     /// states (1, T, S).
     fn real_clip(&self, scenario: &Scenario, device: &Device) -> anyhow::Result<Clips>;
     /// The trajectory generating a clip from `real`'s first frame and `actions` (1, T, A).
-    fn generator<'a>(&'a self, real: &Clips, actions: &Tensor, settings: &StressSettings) -> anyhow::Result<Generator<'a>>;
+    fn generator<'a>(
+        &'a self,
+        real: &Clips,
+        actions: &Tensor,
+        settings: &StressSettings,
+    ) -> anyhow::Result<Generator<'a>>;
     /// Realism of `frames` (1, 3, T, H, 3H) — frame 0 the given one — in dB, higher being
     /// more like the model's training data.
     fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64>;
+    /// PSNR (dB) of frames 1.. to their nearest frames in a bank of real frames from the
+    /// model's training data (`None` where the world has no such bank).
+    fn nearest_real(&self, _frames: &Tensor) -> anyhow::Result<Option<f64>> {
+        Ok(None)
+    }
+}
+
+/// Episodes of the embedded world model's training data (seeds 1000–1059) whose frames make
+/// the bank of [`EmbeddedWorld::nearest_real`]: the first 30, 30 frames each (900 frames).
+pub const BANK_FIRST_SEED: u64 = 1000;
+pub const BANK_EPISODES: usize = 30;
+pub const BANK_FRAMES_PER_EPISODE: usize = 30;
+
+/// The embedded world model as a [`StressWorld`], with the bank of real frames its
+/// nearest-frame realism measure compares with.
+pub struct EmbeddedWorld<'a> {
+    pub model: &'a WorldModel,
+    /// (M, D) real frames, flattened, in [−1, 1].
+    bank: Tensor,
+}
+
+impl<'a> EmbeddedWorld<'a> {
+    pub fn new(model: &'a WorldModel, device: &Device) -> anyhow::Result<Self> {
+        let cfg = &model.cfg;
+        let spec = DataSpec {
+            episodes: BANK_EPISODES,
+            first_seed: BANK_FIRST_SEED,
+            frames_per_episode: BANK_FRAMES_PER_EPISODE,
+            clip_spacing: cfg.frames,
+        };
+        let clips = collect_clips(cfg, &spec, device)?;
+        let (n, c, t, h, w) = clips.frames.dims5()?;
+        let bank = clips.frames.permute((0, 2, 1, 3, 4))?.reshape((n * t, c * h * w))?.to_dtype(DType::F32)?;
+        Ok(Self { model, bank })
+    }
+}
+
+impl StressWorld for EmbeddedWorld<'_> {
+    fn describe(&self) -> String {
+        self.model.describe()
+    }
+    fn config_json(&self) -> serde_json::Value {
+        self.model.config_json()
+    }
+    fn view_size(&self) -> usize {
+        self.model.cfg.view_size
+    }
+    fn frames(&self) -> usize {
+        self.model.cfg.frames
+    }
+    fn real_clip(&self, scenario: &Scenario, device: &Device) -> anyhow::Result<Clips> {
+        self.model.real_clip(scenario, device)
+    }
+    fn generator<'b>(
+        &'b self,
+        real: &Clips,
+        actions: &Tensor,
+        settings: &StressSettings,
+    ) -> anyhow::Result<Generator<'b>> {
+        self.model.generator(real, actions, settings)
+    }
+    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64> {
+        self.model.realism(frames, real, actions)
+    }
+
+    /// PSNR (pixels in [0, 1]) of the mean, over frames 1.., of each frame's smallest MSE to a
+    /// bank frame.
+    fn nearest_real(&self, frames: &Tensor) -> anyhow::Result<Option<f64>> {
+        let (b, c, t, h, w) = frames.dims5()?;
+        let x = frames.narrow(2, 1, t - 1)?.permute((0, 2, 1, 3, 4))?.reshape((b * (t - 1), c * h * w))?;
+        let x = x.detach().to_dtype(DType::F32)?;
+        let d = (c * h * w) as f64;
+        // ‖x − y‖² = ‖x‖² + ‖y‖² − 2 x·y, for every pair at once.
+        let xx = x.sqr()?.sum_keepdim(1)?;
+        let yy = self.bank.sqr()?.sum_keepdim(1)?.t()?;
+        let xy = x.matmul(&self.bank.t()?)?;
+        let dist = xx.broadcast_add(&yy)?.broadcast_sub(&(xy * 2.0)?)?;
+        let nearest = dist.min(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        // [−1, 1] → [0, 1] scales squared errors by 1/4.
+        let mse = nearest.iter().map(|v| v.max(0.0) / d * 0.25).sum::<f64>() / nearest.len() as f64;
+        Ok(Some(10.0 * (1.0 / mse.max(1e-12)).log10()))
+    }
 }
 
 impl StressWorld for WorldModel {
@@ -211,7 +300,12 @@ impl StressWorld for WorldModel {
         expert_clip(self, scenario.episode_seed, scenario.start_frame, device)
     }
 
-    fn generator<'a>(&'a self, real: &Clips, actions: &Tensor, settings: &StressSettings) -> anyhow::Result<Generator<'a>> {
+    fn generator<'a>(
+        &'a self,
+        real: &Clips,
+        actions: &Tensor,
+        settings: &StressSettings,
+    ) -> anyhow::Result<Generator<'a>> {
         Ok(Generator {
             denoiser: Box::new(self.denoiser()),
             cond: self.conditioning(&real.frames, actions)?,
@@ -223,7 +317,12 @@ impl StressWorld for WorldModel {
 
     /// The mean one-shot denoising PSNR over [`REALISM_SIGMAS`] (fixed noise, seed 0).
     fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64> {
-        let clips = Clips { frames: frames.clone(), actions: actions.clone(), states: real.states.clone(), origin: real.origin.clone() };
+        let clips = Clips {
+            frames: frames.clone(),
+            actions: actions.clone(),
+            states: real.states.clone(),
+            origin: real.origin.clone(),
+        };
         let per_sigma = crate::world_model::denoising_psnr(self, &clips, &REALISM_SIGMAS, 0)?;
         Ok(per_sigma.iter().map(|(_, db)| db).sum::<f64>() / per_sigma.len() as f64)
     }
@@ -255,7 +354,7 @@ pub struct StressSummary {
     pub seconds: f64,
 }
 
-/// Runs the stress test on the CPU into `out_dir` (see [`run_on`]).
+/// Runs the stress test of the embedded world model on the CPU into `out_dir` (see [`run_on`]).
 pub fn run(
     model: &WorldModel,
     policy_path: &Path,
@@ -263,7 +362,8 @@ pub fn run(
     out_dir: &Path,
     log: impl FnMut(&str),
 ) -> anyhow::Result<StressSummary> {
-    run_on(model, policy_path, settings, &Device::Cpu, out_dir, log)
+    let world = EmbeddedWorld::new(model, &Device::Cpu)?;
+    run_on(&world, policy_path, settings, &Device::Cpu, out_dir, log)
 }
 
 /// Runs every scenario of `settings` (its shard's, with `--shard`) on `device` — the device
@@ -333,6 +433,7 @@ pub fn run_on<W: StressWorld>(
         "policy": policy_path.display().to_string(),
         "objective": "mean squared deviation of the policy's actions on generated frames 1..T-1 from the expert's actions (action units)",
         "realism": "the world model's one-shot denoising PSNR (dB) on frames 1..T-1, mean over REALISM_SIGMAS",
+        "nearest_real": "PSNR (dB) of frames 1..T-1 to their nearest frames among real frames of the world model's training episodes",
         "settings": settings,
         "scenario_ids": mine.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
         "resumed": resumed,
@@ -351,6 +452,10 @@ pub fn run_on<W: StressWorld>(
     }
     log(&format!("wrote {} to {} ({seconds:.1} s)", files.join(", "), out_dir.display()));
     Ok(StressSummary { results, resumed, files, seconds })
+}
+
+fn db(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |x| format!("{x:.2}"))
 }
 
 /// ‖v‖/√d.
@@ -377,10 +482,8 @@ fn run_scenario<W: StressWorld>(
     let clip = world.real_clip(scenario, device).with_context(|| format!("scenario {id}"))?;
     let frame_policy = LapoFramePolicy::new(policy.clone(), &clip.states, world.view_size(), device)?;
     let t = world.frames();
-    let objective = PolicyObjective {
-        policy: frame_policy,
-        reference_actions: clip.actions.narrow(1, 1, t - 1)?.contiguous()?,
-    };
+    let objective =
+        PolicyObjective { policy: frame_policy, reference_actions: clip.actions.narrow(1, 1, t - 1)?.contiguous()? };
     let error_on_real_frames = shared::gradcheck::scalar_f64(&objective.loss(&clip.frames)?)?;
     let actions = match &scenario.actions {
         None => clip.actions.clone(),
@@ -400,7 +503,8 @@ fn run_scenario<W: StressWorld>(
     };
     let gen = world.generator(&clip, &actions, settings)?;
     let plan = Churn::default().plan(&gen.schedule.sigmas, false);
-    let noise = NoiseState::draw(scenario.noise_seed(), &gen.z0_shape, &plan, NoiseMode::Ode, true, DType::F32, device)?;
+    let noise =
+        NoiseState::draw(scenario.noise_seed(), &gen.z0_shape, &plan, NoiseMode::Ode, true, DType::F32, device)?;
     let z0_initial = noise.z0.tensor().copy()?;
     let traj = Trajectory {
         denoiser: gen.denoiser.as_ref(),
@@ -429,10 +533,14 @@ fn run_scenario<W: StressWorld>(
         return Err(e.context("writing metrics.jsonl"));
     }
     let z0_final = noise.z0.tensor();
-    let grad0 = outcome.records.first().map(|r| r.grad_z0).unwrap_or(GradStats { mean_abs: 0.0, max_abs: 0.0, norm: 0.0 });
+    let grad0 =
+        outcome.records.first().map(|r| r.grad_z0).unwrap_or(GradStats { mean_abs: 0.0, max_abs: 0.0, norm: 0.0 });
     let realism_real = world.realism(&clip.frames, &clip, &actions)?;
     let realism_before = world.realism(&outcome.initial_output, &clip, &actions)?;
     let realism_after = world.realism(&outcome.final_output, &clip, &actions)?;
+    let nearest_real_real = world.nearest_real(&clip.frames)?;
+    let nearest_real_before = world.nearest_real(&outcome.initial_output)?;
+    let nearest_real_after = world.nearest_real(&outcome.final_output)?;
     let result = ScenarioResult {
         scenario: scenario.clone(),
         settings: settings.result_settings(),
@@ -442,6 +550,9 @@ fn run_scenario<W: StressWorld>(
         realism_real,
         realism_before,
         realism_after,
+        nearest_real_real,
+        nearest_real_before,
+        nearest_real_after,
         z0_rms_before: rms(&z0_initial)?,
         z0_rms_after: rms(&z0_final)?,
         z0_moved: rms(&(&z0_final - &z0_initial)?)?,
@@ -450,13 +561,16 @@ fn run_scenario<W: StressWorld>(
         iterations: outcome.records,
     };
     log(&format!(
-        "scenario {id}: policy action MSE to the expert — real frames {error_on_real_frames:.5}, generated before {:.5}, after {:.5} ({:+.5}); realism {:.2} → {:.2} dB (real {:.2}); ‖z0‖/√d {:.3}, moved {:.3} ({:.1} s)",
+        "scenario {id}: policy action MSE to the expert — real frames {error_on_real_frames:.5}, generated before {:.5}, after {:.5} ({:+.5}); denoising PSNR {:.2} → {:.2} dB (real {:.2}); nearest real frame {} → {} dB (real {}); ‖z0‖/√d {:.3}, moved {:.3} ({:.1} s)",
         result.error_before,
         result.error_after,
         result.error_after - result.error_before,
         realism_before,
         realism_after,
         realism_real,
+        db(nearest_real_before),
+        db(nearest_real_after),
+        db(nearest_real_real),
         result.z0_rms_after,
         result.z0_moved,
         result.seconds

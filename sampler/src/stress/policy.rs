@@ -169,4 +169,3 @@ pub fn load_policy(path: &Path, device: &Device) -> anyhow::Result<ExportedPolic
     );
     Ok(policy)
 }
-

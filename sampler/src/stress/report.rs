@@ -35,6 +35,11 @@ pub struct ScenarioResult {
     pub realism_real: f64,
     pub realism_before: f64,
     pub realism_after: f64,
+    /// PSNR (dB) of frames 1.. to their nearest real frames of the model's training data (a
+    /// measure of how far the frames are from anything real; `None`: the world has no bank).
+    pub nearest_real_real: Option<f64>,
+    pub nearest_real_before: Option<f64>,
+    pub nearest_real_after: Option<f64>,
     /// ‖z0‖/√d at the start and the end (≈ 1 in the Gaussian typical set).
     pub z0_rms_before: f64,
     pub z0_rms_after: f64,
@@ -58,6 +63,9 @@ impl ScenarioResult {
             "realism_real": self.realism_real,
             "realism_before": self.realism_before,
             "realism_after": self.realism_after,
+            "nearest_real_real": self.nearest_real_real,
+            "nearest_real_before": self.nearest_real_before,
+            "nearest_real_after": self.nearest_real_after,
             "z0_rms_before": self.z0_rms_before,
             "z0_rms_after": self.z0_rms_after,
             "z0_moved": self.z0_moved,
@@ -72,7 +80,13 @@ pub fn result_path(dir: &Path, id: &str) -> PathBuf {
 
 /// Writes a scenario's result and clips (atomically, the JSON last: a result file present means
 /// its clips are too).
-pub fn write_result(dir: &Path, result: &ScenarioResult, real: &Tensor, before: &Tensor, after: &Tensor) -> anyhow::Result<()> {
+pub fn write_result(
+    dir: &Path,
+    result: &ScenarioResult,
+    real: &Tensor,
+    before: &Tensor,
+    after: &Tensor,
+) -> anyhow::Result<()> {
     let sub = dir.join(SCENARIO_DIR);
     std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
     let cpu = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_device(&Device::Cpu);
@@ -134,7 +148,11 @@ pub fn collect(run: &Path) -> anyhow::Result<Vec<(ScenarioResult, PathBuf)>> {
             out.push((r, clips));
         }
     }
-    anyhow::ensure!(!out.is_empty(), "{}: no scenario results (scenarios/*.json) in it or its shard-*/ folders", run.display());
+    anyhow::ensure!(
+        !out.is_empty(),
+        "{}: no scenario results (scenarios/*.json) in it or its shard-*/ folders",
+        run.display()
+    );
     out.sort_by(|a, b| a.0.scenario.id.cmp(&b.0.scenario.id));
     Ok(out)
 }
@@ -150,6 +168,10 @@ pub fn summary(results: &[ScenarioResult]) -> serde_json::Value {
     let mut ranked: Vec<&ScenarioResult> = results.iter().collect();
     ranked.sort_by(|a, b| b.error_after.total_cmp(&a.error_after).then(a.scenario.id.cmp(&b.scenario.id)));
     let m = |f: fn(&ScenarioResult) -> f64| mean(results.iter().map(f));
+    let mo = |f: fn(&ScenarioResult) -> Option<f64>| -> Option<f64> {
+        let v: Option<Vec<f64>> = results.iter().map(f).collect();
+        v.map(|v| mean(v.into_iter()))
+    };
     serde_json::json!({
         "scenarios": results.len(),
         "settings": results.first().map(|r| r.settings.clone()),
@@ -160,6 +182,9 @@ pub fn summary(results: &[ScenarioResult]) -> serde_json::Value {
             "realism_real": m(|r| r.realism_real),
             "realism_before": m(|r| r.realism_before),
             "realism_after": m(|r| r.realism_after),
+            "nearest_real_real": mo(|r| r.nearest_real_real),
+            "nearest_real_before": mo(|r| r.nearest_real_before),
+            "nearest_real_after": mo(|r| r.nearest_real_after),
             "z0_rms_after": m(|r| r.z0_rms_after),
             "z0_moved": m(|r| r.z0_moved),
         },
@@ -174,19 +199,20 @@ pub fn markdown(summary: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.4}"));
     let d = |v: &serde_json::Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.2}"));
     let rows = summary["rows"].as_array().cloned().unwrap_or_default();
-    let ranked: Vec<String> = summary["ranked"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+    let ranked: Vec<String> =
+        summary["ranked"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
     let mut s = String::new();
     s.push_str(&format!(
         "# Policy stress test: {} scenarios, error raised on {}\n\n",
         summary["scenarios"], summary["error_increased"]
     ));
-    s.push_str("Policy error: action MSE to the expert. Realism: the world model's denoising PSNR (dB) on the frames (higher is more like its training data). z0: ‖z0‖/√d after the search and ‖z0 − z0_init‖/√d moved.\n\n");
-    s.push_str("| rank | scenario | error real | before | after | realism real | before | after | ‖z0‖/√d | moved |\n");
-    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("Policy error: action MSE to the expert. Denoising: the world model's one-shot denoising PSNR (dB) on the frames. Nearest real: PSNR (dB) of the frames to their nearest frames of real training episodes (higher: closer to something real). z0: ‖z0‖/√d after the search and ‖z0 − z0_init‖/√d moved.\n\n");
+    s.push_str("| rank | scenario | error real | before | after | denoising real | before | after | nearest real: real | before | after | ‖z0‖/√d | moved |\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (rank, id) in ranked.iter().enumerate() {
         let Some(r) = rows.iter().find(|r| r["id"] == *id.as_str()) else { continue };
         s.push_str(&format!(
-            "| {} | {id} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {id} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             rank + 1,
             f(&r["error_real"]),
             f(&r["error_before"]),
@@ -194,19 +220,25 @@ pub fn markdown(summary: &serde_json::Value) -> String {
             d(&r["realism_real"]),
             d(&r["realism_before"]),
             d(&r["realism_after"]),
+            d(&r["nearest_real_real"]),
+            d(&r["nearest_real_before"]),
+            d(&r["nearest_real_after"]),
             f(&r["z0_rms_after"]),
             f(&r["z0_moved"]),
         ));
     }
     let m = &summary["mean"];
     s.push_str(&format!(
-        "| | **mean** | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| | **mean** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         f(&m["error_real"]),
         f(&m["error_before"]),
         f(&m["error_after"]),
         d(&m["realism_real"]),
         d(&m["realism_before"]),
         d(&m["realism_after"]),
+        d(&m["nearest_real_real"]),
+        d(&m["nearest_real_before"]),
+        d(&m["nearest_real_after"]),
         f(&m["z0_rms_after"]),
         f(&m["z0_moved"]),
     ));
@@ -236,7 +268,11 @@ pub fn write_report(results: &[(ScenarioResult, PathBuf)], out: &Path, top: usiz
         row.extend(frames_to_images(before, 0, scale)?);
         row.extend(frames_to_images(after, 0, scale)?);
         rows.push(row);
-        let (r, b, a) = (frames_to_images(real, 0, scale)?, frames_to_images(before, 0, scale)?, frames_to_images(after, 0, scale)?);
+        let (r, b, a) = (
+            frames_to_images(real, 0, scale)?,
+            frames_to_images(before, 0, scale)?,
+            frames_to_images(after, 0, scale)?,
+        );
         gif_rows.push(r.into_iter().zip(b).zip(a).flat_map(|((r, b), a)| [r, b, a]).collect());
     }
     if !rows.is_empty() {

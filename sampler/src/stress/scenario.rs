@@ -154,8 +154,7 @@ impl ScenarioSource {
             Self::Seeds(seeds) => {
                 anyhow::ensure!(!seeds.is_empty(), "--seeds: give at least one seed");
                 let mut seen = std::collections::BTreeSet::new();
-                let repeated: Vec<String> =
-                    seeds.iter().filter(|s| !seen.insert(**s)).map(|s| s.to_string()).collect();
+                let repeated: Vec<String> = seeds.iter().filter(|s| !seen.insert(**s)).map(|s| s.to_string()).collect();
                 anyhow::ensure!(repeated.is_empty(), "--seeds repeats {} (each seed runs once)", repeated.join(", "));
                 Ok(seeds.iter().map(|&s| Scenario::from_seed(s, start_frame)).collect())
             }
