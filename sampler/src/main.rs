@@ -76,7 +76,9 @@ struct Cli {
     /// weights/policy.safetensors).
     #[arg(long)]
     policy: Option<String>,
-    /// A directory holding world_model.json + world_model.safetensors (default: weights/).
+    /// A directory holding world_model.json + world_model.safetensors (default: weights/), or
+    /// `cosmos:REF` — a Cosmos Predict2/Predict2.5 diffusers repository (a folder or
+    /// `org/name[@revision]`) as the stress test's world model (with --cosmos-prompt-embeds).
     #[arg(long)]
     world_model: Option<PathBuf>,
     /// Stress test: one scenario per environment seed, comma-separated (instead of the default
@@ -109,6 +111,16 @@ struct Cli {
     /// Stress test: scenarios in the report's gallery (default 8).
     #[arg(long)]
     top: Option<usize>,
+    /// Stress test with `--world-model cosmos:REF`: safetensors with `prompt_embeds` (and
+    /// `negative_prompt_embeds` for guidance > 1) for the pipeline (a path or a Hub reference).
+    #[arg(long)]
+    cosmos_prompt_embeds: Option<String>,
+    /// Stress test with a Cosmos world: frames per clip (1 + 4k; default 5).
+    #[arg(long)]
+    cosmos_frames: Option<usize>,
+    /// Stress test with a Cosmos world: classifier-free guidance (default the pipeline's).
+    #[arg(long)]
+    cosmos_guidance: Option<f64>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -261,6 +273,9 @@ fn stress_only_flags(cli: &Cli) -> Vec<&'static str> {
         ("--trust-region", cli.trust_region.is_some()),
         ("--renorm", cli.renorm.is_some()),
         ("--top", cli.top.is_some()),
+        ("--cosmos-prompt-embeds", cli.cosmos_prompt_embeds.is_some()),
+        ("--cosmos-frames", cli.cosmos_frames.is_some()),
+        ("--cosmos-guidance", cli.cosmos_guidance.is_some()),
     ]
     .into_iter()
     .filter_map(|(name, given)| given.then_some(name))
@@ -365,8 +380,71 @@ fn stress_report(args: &StressReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--world-model cosmos:REF`: the repository reference.
+fn cosmos_world_ref(cli: &Cli) -> Option<String> {
+    cli.world_model.as_ref().and_then(|p| p.to_str()).and_then(|s| s.strip_prefix("cosmos:")).map(str::to_string)
+}
+
+/// The stress test in a Cosmos world (`--world-model cosmos:REF`).
+fn stress_cosmos(cli: &Cli, reference: &str) -> anyhow::Result<()> {
+    use sampler::cosmos::pipeline::{self, CosmosPipeline};
+    let settings = stress_settings(cli)?;
+    let embeds = cli.cosmos_prompt_embeds.as_deref().context(
+        "--world-model cosmos:REF needs --cosmos-prompt-embeds FILE (scripts/cosmos_prompt_embeds.py makes one)",
+    )?;
+    let embeds = shared::weights::resolve(embeds).with_context(|| format!("--cosmos-prompt-embeds {embeds}"))?;
+    let frames = cli.cosmos_frames.unwrap_or(sampler::stress::cosmos_world::DEFAULT_COSMOS_FRAMES);
+    if let Some(g) = cli.cosmos_guidance {
+        anyhow::ensure!(g.is_finite() && g >= 0.0, "--cosmos-guidance must be finite and ≥ 0, got {g}");
+    }
+    let policy = match &cli.policy {
+        Some(r) => shared::weights::resolve(r).with_context(|| format!("--policy {r}: cannot resolve it"))?,
+        None => sampler::stress::weights_dir().join("policy.safetensors"),
+    };
+    let out = stress_out_dir(cli, &settings)?;
+    let device_spec = cli.device.as_deref().unwrap_or("cpu");
+    let device = shared::device::parse_device(device_spec).with_context(|| format!("--device {device_spec}"))?;
+    sampler::stress::load_policy(&policy, &device).with_context(|| format!("--policy {}", policy.display()))?;
+    settings.scenarios.scenarios(settings.start_frame)?;
+    let (prompt, negative) = pipeline::read_prompt_embeds(&embeds, &device)?;
+    let pipe = CosmosPipeline::load(reference, candle_core::DType::F32, &device)
+        .with_context(|| format!("--world-model cosmos:{reference}"))?;
+    let guidance = cli.cosmos_guidance.unwrap_or(pipe.kind.default_guidance());
+    let world = sampler::stress::CosmosWorld::new(&pipe, prompt, negative, guidance, frames, &device)?;
+    let claimed = match &out {
+        StressOut::Plain(out) => out.claim()?,
+        StressOut::Dir(dir, mode) => shared::outputs::claim_dir(dir, "-o", *mode)?,
+    };
+    println!(
+        "policy stress test in a Cosmos world ({reference}), policy {} → {}",
+        policy.display(),
+        claimed.path().display()
+    );
+    sampler::stress::run_on(&world, &policy, &settings, &device, claimed.path(), |line| println!("{line}"))?;
+    Ok(())
+}
+
 /// Runs the stress test if its inputs exist; `Ok(false)` (with the reason printed) otherwise.
 fn try_stress(cli: &Cli) -> anyhow::Result<bool> {
+    if let Some(reference) = cosmos_world_ref(cli) {
+        let ignored = demo_only_flags(cli);
+        anyhow::ensure!(
+            ignored.is_empty(),
+            "{} apply to the analytic demo, not the policy stress test",
+            ignored.join(", ")
+        );
+        stress_cosmos(cli, &reference)?;
+        return Ok(true);
+    }
+    let cosmos_only: Vec<&str> = [
+        ("--cosmos-prompt-embeds", cli.cosmos_prompt_embeds.is_some()),
+        ("--cosmos-frames", cli.cosmos_frames.is_some()),
+        ("--cosmos-guidance", cli.cosmos_guidance.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(f, given)| given.then_some(f))
+    .collect();
+    anyhow::ensure!(cosmos_only.is_empty(), "{} apply to --world-model cosmos:REF", cosmos_only.join(", "));
     let (weights, policy) = match stress_inputs(cli)? {
         Ok(found) => found,
         Err(missing) => {

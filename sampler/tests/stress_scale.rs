@@ -162,3 +162,42 @@ fn scenario_files_and_bad_scale_out_arguments() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--world-model cosmos:REF`: the tiny Predict2.5 pipeline of the fake Hub cache as the stress
+/// test's world model (conditioned on each scenario's real first frame, the policy's cameras cut
+/// from the decoded 16×48 video), offline by repository name: the search runs through the
+/// pipeline and the VAE decode and raises the embedded policy's error; the report has the
+/// nearest-real-frame measure and no denoising measure (the embedded model's own).
+#[test]
+fn a_cosmos_pipeline_as_the_world_model() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("cosmos");
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let embeds = fixtures.join("cosmos_prompt_embeds_predict25.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+        .args(["--world-model", "cosmos:worldgrad-test/tiny-cosmos-predict25", "--cosmos-prompt-embeds"])
+        .arg(&embeds)
+        .args(["--seeds", "9000", "--iterations", "3", "--num-steps", "2", "-o"])
+        .arg(&dir)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", fixtures.join("hf_cache"))
+        .env_remove("HF_HOME")
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("scenarios/ep9000-f4.json"))?)?;
+    let (before, after) = (r["error_before"].as_f64().context("before")?, r["error_after"].as_f64().context("after")?);
+    println!("Cosmos world: policy error {before} → {after}");
+    assert!(after > before, "ascent did not raise the error: {before} → {after}");
+    assert!(r["realism_after"].is_null() && r["nearest_real_after"].as_f64().is_some_and(f64::is_finite), "{r}");
+    let clips =
+        shared::weights::read_safetensors(&dir.join("scenarios/ep9000-f4.safetensors"), &candle_core::Device::Cpu)?;
+    assert_eq!(clips.get("after").context("after")?.dims(), &[1, 3, 5, 16, 48]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json"))?)?;
+    assert!(report["world_model"].as_str().is_some_and(|w| w.contains("Cosmos2_5_PredictBasePipeline")), "{report}");
+    // Cosmos flags without a Cosmos world are refused.
+    let (ok, text) = sampler(&["--cosmos-frames", "9", "--seeds", "1"])?;
+    assert!(!ok && text.contains("apply to --world-model cosmos:REF"), "{text}");
+    Ok(())
+}

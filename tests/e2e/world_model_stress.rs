@@ -120,7 +120,9 @@ fn tiny_world_model_and_policy_stress_test() -> Result<()> {
     for r in &summary.results {
         assert!(r.error_before.is_finite() && r.error_after.is_finite() && r.error_on_real_frames.is_finite());
         assert!(r.grad_z0_norm_initial > 0.0, "{}: no gradient reached z0", r.scenario.id);
-        assert!(r.realism_real.is_finite() && r.realism_before.is_finite() && r.realism_after.is_finite());
+        for v in [r.realism_real, r.realism_before, r.realism_after, r.nearest_real_before, r.nearest_real_after] {
+            assert!(v.is_some_and(f64::is_finite), "{}: a realism measure is missing: {r:?}", r.scenario.id);
+        }
         assert!(
             r.error_after > r.error_before,
             "{}: ascent did not increase the policy error ({} → {})",

@@ -21,6 +21,7 @@
 //! The search runs against the small [`StressWorld`] interface, which the embedded world model
 //! implements.
 
+pub mod cosmos_world;
 pub mod policy;
 pub mod report;
 pub mod scenario;
@@ -33,6 +34,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use shared::params::OptimizerConfig;
 
+pub use cosmos_world::CosmosWorld;
 pub use policy::{bilinear_matrix, load_policy, LapoFramePolicy};
 pub use report::ScenarioResult;
 pub use scenario::{Scenario, ScenarioSource, Shard};
@@ -193,8 +195,17 @@ pub trait StressWorld {
         settings: &StressSettings,
     ) -> anyhow::Result<Generator<'a>>;
     /// Realism of `frames` (1, 3, T, H, 3H) — frame 0 the given one — in dB, higher being
-    /// more like the model's training data.
-    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64>;
+    /// more like the model's training data (`None` where the world has no such measure).
+    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<Option<f64>>;
+    /// The frames (1, 3, T, H, 3H) in [−1, 1] of a final sample of [`Self::generator`] (the
+    /// embedded model samples frames; a latent model decodes).
+    fn frames_of(&self, sample: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(sample.clone())
+    }
+    /// The policy objective (on frames in [−1, 1]) as an objective on the generator's samples.
+    fn objective<'b>(&'b self, on_frames: PolicyObjective<LapoFramePolicy>) -> Box<dyn Objective + 'b> {
+        Box::new(on_frames)
+    }
     /// PSNR (dB) of frames 1.. to their nearest frames in a bank of real frames from the
     /// model's training data (`None` where the world has no such bank).
     fn nearest_real(&self, _frames: &Tensor) -> anyhow::Result<Option<f64>> {
@@ -208,17 +219,13 @@ pub const BANK_FIRST_SEED: u64 = 1000;
 pub const BANK_EPISODES: usize = 30;
 pub const BANK_FRAMES_PER_EPISODE: usize = 30;
 
-/// The embedded world model as a [`StressWorld`], with the bank of real frames its
-/// nearest-frame realism measure compares with.
-pub struct EmbeddedWorld<'a> {
-    pub model: &'a WorldModel,
-    /// (M, D) real frames, flattened, in [−1, 1].
-    bank: Tensor,
-}
+/// Real frames of the embedded world model's training episodes, flattened (M, D) in [−1, 1]:
+/// what the nearest-real-frame measure compares with.
+pub struct FrameBank(Tensor);
 
-impl<'a> EmbeddedWorld<'a> {
-    pub fn new(model: &'a WorldModel, device: &Device) -> anyhow::Result<Self> {
-        let cfg = &model.cfg;
+impl FrameBank {
+    /// The frames of [`BANK_EPISODES`] episodes from [`BANK_FIRST_SEED`], rendered as `cfg`'s.
+    pub fn collect(cfg: &crate::world_model::WorldModelConfig, device: &Device) -> anyhow::Result<Self> {
         let spec = DataSpec {
             episodes: BANK_EPISODES,
             first_seed: BANK_FIRST_SEED,
@@ -227,8 +234,39 @@ impl<'a> EmbeddedWorld<'a> {
         };
         let clips = collect_clips(cfg, &spec, device)?;
         let (n, c, t, h, w) = clips.frames.dims5()?;
-        let bank = clips.frames.permute((0, 2, 1, 3, 4))?.reshape((n * t, c * h * w))?.to_dtype(DType::F32)?;
-        Ok(Self { model, bank })
+        Ok(Self(clips.frames.permute((0, 2, 1, 3, 4))?.reshape((n * t, c * h * w))?.to_dtype(DType::F32)?))
+    }
+
+    /// PSNR (pixels in [0, 1]) of the mean, over frames 1.. of `frames` (B, 3, T, H, W), of
+    /// each frame's smallest MSE to a bank frame.
+    pub fn nearest_db(&self, frames: &Tensor) -> anyhow::Result<f64> {
+        let (b, c, t, h, w) = frames.dims5()?;
+        let x = frames.narrow(2, 1, t - 1)?.permute((0, 2, 1, 3, 4))?.reshape((b * (t - 1), c * h * w))?;
+        let x = x.detach().to_dtype(DType::F32)?;
+        anyhow::ensure!(x.dim(1)? == self.0.dim(1)?, "frames of {c}×{h}×{w} against a bank of another size");
+        let d = (c * h * w) as f64;
+        // ‖x − y‖² = ‖x‖² + ‖y‖² − 2 x·y, for every pair at once.
+        let xx = x.sqr()?.sum_keepdim(1)?;
+        let yy = self.0.sqr()?.sum_keepdim(1)?.t()?;
+        let xy = x.matmul(&self.0.t()?)?;
+        let dist = xx.broadcast_add(&yy)?.broadcast_sub(&(xy * 2.0)?)?;
+        let nearest = dist.min(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        // [−1, 1] → [0, 1] scales squared errors by 1/4.
+        let mse = nearest.iter().map(|v| v.max(0.0) / d * 0.25).sum::<f64>() / nearest.len() as f64;
+        Ok(10.0 * (1.0 / mse.max(1e-12)).log10())
+    }
+}
+
+/// The embedded world model as a [`StressWorld`], with the bank of real frames its
+/// nearest-frame realism measure compares with.
+pub struct EmbeddedWorld<'a> {
+    pub model: &'a WorldModel,
+    bank: FrameBank,
+}
+
+impl<'a> EmbeddedWorld<'a> {
+    pub fn new(model: &'a WorldModel, device: &Device) -> anyhow::Result<Self> {
+        Ok(Self { model, bank: FrameBank::collect(&model.cfg, device)? })
     }
 }
 
@@ -256,26 +294,12 @@ impl StressWorld for EmbeddedWorld<'_> {
     ) -> anyhow::Result<Generator<'b>> {
         self.model.generator(real, actions, settings)
     }
-    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64> {
+    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<Option<f64>> {
         self.model.realism(frames, real, actions)
     }
 
-    /// PSNR (pixels in [0, 1]) of the mean, over frames 1.., of each frame's smallest MSE to a
-    /// bank frame.
     fn nearest_real(&self, frames: &Tensor) -> anyhow::Result<Option<f64>> {
-        let (b, c, t, h, w) = frames.dims5()?;
-        let x = frames.narrow(2, 1, t - 1)?.permute((0, 2, 1, 3, 4))?.reshape((b * (t - 1), c * h * w))?;
-        let x = x.detach().to_dtype(DType::F32)?;
-        let d = (c * h * w) as f64;
-        // ‖x − y‖² = ‖x‖² + ‖y‖² − 2 x·y, for every pair at once.
-        let xx = x.sqr()?.sum_keepdim(1)?;
-        let yy = self.bank.sqr()?.sum_keepdim(1)?.t()?;
-        let xy = x.matmul(&self.bank.t()?)?;
-        let dist = xx.broadcast_add(&yy)?.broadcast_sub(&(xy * 2.0)?)?;
-        let nearest = dist.min(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        // [−1, 1] → [0, 1] scales squared errors by 1/4.
-        let mse = nearest.iter().map(|v| v.max(0.0) / d * 0.25).sum::<f64>() / nearest.len() as f64;
-        Ok(Some(10.0 * (1.0 / mse.max(1e-12)).log10()))
+        Ok(Some(self.bank.nearest_db(frames)?))
     }
 }
 
@@ -316,7 +340,7 @@ impl StressWorld for WorldModel {
     }
 
     /// The mean one-shot denoising PSNR over [`REALISM_SIGMAS`] (fixed noise, seed 0).
-    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<f64> {
+    fn realism(&self, frames: &Tensor, real: &Clips, actions: &Tensor) -> anyhow::Result<Option<f64>> {
         let clips = Clips {
             frames: frames.clone(),
             actions: actions.clone(),
@@ -324,20 +348,30 @@ impl StressWorld for WorldModel {
             origin: real.origin.clone(),
         };
         let per_sigma = crate::world_model::denoising_psnr(self, &clips, &REALISM_SIGMAS, 0)?;
-        Ok(per_sigma.iter().map(|(_, db)| db).sum::<f64>() / per_sigma.len() as f64)
+        Ok(Some(per_sigma.iter().map(|(_, db)| db).sum::<f64>() / per_sigma.len() as f64))
     }
 }
 
 /// The expert clip for `seed` starting at `start_frame` (one episode).
 pub fn expert_clip(model: &WorldModel, seed: u64, start_frame: usize, device: &Device) -> anyhow::Result<Clips> {
+    expert_clip_as(&model.cfg, seed, start_frame, device)
+}
+
+/// [`expert_clip`] rendered and cut as `cfg` says (frames per clip, view size, stride).
+pub fn expert_clip_as(
+    cfg: &crate::world_model::WorldModelConfig,
+    seed: u64,
+    start_frame: usize,
+    device: &Device,
+) -> anyhow::Result<Clips> {
     let spec = DataSpec {
         episodes: 1,
         first_seed: seed,
-        frames_per_episode: start_frame + model.cfg.frames,
+        frames_per_episode: start_frame + cfg.frames,
         clip_spacing: start_frame.max(1),
     };
     // Episode 0 of a collection is the scripted expert's.
-    let clips = collect_clips(&model.cfg, &spec, device)?;
+    let clips = collect_clips(cfg, &spec, device)?;
     let last = clips.len() - 1;
     anyhow::ensure!(clips.origin[last].1 == start_frame, "episode {seed} ended before frame {start_frame}");
     Ok(clips.select(&[last])?)
@@ -482,9 +516,10 @@ fn run_scenario<W: StressWorld>(
     let clip = world.real_clip(scenario, device).with_context(|| format!("scenario {id}"))?;
     let frame_policy = LapoFramePolicy::new(policy.clone(), &clip.states, world.view_size(), device)?;
     let t = world.frames();
-    let objective =
+    let on_frames =
         PolicyObjective { policy: frame_policy, reference_actions: clip.actions.narrow(1, 1, t - 1)?.contiguous()? };
-    let error_on_real_frames = shared::gradcheck::scalar_f64(&objective.loss(&clip.frames)?)?;
+    let error_on_real_frames = shared::gradcheck::scalar_f64(&on_frames.loss(&clip.frames)?)?;
+    let objective = world.objective(on_frames);
     let actions = match &scenario.actions {
         None => clip.actions.clone(),
         Some(rows) => {
@@ -523,7 +558,7 @@ fn run_scenario<W: StressWorld>(
         constraint: settings.constraint,
     };
     let mut write_err = None;
-    let outcome = optimize(&traj, &noise, &objective, &opt, |r| {
+    let outcome = optimize(&traj, &noise, objective.as_ref(), &opt, |r| {
         let rec = json!({"scenario": id, "record": r});
         if let Err(e) = metrics.write(&rec) {
             write_err.get_or_insert(e);
@@ -535,12 +570,13 @@ fn run_scenario<W: StressWorld>(
     let z0_final = noise.z0.tensor();
     let grad0 =
         outcome.records.first().map(|r| r.grad_z0).unwrap_or(GradStats { mean_abs: 0.0, max_abs: 0.0, norm: 0.0 });
+    let (before, after) = (world.frames_of(&outcome.initial_output)?, world.frames_of(&outcome.final_output)?);
     let realism_real = world.realism(&clip.frames, &clip, &actions)?;
-    let realism_before = world.realism(&outcome.initial_output, &clip, &actions)?;
-    let realism_after = world.realism(&outcome.final_output, &clip, &actions)?;
+    let realism_before = world.realism(&before, &clip, &actions)?;
+    let realism_after = world.realism(&after, &clip, &actions)?;
     let nearest_real_real = world.nearest_real(&clip.frames)?;
-    let nearest_real_before = world.nearest_real(&outcome.initial_output)?;
-    let nearest_real_after = world.nearest_real(&outcome.final_output)?;
+    let nearest_real_before = world.nearest_real(&before)?;
+    let nearest_real_after = world.nearest_real(&after)?;
     let result = ScenarioResult {
         scenario: scenario.clone(),
         settings: settings.result_settings(),
@@ -561,13 +597,13 @@ fn run_scenario<W: StressWorld>(
         iterations: outcome.records,
     };
     log(&format!(
-        "scenario {id}: policy action MSE to the expert — real frames {error_on_real_frames:.5}, generated before {:.5}, after {:.5} ({:+.5}); denoising PSNR {:.2} → {:.2} dB (real {:.2}); nearest real frame {} → {} dB (real {}); ‖z0‖/√d {:.3}, moved {:.3} ({:.1} s)",
+        "scenario {id}: policy action MSE to the expert — real frames {error_on_real_frames:.5}, generated before {:.5}, after {:.5} ({:+.5}); denoising PSNR {} → {} dB (real {}); nearest real frame {} → {} dB (real {}); ‖z0‖/√d {:.3}, moved {:.3} ({:.1} s)",
         result.error_before,
         result.error_after,
         result.error_after - result.error_before,
-        realism_before,
-        realism_after,
-        realism_real,
+        db(realism_before),
+        db(realism_after),
+        db(realism_real),
         db(nearest_real_before),
         db(nearest_real_after),
         db(nearest_real_real),
@@ -575,7 +611,7 @@ fn run_scenario<W: StressWorld>(
         result.z0_moved,
         result.seconds
     ));
-    report::write_result(out_dir, &result, &clip.frames, &outcome.initial_output, &outcome.final_output)?;
+    report::write_result(out_dir, &result, &clip.frames, &before, &after)?;
     Ok(result)
 }
 

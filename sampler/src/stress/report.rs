@@ -32,9 +32,9 @@ pub struct ScenarioResult {
     /// The world model's own denoising PSNR (dB) on frames 1.. — how plausible the frames are
     /// to the model (higher: more like its training data); on the real frames, the samples
     /// before and after the search.
-    pub realism_real: f64,
-    pub realism_before: f64,
-    pub realism_after: f64,
+    pub realism_real: Option<f64>,
+    pub realism_before: Option<f64>,
+    pub realism_after: Option<f64>,
     /// PSNR (dB) of frames 1.. to their nearest real frames of the model's training data (a
     /// measure of how far the frames are from anything real; `None`: the world has no bank).
     pub nearest_real_real: Option<f64>,
@@ -179,9 +179,9 @@ pub fn summary(results: &[ScenarioResult]) -> serde_json::Value {
             "error_real": m(|r| r.error_on_real_frames),
             "error_before": m(|r| r.error_before),
             "error_after": m(|r| r.error_after),
-            "realism_real": m(|r| r.realism_real),
-            "realism_before": m(|r| r.realism_before),
-            "realism_after": m(|r| r.realism_after),
+            "realism_real": mo(|r| r.realism_real),
+            "realism_before": mo(|r| r.realism_before),
+            "realism_after": mo(|r| r.realism_after),
             "nearest_real_real": mo(|r| r.nearest_real_real),
             "nearest_real_before": mo(|r| r.nearest_real_before),
             "nearest_real_after": mo(|r| r.nearest_real_after),

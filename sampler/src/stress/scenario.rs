@@ -178,7 +178,7 @@ impl Shard {
         let Some((index, count)) = parsed else {
             anyhow::bail!("--shard {text}: expected INDEX/COUNT, e.g. 0/4 (SLURM_ARRAY_TASK_ID/array size)")
         };
-        anyhow::ensure!(count >= 1 && count <= 100_000, "--shard {text}: COUNT must be in 1..=100000");
+        anyhow::ensure!((1..=100_000).contains(&count), "--shard {text}: COUNT must be in 1..=100000");
         anyhow::ensure!(index < count, "--shard {text}: INDEX must be below COUNT (0-based)");
         Ok(Self { index, count })
     }
