@@ -50,7 +50,7 @@ impl<'a> CosmosWorld<'a> {
         device: &Device,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            frames >= 5 && (frames - 1) % 4 == 0,
+            frames >= 5 && (frames - 1).is_multiple_of(4),
             "--cosmos-frames {frames}: the Wan VAE takes 1 + 4k frames, k ≥ 1 (5, 9, 13, …)"
         );
         anyhow::ensure!(
