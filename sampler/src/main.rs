@@ -127,7 +127,7 @@ struct Cli {
 enum Command {
     /// Sample a Cosmos pipeline from a diffusers repository (local or on the Hugging Face Hub),
     /// optionally optimising z0 through every denoising step and the VAE decode.
-    Cosmos(sampler::cosmos::app::CosmosArgs),
+    Cosmos(Box<sampler::cosmos::app::CosmosArgs>),
     /// Merge a policy stress test's results — a run directory, or the -o directory of its
     /// shards — into DIR/report/: summary.md, summary.json, gallery.png, gallery.gif.
     StressReport(StressReportArgs),
@@ -497,7 +497,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(Command::Cosmos(args)) = &cli.command {
         // Which flags the command line gave: they win over a params file's values.
-        let mut args = args.clone();
+        let mut args = args.as_ref().clone();
         if let Some(("cosmos", m)) = matches.subcommand() {
             sampler::cosmos::app::record_command_line(&mut args, m);
         }
