@@ -101,11 +101,12 @@ struct Cli {
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
     /// Stress test: keep z0 within ‖z0 − z0_init‖ ≤ R·√d of its initial value (R: the RMS
-    /// displacement per element).
+    /// displacement per element; default 0.05, measured in sampler/README.md; `--trust-region
+    /// none` for an unconstrained search).
     #[arg(long, allow_negative_numbers = true)]
-    trust_region: Option<f64>,
-    /// Stress test: renormalise z0 to its initial norm after every update (DOODL; the default)
-    /// — `--renorm false` turns it off.
+    trust_region: Option<String>,
+    /// Stress test: renormalise z0 to its initial norm after every update (DOODL): `--renorm
+    /// true` (default false).
     #[arg(long)]
     renorm: Option<bool>,
     /// Stress test: scenarios in the report's gallery (default 8).
@@ -208,9 +209,15 @@ fn stress_settings(cli: &Cli) -> anyhow::Result<sampler::stress::StressSettings>
     if let Some(shard) = &cli.shard {
         s.shard = Some(sampler::stress::Shard::parse(shard)?);
     }
-    if let Some(r) = cli.trust_region {
-        anyhow::ensure!(r.is_finite() && r > 0.0, "--trust-region must be positive and finite, got {r}");
-        s.constraint.trust_region = Some(r);
+    if let Some(r) = &cli.trust_region {
+        s.constraint.trust_region = if r == "none" {
+            None
+        } else {
+            let v: f64 =
+                r.parse().map_err(|_| anyhow::anyhow!("--trust-region: a positive number or none, got {r}"))?;
+            anyhow::ensure!(v.is_finite() && v > 0.0, "--trust-region must be positive and finite (or none), got {r}");
+            Some(v)
+        };
     }
     if let Some(on) = cli.renorm {
         s.constraint.renormalise = on;
