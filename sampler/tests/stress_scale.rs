@@ -201,3 +201,37 @@ fn a_cosmos_pipeline_as_the_world_model() -> Result<()> {
     assert!(!ok && text.contains("apply to --world-model cosmos:REF"), "{text}");
     Ok(())
 }
+
+/// `examples/stress/slurm.sh` as Slurm would run it: array tasks 0 and 1 of 2, task 0 run again
+/// (a requeue: it resumes and recomputes nothing), then the merge — the report of one run.
+#[test]
+fn the_slurm_example_runs_the_shards_and_resumes_a_requeued_task() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run_dir = tmp.path().join("cluster");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/stress/slurm.sh");
+    let task = |i: usize| -> Result<String> {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .env("SAMPLER", env!("CARGO_BIN_EXE_sampler"))
+            .env("RUN", &run_dir)
+            .env("ARGS", "--num-scenarios 3 --iterations 2")
+            .env("SLURM_ARRAY_TASK_ID", i.to_string())
+            .env("SLURM_ARRAY_TASK_COUNT", "2")
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(out.status.success(), "task {i}:\n{text}");
+        Ok(text)
+    };
+    task(0)?;
+    task(1)?;
+    let again = task(0)?;
+    assert!(again.contains("2 already finished (skipped)"), "{again}");
+    assert!(!again.lines().any(|l| l.starts_with("scenario ")), "a requeued task recomputed:\n{again}");
+    let (ok, text) = sampler(&["stress-report", &run_dir.display().to_string()])?;
+    assert!(ok, "{text}");
+    let whole = tmp.path().join("whole");
+    run(&whole, 3, &[])?;
+    assert_eq!(summary(&whole)?["rows"], summary(&run_dir)?["rows"]);
+    Ok(())
+}
