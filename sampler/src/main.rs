@@ -412,7 +412,12 @@ fn stress_cosmos(cli: &Cli, reference: &str) -> anyhow::Result<()> {
     let device_spec = cli.device.as_deref().unwrap_or("cpu");
     let device = shared::device::parse_device(device_spec).with_context(|| format!("--device {device_spec}"))?;
     sampler::stress::load_policy(&policy, &device).with_context(|| format!("--policy {}", policy.display()))?;
-    settings.scenarios.scenarios(settings.start_frame)?;
+    if let Some(s) = settings.scenarios.scenarios(settings.start_frame)?.iter().find(|s| s.actions.is_some()) {
+        anyhow::bail!(
+            "scenario {}: `actions` condition the embedded world model; a Cosmos world is not conditioned on actions",
+            s.id
+        );
+    }
     let (prompt, negative) = pipeline::read_prompt_embeds(&embeds, &device)?;
     let pipe = CosmosPipeline::load(reference, candle_core::DType::F32, &device)
         .with_context(|| format!("--world-model cosmos:{reference}"))?;

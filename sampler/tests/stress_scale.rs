@@ -196,6 +196,23 @@ fn a_cosmos_pipeline_as_the_world_model() -> Result<()> {
     assert_eq!(clips.get("after").context("after")?.dims(), &[1, 3, 5, 16, 48]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json"))?)?;
     assert!(report["world_model"].as_str().is_some_and(|w| w.contains("Cosmos2_5_PredictBasePipeline")), "{report}");
+    // Scenario actions cannot condition a Cosmos world: refused, not silently unused.
+    let file = tmp.path().join("with-actions.jsonl");
+    std::fs::write(&file, "{\"id\": \"a\", \"episode_seed\": 9000, \"actions\": [[0,0,0,0,0,0,0,0]]}\n")?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sampler"))
+        .args(["--world-model", "cosmos:worldgrad-test/tiny-cosmos-predict25", "--cosmos-prompt-embeds"])
+        .arg(&embeds)
+        .arg("--scenarios")
+        .arg(&file)
+        .arg("-o")
+        .arg(tmp.path().join("refused"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", fixtures.join("hf_cache"))
+        .env_remove("HF_HOME")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("not conditioned on actions"), "{text}");
+    assert!(!tmp.path().join("refused").exists(), "the refused run created its output directory");
     // Cosmos flags without a Cosmos world are refused.
     let (ok, text) = sampler(&["--cosmos-frames", "9", "--seeds", "1"])?;
     assert!(!ok && text.contains("apply to --world-model cosmos:REF"), "{text}");

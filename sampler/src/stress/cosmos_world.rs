@@ -127,6 +127,10 @@ impl StressWorld for CosmosWorld<'_> {
         })
     }
 
+    fn takes_actions(&self) -> bool {
+        false
+    }
+
     fn realism(&self, _frames: &Tensor, _real: &Clips, _actions: &Tensor) -> anyhow::Result<Option<f64>> {
         Ok(None)
     }

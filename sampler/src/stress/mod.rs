@@ -211,6 +211,11 @@ pub trait StressWorld {
     fn objective<'b>(&'b self, on_frames: PolicyObjective<LapoFramePolicy>) -> Box<dyn Objective + 'b> {
         Box::new(on_frames)
     }
+    /// Whether the world is conditioned on actions (a scenario's `actions` are refused for one
+    /// that is not, rather than silently unused).
+    fn takes_actions(&self) -> bool {
+        true
+    }
     /// PSNR (dB) of frames 1.. to their nearest frames in a bank of real frames from the
     /// model's training data (`None` where the world has no such bank).
     fn nearest_real(&self, _frames: &Tensor) -> anyhow::Result<Option<f64>> {
@@ -426,6 +431,15 @@ pub fn run_on<W: StressWorld>(
         Some(shard) => shard.select(&all),
         None => all.clone(),
     };
+    if !world.takes_actions() {
+        if let Some(s) = mine.iter().find(|s| s.actions.is_some()) {
+            anyhow::bail!(
+                "scenario {}: `actions` condition the embedded world model; {} is not conditioned on actions",
+                s.id,
+                world.describe()
+            );
+        }
+    }
     let result_settings = settings.result_settings();
     let mut done = std::collections::BTreeMap::new();
     for s in &mine {
@@ -528,6 +542,10 @@ fn run_scenario<W: StressWorld>(
     let objective = world.objective(on_frames);
     let actions = match &scenario.actions {
         None => clip.actions.clone(),
+        Some(_) if !world.takes_actions() => anyhow::bail!(
+            "scenario {id}: `actions` condition the embedded world model; {} is not conditioned on actions",
+            world.describe()
+        ),
         Some(rows) => {
             let a = clip.actions.dim(2)?;
             anyhow::ensure!(
