@@ -579,29 +579,8 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
     let video = pipe.decode_to_unit(&final_latents)?;
     let seconds_sample = started.elapsed().as_secs_f64();
 
-    let save = |name: &str, key: &str, t: &Tensor| -> anyhow::Result<String> {
-        let map =
-            std::collections::HashMap::from([(key.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)]);
-        shared::weights::save_tensors_atomic(&map, &out.join(name))?;
-        Ok(name.to_string())
-    };
-    files.push(save("video.safetensors", "video", &video)?);
-    files.push(save("latents.safetensors", "latents", &final_latents)?);
-    let shown = video.affine(2.0, -1.0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    for f in crate::report::write_frames(&out, "frames", &shown)? {
-        files.push(f);
-    }
     let mp4_fps = args.fps.unwrap_or(DEFAULT_MP4_FPS);
-    let mp4 = match write_mp4(&out, &shown, mp4_fps) {
-        Ok(name) => {
-            files.push(name);
-            serde_json::json!({"file": "video.mp4", "fps": mp4_fps})
-        }
-        Err(e) => {
-            log(&format!("video.mp4 not written: {e:#}"));
-            serde_json::json!({"error": format!("{e:#}")})
-        }
-    };
+    let mp4 = write_sample(&out, &video, &final_latents, mp4_fps, &mut files, &mut log)?;
     let summary = CosmosSummary { seconds_load, seconds_sample, initial_loss, final_loss, files };
     let report = serde_json::json!({
         "model": pipe.repository,
@@ -846,12 +825,54 @@ pub(super) fn check_first_gradient(
     Ok(verify_gradient(traj, noise, objective, GradMode::Recompute, &opts)?)
 }
 
-/// `video.mp4`: the frames (sample 0 of a (B, 3, F, H, W) tensor in [−1, 1]) as H.264 at `fps`.
-pub(super) fn write_mp4(dir: &Path, video: &Tensor, fps: f64) -> anyhow::Result<String> {
-    write_mp4_named(dir, "video.mp4", video, fps)
+/// The sample's files: `video.safetensors` (`video`, in [0, 1]), `latents.safetensors`
+/// (`latents`), `frames.png` and `frames.gif`, and `video.mp4` at `fps` (a failed encoding is
+/// logged and recorded, not fatal). Returns what `report.json` records of the MP4.
+pub(super) fn write_sample(
+    out: &Path,
+    video: &Tensor,
+    latents: &Tensor,
+    fps: f64,
+    files: &mut Vec<String>,
+    log: &mut dyn FnMut(&str),
+) -> anyhow::Result<serde_json::Value> {
+    let save = |name: &str, key: &str, t: &Tensor| -> anyhow::Result<String> {
+        let map =
+            std::collections::HashMap::from([(key.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)]);
+        shared::weights::save_tensors_atomic(&map, &out.join(name))?;
+        Ok(name.to_string())
+    };
+    files.push(save("video.safetensors", "video", video)?);
+    files.push(save("latents.safetensors", "latents", latents)?);
+    let shown = video.affine(2.0, -1.0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    files.extend(crate::report::write_frames(out, "frames", &shown)?);
+    Ok(write_mp4_logged(out, "video.mp4", &shown, fps, files, log))
 }
 
-/// [`write_mp4`] to another file name.
+/// [`write_mp4_named`], a failure logged and returned as `{"error": …}` (the run goes on);
+/// `{"file", "fps"}` otherwise.
+pub(super) fn write_mp4_logged(
+    out: &Path,
+    name: &str,
+    video: &Tensor,
+    fps: f64,
+    files: &mut Vec<String>,
+    log: &mut dyn FnMut(&str),
+) -> serde_json::Value {
+    match write_mp4_named(out, name, video, fps) {
+        Ok(name) => {
+            files.push(name.clone());
+            serde_json::json!({"file": name, "fps": fps})
+        }
+        Err(e) => {
+            log(&format!("{name} not written: {e:#}"));
+            serde_json::json!({"error": format!("{e:#}")})
+        }
+    }
+}
+
+/// `name` (e.g. `video.mp4`): the frames (sample 0 of a (B, 3, F, H, W) tensor in [−1, 1]) as
+/// H.264 at `fps`.
 pub(super) fn write_mp4_named(dir: &Path, name: &str, video: &Tensor, fps: f64) -> anyhow::Result<String> {
     let frames = crate::report::frames_to_images(video, 0, 1)?;
     let bytes = super::h264::encode_mp4(&frames, fps)?;

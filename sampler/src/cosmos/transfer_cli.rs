@@ -370,40 +370,14 @@ pub fn run(r: Run, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
         let after = video.affine(2.0, -1.0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         files.push(crate::report::write_comparison(&out, &before, &after)?);
     }
-    let save = |name: &str, key: &str, t: &Tensor| -> anyhow::Result<String> {
-        let map =
-            std::collections::HashMap::from([(key.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)]);
-        shared::weights::save_tensors_atomic(&map, &out.join(name))?;
-        Ok(name.to_string())
-    };
-    files.push(save("video.safetensors", "video", &video)?);
-    files.push(save("latents.safetensors", "latents", &final_latents)?);
-    let shown = video.affine(2.0, -1.0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    files.extend(crate::report::write_frames(&out, "frames", &shown)?);
     let fps = app::DEFAULT_MP4_FPS;
     let mut mp4 = serde_json::Map::new();
-    let mut write_video =
-        |stem: &str, v: &Tensor, files: &mut Vec<String>, log: &mut dyn FnMut(&str)| match app::write_mp4_named(
-            &out,
-            &format!("{stem}.mp4"),
-            v,
-            fps,
-        ) {
-            Ok(name) => {
-                files.push(name.clone());
-                mp4.insert(stem.to_string(), serde_json::json!({"file": name, "fps": fps}));
-            }
-            Err(e) => {
-                log(&format!("{stem}.mp4 not written: {e:#}"));
-                mp4.insert(stem.to_string(), serde_json::json!({"error": format!("{e:#}")}));
-            }
-        };
-    write_video("video", &shown, &mut files, &mut log);
+    mp4.insert("video".into(), app::write_sample(&out, &video, &final_latents, fps, &mut files, &mut log)?);
     for c in &run.request().controls {
         let used = c.video.narrow(2, 0, run.plan.num_frames)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let stem = format!("control_{}", c.name);
         files.extend(crate::report::write_frames(&out, &stem, &used)?);
-        write_video(&stem, &used, &mut files, &mut log);
+        mp4.insert(stem.clone(), app::write_mp4_logged(&out, &format!("{stem}.mp4"), &used, fps, &mut files, &mut log));
     }
     let summary = CosmosSummary { seconds_load, seconds_sample, initial_loss, final_loss, files };
     let report = serde_json::json!({
