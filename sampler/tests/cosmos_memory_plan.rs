@@ -70,13 +70,18 @@ fn measure_iteration(cfg: &Config, vae: &VaeConfig, req: &PlanRequest) -> Result
     let solver = SolverKind::Euler.build();
     let cond = Conditioning { frames: None, mask: None, context: Some(prompt), initial_noise: None };
     let traj = Trajectory { denoiser: denoiser.as_ref(), solver: solver.as_ref(), cond: &cond, schedule, plan };
-    let objective = TargetMse { target, label: "random target".into() };
+    measure_peak(&traj, &z0, TargetMse { target, label: "random target".into() })
+}
+
+/// The heap peak (bytes above the baseline) of one value-and-∇z0 iteration of `traj`, the
+/// second in a row.
+fn measure_peak(traj: &Trajectory, z0: &candle_core::Tensor, objective: TargetMse) -> Result<usize> {
     let noises = vec![None; traj.num_steps()];
     // A first iteration allocates what stays (thread pools, GEMM buffers): the plan is about the
     // second.
-    traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
+    traj.value_and_grad(z0, &noises, &objective, GradMode::Recompute)?;
     let base = shared::memory::reset_peak();
-    let vg = traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
+    let vg = traj.value_and_grad(z0, &noises, &objective, GradMode::Recompute)?;
     let peak = shared::memory::peak_bytes().saturating_sub(base);
     let norm = vg.grad_z0.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     anyhow::ensure!(norm > 0.0 && norm.is_finite(), "degenerate gradient (norm² {norm})");
@@ -147,15 +152,7 @@ fn measure_transfer_iteration(
     let solver = SolverKind::Unipc.build();
     let cond = Conditioning { frames: None, mask: None, context: Some(prompt), initial_noise: None };
     let traj = Trajectory { denoiser: denoiser.as_ref(), solver: solver.as_ref(), cond: &cond, schedule, plan };
-    let objective = TargetMse { target, label: "random target".into() };
-    let noises = vec![None; traj.num_steps()];
-    traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
-    let base = shared::memory::reset_peak();
-    let vg = traj.value_and_grad(&z0, &noises, &objective, GradMode::Recompute)?;
-    let peak = shared::memory::peak_bytes().saturating_sub(base);
-    let norm = vg.grad_z0.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    anyhow::ensure!(norm > 0.0 && norm.is_finite(), "degenerate gradient (norm² {norm})");
-    Ok(peak)
+    measure_peak(&traj, &z0, TargetMse { target, label: "random target".into() })
 }
 
 /// The measured heap peak of the decode VJP (`decode_taped` + `DecodeTape::vjp`) of

@@ -477,11 +477,7 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
         (Some(text), None) => encode_prompt(args, &pipe, text, dtype, &device, &mut log)?,
         (None, None) => bail!("give --prompt TEXT or --prompt-embeds FILE"),
     };
-    let shape = pipe.latent_shape(1, args.frames(), args.height, args.width);
-    let latents = match &args.latents {
-        Some(path) => pipeline::read_latents(path, &shape, &device)?,
-        None => shared::rng::SplitMix64::new(args.seed).normal_tensor(&shape[..], DType::F32, &device)?,
-    };
+    let latents = initial_latents(args, &pipe.latent_shape(1, args.frames(), args.height, args.width), &device)?;
     let req = GenerateRequest {
         video,
         prompt_embeds: prompt,
@@ -609,6 +605,14 @@ pub fn run(args: &CosmosArgs, mut log: impl FnMut(&str)) -> anyhow::Result<Cosmo
 
 // ---------------------------------------------------------------------------------------------
 // Params file, noise modes, objectives, gradient check, MP4 output
+
+/// The initial noise of `shape`: `--latents`, checked against the shape, or drawn from `--seed`.
+pub(super) fn initial_latents(args: &CosmosArgs, shape: &[usize], device: &Device) -> anyhow::Result<Tensor> {
+    match &args.latents {
+        Some(path) => pipeline::read_latents(path, shape, device),
+        None => Ok(shared::rng::SplitMix64::new(args.seed).normal_tensor(shape, DType::F32, device)?),
+    }
+}
 
 /// `--guidance`, or the pipeline's default.
 pub(super) fn guidance(args: &CosmosArgs, kind: PipelineKind) -> f64 {

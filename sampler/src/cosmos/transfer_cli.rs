@@ -270,11 +270,8 @@ pub fn run(r: Run, mut log: impl FnMut(&str)) -> anyhow::Result<CosmosSummary> {
             scale: ConditioningScale::All(*w),
         })
         .collect::<Vec<_>>();
-    let shape = pipe.latent_shape(1, args.chunk_frames, args.height, args.width);
-    let latents = match &args.latents {
-        Some(path) => pipeline::read_latents(path, &shape, &device)?,
-        None => shared::rng::SplitMix64::new(args.seed).normal_tensor(&shape[..], DType::F32, &device)?,
-    };
+    let latents =
+        app::initial_latents(args, &pipe.latent_shape(1, args.chunk_frames, args.height, args.width), &device)?;
     let req = TransferRequest {
         controls,
         prompt_embeds: prompt,
