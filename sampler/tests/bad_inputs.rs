@@ -281,6 +281,9 @@ fn train_world_model_checks_its_arguments_and_outputs_first() -> Result<()> {
         (&["--eval-sigma-min", "90"], &["--eval-sigma-min (90) must be below --eval-sigma-max (80)"]),
         (&["--frames-per-episode", "2"], &["--frames-per-episode must be at least the clip length (3 frames)"]),
         (&["--eval-solver", "heun"], &["--eval-solver: unknown value 'heun'"]),
+        (&["--p-std", "0"], &["--p-std must be in (0, 5], got 0"]),
+        (&["--p-mean", "NaN"], &["--p-mean must be in [-10, 10], got NaN"]),
+        (&["--model", "huge"], &["--model: unknown value 'huge'; allowed: small, medium, tiny"]),
     ];
     for (extra, needles) in cases {
         assert_refused(&run(TRAIN, &args(tiny, extra), tmp.path()), needles);

@@ -19,7 +19,7 @@ use clap::Parser;
 use sampler::solver::SolverKind;
 use sampler::world_model::{
     collect_clips, evaluate, train, write_predictions_figure, DataSpec, EvalSettings, HeldOutEval, RunDir,
-    TrainSettings, WorldModel, WorldModelConfig,
+    TrainSettings, WorldModel, WorldModelConfig, P_MEAN_BOUND, P_STD_MAX,
 };
 use serde_json::json;
 use sha2::Digest;
@@ -27,17 +27,18 @@ use sha2::Digest;
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(about = "Train the embedded pixel-space Cosmos-DiT world model of the environment")]
 struct Args {
-    /// `small` (the embedded model) or `tiny` (seconds; for tests).
-    #[arg(long, default_value = "small")]
+    /// `medium` (the embedded model), `small` (the previous embedded model, 6× fewer
+    /// parameters) or `tiny` (seconds; for tests).
+    #[arg(long, default_value = "medium")]
     model: String,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = TrainSettings::default().steps)]
     steps: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = TrainSettings::default().batch_size)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = TrainSettings::default().lr, allow_negative_numbers = true)]
     lr: f64,
     /// Training episodes (expert, medium, random in turn; seeds 1000…).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 120)]
     episodes: usize,
     /// Frames recorded per episode at most.
     #[arg(long, default_value_t = 40)]
@@ -48,11 +49,10 @@ struct Args {
     /// Evaluation clips sampled (spread over the held-out episodes).
     #[arg(long, default_value_t = 24)]
     eval_clips: usize,
-    /// Solver steps when sampling predictions.
     /// Solver steps when sampling predictions. Few steps ending at a high σ_min, then the
     /// clean pass D(x_N, σ_N), give near-posterior-mean predictions, which is what PSNR rewards
-    /// (10 steps to σ = 0.002 measured 16.0 dB, below the copy baseline: sampling variance and
-    /// the small model's drift at low σ).
+    /// and the stress test's setting (with the `small` model, 10 steps to σ = 0.002 measured
+    /// 16.0 dB, below the copy baseline: sampling variance and drift at low σ).
     #[arg(long, default_value_t = 2)]
     eval_solver_steps: usize,
     /// euler | res | unipc
@@ -63,6 +63,12 @@ struct Args {
     /// Where the solver stops before the final clean pass D(x_N, σ_N).
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     eval_sigma_min: f64,
+    /// Mean of ln σ in training (EDM's P_mean; default: `TrainSettings`').
+    #[arg(long, allow_negative_numbers = true)]
+    p_mean: Option<f64>,
+    /// Standard deviation of ln σ in training (EDM's P_std; default: `TrainSettings`').
+    #[arg(long, allow_negative_numbers = true)]
+    p_std: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "auto")]
@@ -107,6 +113,12 @@ impl Args {
             .count("--checkpoint-every", self.checkpoint_every as u64)
             .positive("--eval-sigma-min", self.eval_sigma_min)
             .positive("--eval-sigma-max", self.eval_sigma_max);
+        if let Some(p_mean) = self.p_mean {
+            c.closed("--p-mean", p_mean, -P_MEAN_BOUND, P_MEAN_BOUND);
+        }
+        if let Some(p_std) = self.p_std {
+            c.open_closed("--p-std", p_std, 0.0, P_STD_MAX);
+        }
         c.require(self.eval_sigma_min < self.eval_sigma_max, || {
             format!(
                 "--eval-sigma-min ({}) must be below --eval-sigma-max ({})",
@@ -190,8 +202,9 @@ fn main() -> anyhow::Result<()> {
     let device = shared::device::parse_device(&args.device).context("opening the device")?;
     let cfg = match args.model.as_str() {
         "small" => WorldModelConfig::small(),
+        "medium" => WorldModelConfig::medium(),
         "tiny" => WorldModelConfig::tiny(),
-        other => anyhow::bail!("--model: unknown value '{other}'; allowed: small, tiny"),
+        other => anyhow::bail!("--model: unknown value '{other}'; allowed: small, medium, tiny"),
     };
     // Every argument and output checked before any work.
     let eval_solver = args.check(&cfg)?;
@@ -258,12 +271,15 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let defaults = TrainSettings::default();
     let settings = TrainSettings {
         steps: args.steps,
         batch_size: args.batch_size,
         lr: args.lr,
         seed: args.seed,
-        ..TrainSettings::default()
+        p_mean: args.p_mean.unwrap_or(defaults.p_mean),
+        p_std: args.p_std.unwrap_or(defaults.p_std),
+        ..defaults
     };
     let run =
         RunDir { path: &args.run_dir, flag: "--run-dir", existing: run_mode, checkpoint_every: args.checkpoint_every };

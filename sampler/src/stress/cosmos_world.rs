@@ -62,7 +62,7 @@ impl<'a> CosmosWorld<'a> {
             guidance <= 1.0 || negative.is_some(),
             "guidance {guidance} > 1 needs negative_prompt_embeds in the prompt embeddings file"
         );
-        let env = WorldModelConfig { frames, ..WorldModelConfig::small() };
+        let env = WorldModelConfig { frames, ..WorldModelConfig::medium() };
         let (h, w) = (env.view_size, 3 * env.view_size);
         anyhow::ensure!(
             h % 16 == 0 && w % 16 == 0,
