@@ -63,12 +63,12 @@ struct Args {
     /// Where the solver stops before the final clean pass D(x_N, σ_N).
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     eval_sigma_min: f64,
-    /// Mean of ln σ in training (EDM's P_mean; default: `TrainSettings`').
-    #[arg(long, allow_negative_numbers = true)]
-    p_mean: Option<f64>,
-    /// Standard deviation of ln σ in training (EDM's P_std; default: `TrainSettings`').
-    #[arg(long, allow_negative_numbers = true)]
-    p_std: Option<f64>,
+    /// Mean of ln σ in training (EDM's P_mean).
+    #[arg(long, default_value_t = TrainSettings::default().p_mean, allow_negative_numbers = true)]
+    p_mean: f64,
+    /// Standard deviation of ln σ in training (EDM's P_std).
+    #[arg(long, default_value_t = TrainSettings::default().p_std, allow_negative_numbers = true)]
+    p_std: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "auto")]
@@ -113,12 +113,8 @@ impl Args {
             .count("--checkpoint-every", self.checkpoint_every as u64)
             .positive("--eval-sigma-min", self.eval_sigma_min)
             .positive("--eval-sigma-max", self.eval_sigma_max);
-        if let Some(p_mean) = self.p_mean {
-            c.closed("--p-mean", p_mean, -P_MEAN_BOUND, P_MEAN_BOUND);
-        }
-        if let Some(p_std) = self.p_std {
-            c.open_closed("--p-std", p_std, 0.0, P_STD_MAX);
-        }
+        c.closed("--p-mean", self.p_mean, -P_MEAN_BOUND, P_MEAN_BOUND)
+            .open_closed("--p-std", self.p_std, 0.0, P_STD_MAX);
         c.require(self.eval_sigma_min < self.eval_sigma_max, || {
             format!(
                 "--eval-sigma-min ({}) must be below --eval-sigma-max ({})",
@@ -271,15 +267,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let defaults = TrainSettings::default();
     let settings = TrainSettings {
         steps: args.steps,
         batch_size: args.batch_size,
         lr: args.lr,
         seed: args.seed,
-        p_mean: args.p_mean.unwrap_or(defaults.p_mean),
-        p_std: args.p_std.unwrap_or(defaults.p_std),
-        ..defaults
+        p_mean: args.p_mean,
+        p_std: args.p_std,
+        ..TrainSettings::default()
     };
     let run =
         RunDir { path: &args.run_dir, flag: "--run-dir", existing: run_mode, checkpoint_every: args.checkpoint_every };
